@@ -1,0 +1,3 @@
+"""CodeGen-1 in JAX/Flax: configs, the network, the tokenizer, checkpoints and sampling."""
+
+from __future__ import annotations

@@ -1,0 +1,361 @@
+"""HF-format CodeGen checkpoints in and out.
+
+Reads a local folder or a hub repository (through `huggingface_hub`, into the standard HF cache)
+holding `config.json` and the weights as `model.safetensors`, a sharded safetensors index, or
+`pytorch_model.bin` (+ index, through the optional torch extra). Tensors are read one at a time
+and converted straight to the target dtype, so a 16B checkpoint loads with about one bf16 copy
+of memory. This is the only module that knows HF tensor names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from codegen_repl.errors import CheckpointError, ConfigError
+from codegen_repl.model.config import MP_NUM, CodeGenConfig
+
+Params = dict[str, Any]  # the Flax params pytree of `modeling.CodeGen`
+
+SAFETENSORS = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+TORCH_BIN = "pytorch_model.bin"
+TORCH_BIN_INDEX = "pytorch_model.bin.index.json"
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "special_tokens_map.json",
+    "tokenizer_config.json",
+)
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# Buffers that old transformers versions saved with the weights; they carry no parameters.
+_BUFFERS = re.compile(r"transformer\.h\.\d+\.attn\.(causal_mask|masked_bias|bias)$")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedModel:
+    config: CodeGenConfig
+    params: Params
+    path: Path  # the folder the files were read from
+    dtype: str
+
+
+def load_model(
+    model: str | Path,
+    dtype: str = "float32",
+    revision: str | None = None,
+    cache_dir: Path | None = None,
+) -> LoadedModel:
+    """Load a CodeGen checkpoint from a local folder or a hub id such as
+    `Salesforce/codegen-350M-mono`."""
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    path = resolve_checkpoint(model, revision=revision, cache_dir=cache_dir)
+    config = read_config(path)
+    params = load_params(path, config, DTYPES[dtype])
+    return LoadedModel(config=config, params=params, path=path, dtype=dtype)
+
+
+def read_config(path: Path) -> CodeGenConfig:
+    try:
+        return CodeGenConfig.from_json_file(path / "config.json")
+    except ConfigError as bad:
+        raise CheckpointError(f"cannot use the checkpoint in {path}: {bad}") from None
+
+
+# --------------------------------------------------------------------------------- finding files
+
+
+def resolve_checkpoint(
+    model: str | Path, revision: str | None = None, cache_dir: Path | None = None
+) -> Path:
+    """A local folder holding the checkpoint: `model` itself, or its hub snapshot."""
+    local = Path(model).expanduser()
+    if local.is_dir():
+        return local
+    if local.exists():
+        raise CheckpointError(f"{local} is a file; pass the folder that holds config.json")
+    if str(model).startswith((".", "/", "~")) or str(model).count("/") != 1:
+        raise CheckpointError(
+            f"{model} is neither a folder nor a hub id like 'Salesforce/codegen-350M-mono'"
+        )
+    return download_snapshot(str(model), revision, cache_dir)
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE, read at call time so a caller can set it after import."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def download_snapshot(repo_id: str, revision: str | None, cache_dir: Path | None) -> Path:
+    """Download config, tokenizer and weights of `repo_id` (once) into the HF cache."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    common = ["config.json", *TOKENIZER_FILES]
+    # Prefer safetensors; fall back to pytorch_model*.bin only when a repo has no safetensors.
+    attempts = (["*.safetensors", SAFETENSORS_INDEX], ["pytorch_model*.bin", TORCH_BIN_INDEX])
+    try:
+        for weights in attempts:
+            folder = Path(
+                snapshot_download(
+                    repo_id,
+                    revision=revision,
+                    cache_dir=cache_dir,
+                    allow_patterns=common + weights,
+                    local_files_only=hub_offline(),
+                )
+            )
+            if find_weights(folder, required=False):
+                return folder
+    except (RepositoryNotFoundError, GatedRepoError):
+        raise CheckpointError(
+            f"the hub has no accessible repository {repo_id!r}; check the name "
+            "(e.g. Salesforce/codegen-350M-mono) or log in with `hf auth login`"
+        ) from None
+    except RevisionNotFoundError:
+        raise CheckpointError(f"{repo_id} has no revision {revision!r}") from None
+    except LocalEntryNotFoundError:
+        raise CheckpointError(
+            f"{repo_id} is not in the local HF cache and the hub cannot be reached"
+            f"{' (HF_HUB_OFFLINE is set)' if hub_offline() else ''}. Either connect to the "
+            "internet once so it can be downloaded, or pass a local checkpoint folder "
+            "with --model PATH"
+        ) from None
+    raise CheckpointError(f"{repo_id} has no model weights (.safetensors or pytorch_model.bin)")
+
+
+def find_weights(path: Path, required: bool = True) -> list[Path]:
+    """The weight files of a checkpoint folder, safetensors first."""
+    for single, index in ((SAFETENSORS, SAFETENSORS_INDEX), (TORCH_BIN, TORCH_BIN_INDEX)):
+        if (path / index).exists():
+            return [path / name for name in read_index(path / index)]
+        if (path / single).exists():
+            return [path / single]
+    if required:
+        raise CheckpointError(
+            f"{path} holds no weights: expected {SAFETENSORS}, {SAFETENSORS_INDEX}, {TORCH_BIN} "
+            f"or {TORCH_BIN_INDEX} beside config.json"
+        )
+    return []
+
+
+def read_index(index: Path) -> list[str]:
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        shards = sorted(set(weight_map.values()))
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
+        raise CheckpointError(
+            f"{index} is not a valid index (a JSON object with a 'weight_map'); "
+            "download the checkpoint again"
+        ) from None
+    missing = [name for name in shards if not (index.parent / name).exists()]
+    if missing:
+        raise CheckpointError(f"{index.name} lists shards that are missing: {', '.join(missing)}")
+    return shards
+
+
+# --------------------------------------------------------------------------------- reading tensors
+
+
+def read_tensors(files: list[Path]) -> Iterator[tuple[str, np.ndarray]]:
+    """(HF name, array) pairs, one tensor in memory at a time."""
+    for file in files:
+        reader = _read_safetensors if file.suffix == ".safetensors" else _read_torch_bin
+        try:
+            yield from reader(file)
+        except CheckpointError:
+            raise
+        except Exception as bad:  # each library has its own corrupt-file errors
+            raise CheckpointError(
+                f"{file} is truncated or corrupt ({type(bad).__name__}: {bad}); "
+                "delete it and download the checkpoint again"
+            ) from None
+
+
+def _read_safetensors(file: Path) -> Iterator[tuple[str, np.ndarray]]:
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="numpy") as handle:
+        for name in handle.keys():  # noqa: SIM118 (a safe_open handle is not a dict)
+            yield name, handle.get_tensor(name)
+
+
+def _read_torch_bin(file: Path) -> Iterator[tuple[str, np.ndarray]]:
+    try:
+        import torch
+    except ImportError:
+        raise CheckpointError(
+            f"{file.name} is a PyTorch checkpoint and torch is not installed; "
+            "install it with `pip install 'codegen-repl[torch]'`"
+        ) from None
+    state = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+    for name in list(state):
+        tensor = state.pop(name)
+        if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16; go through its bits
+            import ml_dtypes
+
+            yield name, tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        else:
+            yield name, tensor.numpy()
+
+
+# --------------------------------------------------------------------------------- name mapping
+
+
+def qkv_from_hf(weight: np.ndarray, config: CodeGenConfig) -> np.ndarray:
+    """[3*hidden, hidden] fused, mp_num=4 shards of (query, value, key) -> [hidden, 3, heads, hd]
+    in plain (query, key, value) order."""
+    heads, head_dim, hidden = config.num_heads, config.head_dim, config.hidden_size
+    w = weight.reshape(MP_NUM, 3, heads // MP_NUM, head_dim, hidden)
+    w = w[:, [0, 2, 1]]  # per shard (q, v, k) -> (q, k, v)
+    w = w.transpose(1, 0, 2, 3, 4).reshape(3, heads, head_dim, hidden)
+    return w.transpose(3, 0, 1, 2)
+
+
+def qkv_to_hf(kernel: np.ndarray, config: CodeGenConfig) -> np.ndarray:
+    """The inverse of `qkv_from_hf`."""
+    heads, head_dim, hidden = config.num_heads, config.head_dim, config.hidden_size
+    w = kernel.transpose(1, 2, 3, 0).reshape(3, MP_NUM, heads // MP_NUM, head_dim, hidden)
+    w = w.transpose(1, 0, 2, 3, 4)[:, [0, 2, 1]]
+    return w.reshape(3 * hidden, hidden)
+
+
+@dataclasses.dataclass(frozen=True)
+class Mapping:
+    """One HF tensor: where it goes in the params tree and how it is reshaped."""
+
+    path: tuple[str, ...]
+    hf_shape: tuple[int, ...]
+    to_flax: Callable[[np.ndarray], np.ndarray]
+    to_hf: Callable[[np.ndarray], np.ndarray]
+
+
+def _same(x: np.ndarray) -> np.ndarray:
+    return x
+
+
+def _transpose(x: np.ndarray) -> np.ndarray:
+    return x.T
+
+
+def tensor_map(config: CodeGenConfig) -> dict[str, Mapping]:
+    """Every parameter of CodeGenForCausalLM by its HF name."""
+    d, inner, vocab = config.hidden_size, config.intermediate_size, config.vocab_size
+    heads, head_dim = config.num_heads, config.head_dim
+    out = {
+        "transformer.wte.weight": Mapping(("wte", "embedding"), (vocab, d), _same, _same),
+        "transformer.ln_f.weight": Mapping(("ln_f", "scale"), (d,), _same, _same),
+        "transformer.ln_f.bias": Mapping(("ln_f", "bias"), (d,), _same, _same),
+        "lm_head.weight": Mapping(("lm_head", "kernel"), (vocab, d), _transpose, _transpose),
+        "lm_head.bias": Mapping(("lm_head", "bias"), (vocab,), _same, _same),
+    }
+    for i in range(config.num_layers):
+        hf, block = f"transformer.h.{i}", f"block_{i}"
+        out |= {
+            f"{hf}.ln_1.weight": Mapping((block, "ln", "scale"), (d,), _same, _same),
+            f"{hf}.ln_1.bias": Mapping((block, "ln", "bias"), (d,), _same, _same),
+            f"{hf}.attn.qkv_proj.weight": Mapping(
+                (block, "attn", "qkv", "kernel"),
+                (3 * d, d),
+                lambda w: qkv_from_hf(w, config),
+                lambda k: qkv_to_hf(k, config),
+            ),
+            f"{hf}.attn.out_proj.weight": Mapping(
+                (block, "attn", "out", "kernel"),
+                (d, d),
+                lambda w: w.T.reshape(heads, head_dim, d),
+                lambda k: k.reshape(d, d).T,
+            ),
+            f"{hf}.mlp.fc_in.weight": Mapping(
+                (block, "mlp", "fc_in", "kernel"), (inner, d), _transpose, _transpose
+            ),
+            f"{hf}.mlp.fc_in.bias": Mapping(
+                (block, "mlp", "fc_in", "bias"), (inner,), _same, _same
+            ),
+            f"{hf}.mlp.fc_out.weight": Mapping(
+                (block, "mlp", "fc_out", "kernel"), (d, inner), _transpose, _transpose
+            ),
+            f"{hf}.mlp.fc_out.bias": Mapping((block, "mlp", "fc_out", "bias"), (d,), _same, _same),
+        }
+    return out
+
+
+# --------------------------------------------------------------------------------- load and save
+
+
+def load_params(path: Path, config: CodeGenConfig, dtype: jnp.dtype = jnp.float32) -> Params:
+    """Every tensor of the checkpoint in `path`, checked, reshaped and cast to `dtype`.
+
+    Raises CheckpointError (and returns nothing) if any tensor is missing, unexpected, of the
+    wrong shape, or unreadable.
+    """
+    mapping = tensor_map(config)
+    params: Params = {}
+    for name, array in read_tensors(find_weights(path)):
+        if _BUFFERS.match(name):
+            continue
+        if name not in mapping:
+            raise CheckpointError(
+                f"unexpected tensor {name!r} in {path}; is this a CodeGen-1 checkpoint?"
+            )
+        spec = mapping.pop(name)
+        if tuple(array.shape) != spec.hf_shape:
+            raise CheckpointError(
+                f"tensor {name!r} has shape {tuple(array.shape)}, expected {spec.hf_shape} "
+                f"from config.json; the weights and config.json in {path} do not match"
+            )
+        value = spec.to_flax(np.asarray(array).astype(dtype, copy=False))
+        _set(params, spec.path, jax.device_put(np.ascontiguousarray(value)))
+    if mapping:
+        missing = sorted(mapping, key=_natural)
+        shown = ", ".join(missing[:5]) + (
+            f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        )
+        raise CheckpointError(f"checkpoint in {path} lacks {len(missing)} tensors: {shown}")
+    return params
+
+
+def save_hf(params: Params, config: CodeGenConfig, out: Path) -> None:
+    """Write an HF folder (config.json + model.safetensors) that transformers loads."""
+    from safetensors.numpy import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {
+        name: np.ascontiguousarray(spec.to_hf(np.asarray(_get(params, spec.path))))
+        for name, spec in tensor_map(config).items()
+    }
+    config.to_json_file(out / "config.json")
+    save_file(tensors, str(out / SAFETENSORS), metadata={"format": "pt"})
+
+
+def _set(tree: Params, path: tuple[str, ...], value: jax.Array) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def _get(tree: Params, path: tuple[str, ...]) -> jax.Array:
+    for key in path:
+        tree = tree[key]
+    return tree  # type: ignore[return-value]
+
+
+def _natural(name: str) -> list[int | str]:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]

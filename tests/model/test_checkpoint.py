@@ -1,0 +1,212 @@
+"""Loading and exporting HF checkpoints: layouts, the hub cache, and every error case."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from codegen_repl.errors import CheckpointError
+from codegen_repl.model.checkpoint import (
+    load_model,
+    qkv_from_hf,
+    qkv_to_hf,
+    resolve_checkpoint,
+    save_hf,
+)
+from codegen_repl.model.config import CodeGenConfig
+from tests.conftest import hf_codegen, save_bin, torch_logits
+from tests.model.test_modeling import LOGIT_TOLERANCE, jax_logits, relative_error
+
+IDS = np.random.default_rng(7).integers(0, 1003, (1, 24))
+
+
+def state_dict(model) -> dict[str, torch.Tensor]:
+    return {name: t.detach().clone().contiguous() for name, t in model.state_dict().items()}
+
+
+def test_qkv_permutation_round_trips() -> None:
+    config = CodeGenConfig(hidden_size=96, num_heads=8, rotary_dim=4, vocab_size=10)
+    weight = np.random.default_rng(0).standard_normal((3 * 96, 96)).astype(np.float32)
+    kernel = qkv_from_hf(weight, config)
+    assert kernel.shape == (96, 3, 8, 12)
+    np.testing.assert_array_equal(qkv_to_hf(kernel, config), weight)
+    # shard 0's first rows are its queries: head 0, dim 0 of the query
+    np.testing.assert_array_equal(kernel[:, 0, 0, 0], weight[0])
+    # shard 0, block 1 is values (q, v, k order in the checkpoint)
+    np.testing.assert_array_equal(kernel[:, 2, 0, 0], weight[24])
+    np.testing.assert_array_equal(kernel[:, 1, 0, 0], weight[48])
+    # shard 1 starts at row 72 and holds heads 2..3
+    np.testing.assert_array_equal(kernel[:, 0, 2, 0], weight[72])
+
+
+@pytest.mark.parametrize("layout", ["safetensors", "bin"])
+def test_sharded_checkpoints_load(tmp_path: Path, tiny_hf, layout: str) -> None:
+    if layout == "safetensors":
+        tiny_hf.save_pretrained(tmp_path, max_shard_size="100KB")
+        assert (tmp_path / "model.safetensors.index.json").exists()
+        reference = tiny_hf
+    else:
+        save_bin(tiny_hf, tmp_path, shards=3)
+        reference = hf_codegen()
+        with torch.no_grad():
+            for param in reference.parameters():
+                param.copy_(param.half().float())
+    error = relative_error(jax_logits(tmp_path, IDS), torch_logits(reference, IDS))
+    assert error < LOGIT_TOLERANCE
+
+
+def test_export_round_trips_through_transformers(tmp_path: Path, tiny_checkpoint, tiny_hf):
+    from transformers import CodeGenForCausalLM
+
+    loaded = load_model(tiny_checkpoint)
+    save_hf(loaded.params, loaded.config, tmp_path / "export")
+    again = CodeGenForCausalLM.from_pretrained(tmp_path / "export").eval()
+    error = relative_error(torch_logits(again, IDS), torch_logits(tiny_hf, IDS))
+    assert error < LOGIT_TOLERANCE
+    assert relative_error(jax_logits(tmp_path / "export", IDS), torch_logits(again, IDS)) < (
+        LOGIT_TOLERANCE
+    )
+
+
+def test_bfloat16_export_keeps_dtype(tmp_path: Path, tiny_checkpoint) -> None:
+    from safetensors import safe_open
+
+    loaded = load_model(tiny_checkpoint, dtype="bfloat16")
+    save_hf(loaded.params, loaded.config, tmp_path)
+    with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as handle:
+        assert handle.get_tensor("lm_head.weight").dtype == torch.bfloat16
+
+
+# --------------------------------------------------------------------------------- the hub cache
+
+
+def fake_hub_cache(cache: Path, checkpoint: Path, repo_id: str) -> Path:
+    """Lay out `checkpoint` as huggingface_hub's cache does: blobs, snapshots/<commit>, refs."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / commit
+    (repo / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for file in checkpoint.iterdir():
+        blob = repo / "blobs" / f"blob-{file.name}"
+        shutil.copy(file, blob)
+        (snapshot / file.name).symlink_to(blob)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    return snapshot
+
+
+def test_hub_id_loads_from_cache_offline(tmp_path, tiny_checkpoint, tiny_hf, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    snapshot = fake_hub_cache(tmp_path, tiny_checkpoint, "Salesforce/codegen-350M-mono")
+    loaded = load_model("Salesforce/codegen-350M-mono", cache_dir=tmp_path)
+    assert loaded.path == snapshot
+    assert (
+        relative_error(jax_logits(loaded.path, IDS), torch_logits(tiny_hf, IDS)) < LOGIT_TOLERANCE
+    )
+
+
+def test_offline_without_cache_says_how_to_proceed(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(CheckpointError) as error:
+        resolve_checkpoint("Salesforce/codegen-2B-mono", cache_dir=tmp_path)
+    message = str(error.value)
+    assert "not in the local HF cache" in message and "HF_HUB_OFFLINE" in message
+    assert "connect to the internet once" in message and "--model PATH" in message
+
+
+# --------------------------------------------------------------------------------- error cases
+
+
+def copy_checkpoint(source: Path, target: Path) -> Path:
+    shutil.copytree(source, target)
+    return target
+
+
+def test_missing_folder_or_bad_name(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="neither a folder nor a hub id"):
+        resolve_checkpoint(str(tmp_path / "nope"))
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(CheckpointError, match="is a file; pass the folder"):
+        resolve_checkpoint(tmp_path / "file.txt")
+
+
+def test_missing_config(tmp_path: Path, tiny_checkpoint) -> None:
+    folder = copy_checkpoint(tiny_checkpoint, tmp_path / "c")
+    (folder / "config.json").unlink()
+    with pytest.raises(CheckpointError, match=r"config.json does not exist"):
+        load_model(folder)
+
+
+def test_missing_weights(tmp_path: Path, tiny_checkpoint) -> None:
+    folder = copy_checkpoint(tiny_checkpoint, tmp_path / "c")
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"holds no weights: expected model.safetensors"):
+        load_model(folder)
+
+
+def test_unknown_architecture(tmp_path: Path, tiny_checkpoint) -> None:
+    folder = copy_checkpoint(tiny_checkpoint, tmp_path / "c")
+    config = json.loads((folder / "config.json").read_text())
+    config |= {"model_type": "gptj", "architectures": ["GPTJForCausalLM"]}
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"unsupported architecture: model_type='gptj'"):
+        load_model(folder)
+
+
+def test_wrong_tensor_shape_names_the_tensor(tmp_path: Path, tiny_hf) -> None:
+    state = state_dict(tiny_hf)
+    state["transformer.h.1.mlp.fc_in.weight"] = torch.zeros(100, 64)
+    tiny_hf.config.to_json_file(tmp_path / "config.json")
+    save_file(state, str(tmp_path / "model.safetensors"))
+    with pytest.raises(CheckpointError) as error:
+        load_model(tmp_path)
+    assert "'transformer.h.1.mlp.fc_in.weight' has shape (100, 64), expected (256, 64)" in str(
+        error.value
+    )
+
+
+def test_missing_and_unexpected_tensors(tmp_path: Path, tiny_hf) -> None:
+    tiny_hf.config.to_json_file(tmp_path / "config.json")
+    state = state_dict(tiny_hf)
+    del state["lm_head.bias"], state["transformer.h.2.ln_1.weight"]
+    save_file(state, str(tmp_path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"lacks 2 tensors: lm_head.bias, transformer.h.2"):
+        load_model(tmp_path)
+    state = state_dict(tiny_hf) | {"transformer.h.0.attn.q_proj.weight": torch.zeros(2)}
+    save_file(state, str(tmp_path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"unexpected tensor 'transformer.h.0.attn.q_proj"):
+        load_model(tmp_path)
+
+
+def test_truncated_safetensors(tmp_path: Path, tiny_checkpoint) -> None:
+    folder = copy_checkpoint(tiny_checkpoint, tmp_path / "c")
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=r"model.safetensors is truncated or corrupt"):
+        load_model(folder)
+
+
+def test_corrupt_torch_bin(tmp_path: Path, tiny_hf) -> None:
+    save_bin(tiny_hf, tmp_path)
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not a checkpoint" * 100)
+    with pytest.raises(CheckpointError, match=r"pytorch_model.bin is truncated or corrupt"):
+        load_model(tmp_path)
+
+
+def test_index_with_missing_shard(tmp_path: Path, tiny_hf) -> None:
+    tiny_hf.save_pretrained(tmp_path, max_shard_size="100KB")
+    next(tmp_path.glob("model-00002-*.safetensors")).unlink()
+    with pytest.raises(CheckpointError, match=r"lists shards that are missing: model-00002"):
+        load_model(tmp_path)
+
+
+def test_bad_dtype(tiny_checkpoint) -> None:
+    with pytest.raises(ValueError, match=r"dtype must be one of float32, bfloat16, float16"):
+        load_model(tiny_checkpoint, dtype="int4")

@@ -1,0 +1,100 @@
+"""The JAX network against transformers' CodeGenForCausalLM on the same checkpoint files."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from codegen_repl.model.checkpoint import load_model
+from codegen_repl.model.modeling import CodeGen, apply_rotary, rotary_angles
+from codegen_repl.model.sampling import SampleParams, generate_tokens
+from tests.conftest import hf_codegen, save_bin, torch_logits
+
+# fp32, relative to the logit scale (max |logit| of the reference); never loosened.
+LOGIT_TOLERANCE = 1e-4
+
+SHAPES = {
+    # rotary_dim < head_dim (16), odd layer count, vocab not a multiple of 64
+    "h4_rot8_l3": dict(n_embd=64, n_head=4, rotary_dim=8, n_layer=3, vocab_size=1003),
+    # 8 heads of 12 dims, rotary 6, one layer
+    "h8_rot6_l1": dict(n_embd=96, n_head=8, rotary_dim=6, n_layer=1, vocab_size=517),
+    # 12 heads, rotary on the whole head, 5 layers, custom MLP width
+    "h12_rot8_l5": dict(n_embd=96, n_head=12, rotary_dim=8, n_layer=5, vocab_size=771, n_inner=200),
+    # 16 heads of 4 dims (350M's head count), rotary 2
+    "h16_rot2_l2": dict(n_embd=64, n_head=16, rotary_dim=2, n_layer=2, vocab_size=320),
+}
+
+
+def relative_error(ours: np.ndarray, reference: np.ndarray) -> float:
+    return float(np.abs(ours - reference).max() / np.abs(reference).max())
+
+
+def jax_logits(folder, ids: np.ndarray, dtype: str = "float32") -> np.ndarray:
+    loaded = load_model(folder, dtype=dtype)
+    model = CodeGen(loaded.config, dtype=loaded.params["wte"]["embedding"].dtype)
+    logits, _ = model.apply({"params": loaded.params}, jnp.asarray(ids, jnp.int32))
+    return np.asarray(logits)
+
+
+@pytest.mark.parametrize("name", list(SHAPES))
+@pytest.mark.parametrize("layout", ["safetensors", "bin"])
+def test_logits_match_transformers(tmp_path, name: str, layout: str) -> None:
+    reference = hf_codegen(seed=len(name), **SHAPES[name])
+    if layout == "safetensors":
+        reference.save_pretrained(tmp_path)
+    else:  # the published checkpoints are fp16 .bin: compare with the fp16-rounded weights
+        save_bin(reference, tmp_path)
+        with torch.no_grad():  # round the parameters only (not the rotary sin/cos buffer)
+            for param in reference.parameters():
+                param.copy_(param.half().float())
+    ids = np.random.default_rng(1).integers(0, reference.config.vocab_size, (2, 48))
+    error = relative_error(jax_logits(tmp_path, ids), torch_logits(reference, ids))
+    print(f"{name}/{layout}: max relative logit difference {error:.2e}")
+    assert error < LOGIT_TOLERANCE
+
+
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_greedy_tokens_match_transformers_generate(tmp_path, name: str) -> None:
+    reference = hf_codegen(seed=len(name), **SHAPES[name])
+    reference.save_pretrained(tmp_path)
+    prompt = np.random.default_rng(2).integers(0, reference.config.vocab_size, (1, 11))
+    with torch.no_grad():
+        expected = reference.generate(
+            torch.as_tensor(prompt),
+            attention_mask=torch.ones_like(torch.as_tensor(prompt)),
+            max_new_tokens=32,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )[0, prompt.shape[1] :].tolist()
+    loaded = load_model(tmp_path)
+    ours = list(generate_tokens(loaded.config, loaded.params, prompt[0].tolist(), SampleParams(32)))
+    assert ours == expected
+
+
+def test_bfloat16_is_close_to_float32(tiny_checkpoint) -> None:
+    ids = np.random.default_rng(3).integers(0, 1003, (1, 32))
+    loaded = load_model(tiny_checkpoint, dtype="bfloat16")
+    assert loaded.params["block_0"]["attn"]["qkv"]["kernel"].dtype == jnp.bfloat16
+    error = relative_error(
+        jax_logits(tiny_checkpoint, ids, "bfloat16"), jax_logits(tiny_checkpoint, ids)
+    )
+    assert error < 0.05  # bf16 has 8 mantissa bits; 3 layers keep the drift to a few percent
+
+
+def test_rotary_is_interleaved_on_leading_dims_only() -> None:
+    x = jnp.arange(2 * 3 * 1 * 8, dtype=jnp.float32).reshape(2, 3, 1, 8)
+    positions = jnp.broadcast_to(jnp.arange(3), (2, 3))
+    sin, cos = rotary_angles(positions, rotary_dim=4)
+    out = np.asarray(apply_rotary(x, sin, cos))
+    np.testing.assert_array_equal(out[..., 4:], np.asarray(x)[..., 4:])
+    np.testing.assert_array_equal(out[:, 0], np.asarray(x)[:, 0])  # position 0: no rotation
+    # pair (0, 1) at position 1 rotates by angle 1 (inv_freq[0] == 1)
+    x0, x1 = np.asarray(x)[0, 1, 0, :2]
+    np.testing.assert_allclose(
+        out[0, 1, 0, :2],
+        [x0 * np.cos(1) - x1 * np.sin(1), x1 * np.cos(1) + x0 * np.sin(1)],
+        rtol=1e-6,
+    )

@@ -1,0 +1,78 @@
+"""`codegen-repl generate`, run as a user runs it: the installed console script, a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import transformers
+
+SCRIPT = Path(sys.executable).with_name("codegen-repl")
+PROMPT = "def fibonacci(n):\n    "
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(SCRIPT), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})},
+    )
+
+
+def test_generate_prints_what_transformers_greedy_decodes(chat_checkpoint: Path) -> None:
+    tokenizer = transformers.AutoTokenizer.from_pretrained(chat_checkpoint)
+    model = transformers.CodeGenForCausalLM.from_pretrained(chat_checkpoint).eval()
+    ids = torch.tensor([tokenizer.encode(PROMPT)])
+    with torch.no_grad():
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=24,
+            do_sample=False,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.eos_token_id,
+        )[0, ids.shape[1] :].tolist()
+    if tokenizer.eos_token_id in out:  # we print the completion up to, not including, EOS
+        out = out[: out.index(tokenizer.eos_token_id)]
+    expected = tokenizer.decode(out)
+    assert expected.strip(), "the reference completion is empty; pick another seed"
+
+    result = run_cli("generate", "--model", str(chat_checkpoint), "--max-new-tokens", "24", PROMPT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == expected
+
+
+def test_sampling_is_seeded(chat_checkpoint: Path) -> None:
+    args = ["generate", "--model", str(chat_checkpoint), "--max-new-tokens", "16"]
+    first = run_cli(*args, "--temperature", "0.8", "--seed", "3", PROMPT)
+    again = run_cli(*args, "--temperature", "0.8", "--seed", "3", PROMPT)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout == again.stdout
+
+
+def test_missing_model_is_one_clear_line(tmp_path: Path) -> None:
+    result = run_cli("generate", "--model", str(tmp_path / "nothing"), "x")
+    assert result.returncode == 2
+    assert "neither a folder nor a hub id" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stdout == ""
+
+
+def test_offline_hub_id_without_cache_says_how_to_proceed(tmp_path: Path) -> None:
+    result = run_cli(
+        "generate", "--cache-dir", str(tmp_path), "x", env={"HF_HUB_OFFLINE": "1"}
+    )  # default model: Salesforce/codegen-350M-mono
+    assert result.returncode == 2
+    assert "Salesforce/codegen-350M-mono is not in the local HF cache" in result.stderr
+    assert "--model PATH" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_bad_option_value(chat_checkpoint: Path) -> None:
+    result = run_cli("generate", "--model", str(chat_checkpoint), "--top-p", "1.5", "x")
+    assert result.returncode == 2
+    assert "top_p must be in (0, 1]" in result.stderr
