@@ -31,44 +31,58 @@ def default_dtype() -> str:
 @app.command()
 def generate(
     prompt: Annotated[str, typer.Argument(help="The text to complete.")],
-    model: Annotated[
-        str, typer.Option(help="A checkpoint folder or a hub id.", show_default=True)
-    ] = DEFAULT_MODEL,
+    model: Annotated[str, typer.Option(help="A checkpoint folder or a hub id.")] = DEFAULT_MODEL,
     max_new_tokens: Annotated[int, typer.Option(help="Most tokens to generate.")] = 128,
     temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
-    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 0.95,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass (1 = off).")] = 0.95,
+    top_k: Annotated[int, typer.Option(help="Keep the k likeliest tokens (0 = off).")] = 0,
+    n: Annotated[int, typer.Option("-n", "--n", help="Number of samples.")] = 1,
     seed: Annotated[int, typer.Option(help="Random seed for sampling.")] = 0,
+    stop: Annotated[list[str] | None, typer.Option(help="A string that ends a sample.")] = None,
+    truncate: Annotated[bool, typer.Option(help="Apply CodeGen's truncation rules.")] = False,
+    stream: Annotated[bool, typer.Option(help="Print text as it is generated.")] = False,
+    int8: Annotated[bool, typer.Option(help="Weight-only int8 quantization.")] = False,
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16; default: auto.")] = "",
     revision: Annotated[
         str | None, typer.Option(help="Hub revision (branch, tag, commit).")
     ] = None,
     cache_dir: Annotated[Path | None, typer.Option(help="HF cache folder.")] = None,
 ) -> None:
-    """Complete PROMPT with a CodeGen model and print only the completion."""
-    from codegen_repl.model.checkpoint import load_model
-    from codegen_repl.model.sampling import SampleParams, generate_tokens
-    from codegen_repl.model.tokenizer import CodeGenTokenizer
+    """Complete PROMPT with a CodeGen model and print only the completion.
+
+    With -n above 1, the samples are printed one after another, each followed by a line
+    `<|sample-end|>`.
+    """
+    from codegen_repl.decoder import LocalDecoder, default_cache_dir
+    from codegen_repl.model.sampling import SampleParams
 
     try:
         sample = SampleParams(
-            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            n=n,
+            seed=seed,
+            stop=tuple(stop or ()),
+            codegen_rules=truncate,
         )
-        loaded = load_model(
-            model, dtype=dtype or default_dtype(), revision=revision, cache_dir=cache_dir
+        decoder = LocalDecoder.load(
+            model,
+            dtype=dtype or None,
+            int8=int8,
+            revision=revision,
+            cache_dir=cache_dir,
+            compilation_cache=default_cache_dir() / "jax",
         )
-        tokenizer = CodeGenTokenizer.from_dir(loaded.path)
-        ids = tokenizer.encode(prompt)
-        stop = (tokenizer.eos_token_id,)
-        printed = ""
-        new: list[int] = []
-        for token in generate_tokens(loaded.config, loaded.params, ids, sample, stop):
-            new.append(token)
-            text = tokenizer.decode(new)
-            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                sys.stdout.write(text[len(printed) :])
+        if stream and n == 1:
+            for piece in decoder.generate(prompt, sample):
+                sys.stdout.write(piece)
                 sys.stdout.flush()
-                printed = text
-        sys.stdout.write(tokenizer.decode(new)[len(printed) :])
+        else:
+            texts = decoder.complete(prompt, sample)
+            ends = "\n<|sample-end|>\n" if n > 1 else ""
+            sys.stdout.write("".join(text + ends for text in texts))
         sys.stdout.flush()
     except CodeGenError as error:
         typer.echo(f"error: {error}", err=True)

@@ -80,8 +80,71 @@ def attention_mask(query_positions: jax.Array, key_positions: jax.Array) -> jax.
     return key_positions[:, None, None, :] <= query_positions[:, None, :, None]
 
 
+class Linear(nn.Module):
+    """y = x @ kernel (+ bias), contracting the last `in_axes` axes of x.
+
+    The kernel is [*in_shape, *out_shape]. With `int8`, the params hold an int8 `kernel` and a
+    per-output-channel fp32 `scale` (see `quantize_int8`); the kernel is widened to the compute
+    dtype inside the matmul, so where XLA fuses the conversion only int8 weights are read.
+    """
+
+    features: tuple[int, ...]
+    in_axes: int = 1
+    use_bias: bool = True
+    int8: bool = False
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        shape = (*x.shape[x.ndim - self.in_axes :], *self.features)
+        if self.int8:
+            kernel = self.param("kernel", nn.initializers.zeros, shape, jnp.int8)
+            scale = self.param("scale", nn.initializers.ones, self.features, jnp.float32)
+        else:
+            in_axis = tuple(range(self.in_axes))
+            out_axis = tuple(range(self.in_axes, len(shape)))
+            init = nn.initializers.lecun_normal(in_axis=in_axis, out_axis=out_axis)
+            kernel = self.param("kernel", init, shape, self.param_dtype)
+        contract = (tuple(range(x.ndim - self.in_axes, x.ndim)), tuple(range(self.in_axes)))
+        y = jax.lax.dot_general(
+            x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ()))
+        )
+        if self.int8:
+            y = (y * scale).astype(self.dtype)
+        if self.use_bias:
+            bias = self.param("bias", nn.initializers.zeros, self.features, self.param_dtype)
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+def quantize_int8(params: dict) -> dict:
+    """Weight-only int8, one fp32 scale per output channel, for every Linear kernel.
+
+    Returns the params of `CodeGen(..., int8=True)`; embeddings and norms stay as they are.
+    """
+
+    def visit(tree: dict, in_axes: int) -> dict:
+        out = {}
+        for name, value in tree.items():
+            if isinstance(value, dict):
+                out[name] = visit(value, 2 if name == "out" else 1)  # out: [heads, hd, d]
+            elif name == "kernel":
+                weight = value.astype(jnp.float32)
+                scale = jnp.max(jnp.abs(weight), axis=tuple(range(in_axes))) / 127.0
+                scale = jnp.where(scale == 0, 1.0, scale)
+                out["kernel"] = jnp.round(weight / scale).astype(jnp.int8)
+                out["scale"] = scale
+            else:
+                out[name] = value
+        return out
+
+    return visit(params, 1)
+
+
 class Attention(nn.Module):
     config: CodeGenConfig
+    int8: bool = False
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
@@ -95,13 +158,10 @@ class Attention(nn.Module):
     ) -> tuple[jax.Array, LayerCache | None]:
         """x: [batch, seq, hidden]; positions: [batch, seq]; cache_index: scalar int32."""
         cfg = self.config
-        qkv = nn.DenseGeneral(
-            (3, cfg.num_heads, cfg.head_dim),
-            use_bias=False,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            name="qkv",
-        )(x)  # [batch, seq, 3, heads, head_dim]
+        kinds = dict(int8=self.int8, dtype=self.dtype, param_dtype=self.param_dtype)
+        qkv = Linear((3, cfg.num_heads, cfg.head_dim), use_bias=False, name="qkv", **kinds)(
+            x
+        )  # [batch, seq, 3, heads, head_dim]
         query, key, value = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         sin, cos = rotary_angles(positions, cfg.rotary_dim)
         query, key = apply_rotary(query, sin, cos), apply_rotary(key, sin, cos)
@@ -127,32 +187,27 @@ class Attention(nn.Module):
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
         weights = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
         out = jnp.einsum("bhqk,bkhd->bqhd", weights, value)  # [batch, seq, heads, head_dim]
-        out = nn.DenseGeneral(
-            cfg.hidden_size,
-            axis=(-2, -1),
-            use_bias=False,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            name="out",
-        )(out)
+        out = Linear((cfg.hidden_size,), in_axes=2, use_bias=False, name="out", **kinds)(out)
         return out, cache
 
 
 class MLP(nn.Module):
     config: CodeGenConfig
+    int8: bool = False
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        dense = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = nn.Dense(self.config.intermediate_size, name="fc_in", **dense)(x)
+        kinds = dict(int8=self.int8, dtype=self.dtype, param_dtype=self.param_dtype)
+        h = Linear((self.config.intermediate_size,), name="fc_in", **kinds)(x)
         h = jax.nn.gelu(h, approximate=True)  # gelu_new
-        return nn.Dense(self.config.hidden_size, name="fc_out", **dense)(h)
+        return Linear((self.config.hidden_size,), name="fc_out", **kinds)(h)
 
 
 class Block(nn.Module):
     config: CodeGenConfig
+    int8: bool = False
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
@@ -166,10 +221,10 @@ class Block(nn.Module):
     ) -> tuple[jax.Array, LayerCache | None]:
         kinds = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = layer_norm(self.config, "ln", **kinds)(x)
-        attn_out, cache = Attention(self.config, name="attn", **kinds)(
+        attn_out, cache = Attention(self.config, self.int8, name="attn", **kinds)(
             h, positions, cache, cache_index
         )
-        mlp_out = MLP(self.config, name="mlp", **kinds)(h)
+        mlp_out = MLP(self.config, self.int8, name="mlp", **kinds)(h)
         return x + attn_out + mlp_out, cache
 
 
@@ -184,6 +239,7 @@ class CodeGen(nn.Module):
     """CodeGenForCausalLM. Returns fp32 logits and the updated cache (None without one)."""
 
     config: CodeGenConfig
+    int8: bool = False
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
@@ -213,10 +269,10 @@ class CodeGen(nn.Module):
         new_cache = []
         for i in range(cfg.num_layers):
             layer_cache = None if cache is None else cache[i]
-            x, layer_cache = Block(cfg, name=f"block_{i}", **kinds)(
+            x, layer_cache = Block(cfg, self.int8, name=f"block_{i}", **kinds)(
                 x, positions, layer_cache, cache_index
             )
             new_cache.append(layer_cache)
         x = layer_norm(cfg, "ln_f", **kinds)(x)
-        logits = nn.Dense(cfg.vocab_size, name="lm_head", **kinds)(x)
+        logits = Linear((cfg.vocab_size,), int8=self.int8, name="lm_head", **kinds)(x)
         return logits.astype(jnp.float32), None if cache is None else tuple(new_cache)

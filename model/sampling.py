@@ -1,42 +1,59 @@
-"""Token sampling over a params pytree: pure, jitted prefill and decode with a KV cache.
+"""Sampling over a params pytree: pure, jitted prefill and chunked decode with a KV cache.
 
-`prefill` runs the prompt (right-padded to a shape bucket, so prompt lengths inside one bucket
-share one compilation) and fills the cache; `decode` runs one token per call. Slots past the
-real prompt hold padding keys, but each decode step overwrites its own slot before any query can
-attend to it (slot i holds position i and queries see slots <= their position), so padding never
-leaks into the result.
+- `prefill` runs a prompt suffix (right-padded to a shape bucket, so prompt lengths inside a
+  bucket share one compilation) into the cache at `start`, and returns the logits of its last
+  real token. Slots past the real tokens receive padding keys, but every decode step writes its
+  own slot before any query can see it (slot i holds position i; queries see slots <= their
+  position), so padding never leaks into a result.
+- `decode_chunk` runs `num_steps` sampling steps on the device (one `lax.scan`) and returns the
+  tokens; the host streams them and decides whether to run another chunk.
 
-The token choice (`choose_tokens`) is a pure function of logits and an explicit key, so it can
-be tested with fake logits.
+Both take a `logits_fn(params, tokens, cache, cache_index) -> (logits, cache)`, so tests can
+drive them with a fake model. Keys are explicit: step `t` of a request uses
+`fold_in(key, t)`, so results do not depend on the chunk size.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Iterator
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from codegen_repl.errors import ConfigError
-from codegen_repl.model.checkpoint import Params
-from codegen_repl.model.config import CodeGenConfig
-from codegen_repl.model.modeling import CodeGen, KVCache, init_cache
+from codegen_repl.model.modeling import CodeGen, KVCache
 
+Params = Any  # a params pytree (see checkpoint.Params); a fake model may use anything
+LogitsFn = Callable[[Params, jax.Array, KVCache, jax.Array], tuple[jax.Array, KVCache]]
 MIN_BUCKET = 64
 
 
 @dataclasses.dataclass(frozen=True)
 class SampleParams:
-    """How to choose tokens. `temperature == 0` is greedy; top_k 0 and top_p 1 are off."""
+    """How to choose tokens and where to stop.
+
+    Args:
+        max_new_tokens: most tokens to generate per sample.
+        temperature: 0 is greedy; otherwise logits are divided by it.
+        top_p: nucleus mass in (0, 1]; 1 is off.
+        top_k: keep the k most likely tokens; 0 is off.
+        n: samples per prompt, decoded as one batch.
+        seed: the random seed; the same seed gives the same samples.
+        stop: strings that end a sample (not included in it).
+        codegen_rules: apply CodeGen's truncation rules (see codegen_repl.truncation).
+    """
 
     max_new_tokens: int = 128
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
+    n: int = 1
     seed: int = 0
+    stop: tuple[str, ...] = ()
+    codegen_rules: bool = False
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -47,90 +64,124 @@ class SampleParams:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ConfigError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if self.n < 1:
+            raise ConfigError(f"n must be >= 1, got {self.n}")
+
+    @property
+    def mode(self) -> SampleMode:
+        return SampleMode(self.temperature == 0, self.top_k > 0, self.top_p < 1)
+
+    def knobs(self) -> Knobs:
+        return Knobs(
+            jnp.float32(self.temperature or 1.0), jnp.float32(self.top_p), jnp.int32(self.top_k)
+        )
 
 
-def bucket(length: int, limit: int) -> int:
-    """The smallest power of two >= length (at least MIN_BUCKET), capped at `limit`."""
+class SampleMode(NamedTuple):
+    """The static part of the sampling settings: which code paths are compiled in."""
+
+    greedy: bool
+    top_k: bool
+    top_p: bool
+
+
+class Knobs(NamedTuple):
+    """The traced part: changing these does not recompile."""
+
+    temperature: jax.Array  # scalar f32
+    top_p: jax.Array  # scalar f32
+    top_k: jax.Array  # scalar i32
+
+
+class DecodeState(NamedTuple):
+    cache: KVCache
+    logits: jax.Array  # [batch, vocab] fp32: the distribution of the next token
+    index: jax.Array  # scalar i32: the cache slot (= position) of the next token
+    step: jax.Array  # scalar i32: tokens sampled so far in this request
+
+
+def bucket(length: int) -> int:
+    """The smallest power of two >= length, at least MIN_BUCKET."""
     size = MIN_BUCKET
     while size < length:
         size *= 2
-    return min(size, limit)
+    return size
 
 
-def choose_tokens(logits: jax.Array, key: jax.Array, sample: SampleParams) -> jax.Array:
-    """Pick one token per row.
-
-    Args:
-        logits: [batch, vocab] fp32.
-    Returns:
-        [batch] int32 token ids.
-    """
-    if sample.temperature == 0:
+def choose_tokens(logits: jax.Array, key: jax.Array, knobs: Knobs, mode: SampleMode) -> jax.Array:
+    """One token per row. logits: [batch, vocab] fp32 -> [batch] int32."""
+    if mode.greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits / sample.temperature
-    if sample.top_k:
-        kth = jax.lax.top_k(logits, min(sample.top_k, logits.shape[-1]))[0][..., -1:]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-    if sample.top_p < 1:
-        sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
-        cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
-        # Keep the smallest set whose mass reaches top_p: a token stays if the mass before it
-        # is still below top_p (so the most likely token always stays).
-        keep = (cumulative - jax.nn.softmax(sorted_logits, axis=-1)) < sample.top_p
-        cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
-        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    logits = logits / knobs.temperature
+    if mode.top_k or mode.top_p:
+        descending = -jnp.sort(-logits, axis=-1)  # [batch, vocab]
+        threshold = jnp.full((logits.shape[0], 1), -jnp.inf)
+        if mode.top_k:
+            k = jnp.clip(knobs.top_k, 1, logits.shape[-1])
+            threshold = jax.lax.dynamic_slice_in_dim(descending, k - 1, 1, axis=-1)
+            # as transformers does: top-p is taken over the top-k renormalised
+            descending = jnp.where(descending < threshold, -jnp.inf, descending)
+        if mode.top_p:
+            probs = jax.nn.softmax(descending, axis=-1)
+            # keep a token while the mass before it is below top_p: the top token always stays
+            before = jnp.cumsum(probs, axis=-1) - probs
+            kept = jnp.where(before < knobs.top_p, descending, jnp.inf)
+            threshold = jnp.maximum(threshold, jnp.min(kept, axis=-1, keepdims=True))
+        logits = jnp.where(logits < threshold, -jnp.inf, logits)
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("model",), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("logits_fn",), donate_argnames=("cache",))
 def prefill(
-    model: CodeGen, params: Params, tokens: jax.Array, length: jax.Array, cache: KVCache
+    logits_fn: LogitsFn,
+    params: Params,
+    tokens: jax.Array,
+    length: jax.Array,
+    cache: KVCache,
+    start: jax.Array,
 ) -> tuple[jax.Array, KVCache]:
-    """Run a right-padded prompt. tokens: [batch, bucket]; returns logits [batch, vocab] of the
-    last real token (index length - 1) and the filled cache."""
-    logits, cache = model.apply({"params": params}, tokens, cache=cache, cache_index=jnp.int32(0))
+    """Run tokens [batch, bucket] (the first `length` real) into the cache at slot `start`.
+
+    Returns the logits [batch, vocab] of token `length - 1` and the cache.
+    """
+    logits, cache = logits_fn(params, tokens, cache, start)
     return jax.lax.dynamic_index_in_dim(logits, length - 1, axis=1, keepdims=False), cache
 
 
-@functools.partial(jax.jit, static_argnames=("model",), donate_argnames=("cache",))
-def decode(
-    model: CodeGen, params: Params, tokens: jax.Array, index: jax.Array, cache: KVCache
-) -> tuple[jax.Array, KVCache]:
-    """One step. tokens: [batch] at position `index`; returns logits [batch, vocab]."""
-    logits, cache = model.apply({"params": params}, tokens[:, None], cache=cache, cache_index=index)
-    return logits[:, 0], cache
-
-
-def generate_tokens(
-    config: CodeGenConfig,
+@functools.partial(
+    jax.jit, static_argnames=("logits_fn", "num_steps", "mode"), donate_argnames=("state",)
+)
+def decode_chunk(
+    logits_fn: LogitsFn,
     params: Params,
-    prompt: list[int],
-    sample: SampleParams,
-    stop_ids: tuple[int, ...] = (),
-) -> Iterator[int]:
-    """Yield new tokens one at a time; stops after a token in `stop_ids` (not yielded)."""
-    if not prompt:
-        raise ConfigError("the prompt is empty; give at least one token")
-    total = len(prompt) + sample.max_new_tokens
-    if total > config.max_positions:
-        raise ConfigError(
-            f"prompt ({len(prompt)} tokens) + max_new_tokens ({sample.max_new_tokens}) exceeds "
-            f"the model's context of {config.max_positions} tokens; shorten one of them"
+    state: DecodeState,
+    key: jax.Array,
+    knobs: Knobs,
+    num_steps: int,
+    mode: SampleMode,
+) -> tuple[DecodeState, jax.Array]:
+    """Sample `num_steps` tokens per row on the device. Returns the state and [batch, steps]."""
+
+    def step(state: DecodeState, _: None) -> tuple[DecodeState, jax.Array]:
+        token = choose_tokens(state.logits, jax.random.fold_in(key, state.step), knobs, mode)
+        logits, cache = logits_fn(params, token[:, None], state.cache, state.index)
+        return DecodeState(cache, logits[:, 0], state.index + 1, state.step + 1), token
+
+    state, tokens = jax.lax.scan(step, state, None, length=num_steps)
+    return state, tokens.T
+
+
+@functools.cache
+def model_logits_fn(model: CodeGen) -> LogitsFn:
+    """The logits_fn of a Flax CodeGen module (one object per module, so jit caches hit)."""
+
+    def logits_fn(
+        params: Params, tokens: jax.Array, cache: KVCache, cache_index: jax.Array
+    ) -> tuple[jax.Array, KVCache]:
+        logits, new_cache = model.apply(
+            {"params": params}, tokens, cache=cache, cache_index=cache_index
         )
-    dtype = jax.tree_util.tree_leaves(params)[0].dtype
-    model = CodeGen(config, dtype=dtype, param_dtype=dtype)
-    cache_len = bucket(total, config.max_positions)
-    padded = np.zeros((1, bucket(len(prompt), cache_len)), np.int32)
-    padded[0, : len(prompt)] = prompt
-    cache = init_cache(config, 1, cache_len, dtype)
-    logits, cache = prefill(model, params, jnp.asarray(padded), jnp.int32(len(prompt)), cache)
-    key = jax.random.key(sample.seed)
-    for step in range(sample.max_new_tokens):
-        key, sub = jax.random.split(key)
-        token = choose_tokens(logits, sub, sample)
-        token_id = int(token[0])
-        if token_id in stop_ids:
-            return
-        yield token_id
-        if step + 1 < sample.max_new_tokens:
-            logits, cache = decode(model, params, token, jnp.int32(len(prompt) + step), cache)
+        assert new_cache is not None
+        return logits, new_cache
+
+    return logits_fn

@@ -165,3 +165,19 @@ def chat_checkpoint(tmp_path_factory: pytest.TempPathFactory, tokenizer_files: P
     for file in tokenizer_files.iterdir():
         shutil.copy(file, folder / file.name)
     return folder
+
+
+def local_decoder(checkpoint: Path, tokenizer_folder: Path, **options: object):
+    """A LocalDecoder over a checkpoint folder (the tokenizer may come from elsewhere)."""
+    from codegen_repl.decoder import LocalDecoder
+    from codegen_repl.model.checkpoint import load_model
+    from codegen_repl.model.tokenizer import CodeGenTokenizer
+
+    loaded = load_model(checkpoint, dtype=str(options.pop("dtype", "float32")))
+    tokenizer = CodeGenTokenizer.from_dir(tokenizer_folder)
+    return LocalDecoder(loaded.config, loaded.params, tokenizer, **options)  # type: ignore[arg-type]
+
+
+def decoded_ids(decoder, prompt: list[int], sample) -> list[list[int]]:
+    """All new token ids per row, exactly max_new_tokens each."""
+    return np.concatenate(list(decoder.stream_tokens(prompt, sample)), axis=1).tolist()

@@ -9,8 +9,8 @@ import torch
 
 from codegen_repl.model.checkpoint import load_model
 from codegen_repl.model.modeling import CodeGen, apply_rotary, rotary_angles
-from codegen_repl.model.sampling import SampleParams, generate_tokens
-from tests.conftest import hf_codegen, save_bin, torch_logits
+from codegen_repl.model.sampling import SampleParams
+from tests.conftest import decoded_ids, hf_codegen, local_decoder, save_bin, torch_logits
 
 # fp32, relative to the logit scale (max |logit| of the reference); never loosened.
 LOGIT_TOLERANCE = 1e-4
@@ -56,7 +56,7 @@ def test_logits_match_transformers(tmp_path, name: str, layout: str) -> None:
 
 
 @pytest.mark.parametrize("name", list(SHAPES))
-def test_greedy_tokens_match_transformers_generate(tmp_path, name: str) -> None:
+def test_greedy_tokens_match_transformers_generate(tmp_path, tokenizer_files, name: str) -> None:
     reference = hf_codegen(seed=len(name), **SHAPES[name])
     reference.save_pretrained(tmp_path)
     prompt = np.random.default_rng(2).integers(0, reference.config.vocab_size, (1, 11))
@@ -69,8 +69,8 @@ def test_greedy_tokens_match_transformers_generate(tmp_path, name: str) -> None:
             eos_token_id=None,
             pad_token_id=0,
         )[0, prompt.shape[1] :].tolist()
-    loaded = load_model(tmp_path)
-    ours = list(generate_tokens(loaded.config, loaded.params, prompt[0].tolist(), SampleParams(32)))
+    decoder = local_decoder(tmp_path, tokenizer_files)
+    ours = decoded_ids(decoder, prompt[0].tolist(), SampleParams(32))[0]
     assert ours == expected
 
 
