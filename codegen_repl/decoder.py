@@ -89,7 +89,7 @@ class _Row:
         """How much of the text can be shown now: it is settled and holds whole characters."""
         if self.done:
             return len(self.text)
-        settled = self.cutter.settled(self.text)
+        settled = self.cutter.visible(self.text)
         while settled and self.text[settled - 1] == "\ufffd":  # wait for a character's tail
             settled -= 1
         return settled

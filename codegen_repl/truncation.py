@@ -58,6 +58,11 @@ class Cutter:
                 return start
         return len(text)
 
+    def visible(self, text: str) -> int:
+        """How much of `text` can be shown now: settled, and not past a cut."""
+        cut = self.cut(text)
+        return min(self.settled(text), len(text) if cut is None else cut)
+
     def final(self, text: str) -> int | None:
         """The cut, if it has fired and nothing appended later can move it."""
         cut = self.cut(text)

@@ -42,9 +42,11 @@ def test_generate_prints_what_transformers_greedy_decodes(chat_checkpoint: Path)
     expected = tokenizer.decode(out)
     assert expected.strip(), "the reference completion is empty; pick another seed"
 
-    result = run_cli("generate", "--model", str(chat_checkpoint), "--max-new-tokens", "24", PROMPT)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout == expected
+    args = ["generate", "--model", str(chat_checkpoint), "--max-new-tokens", "24", PROMPT]
+    for extra in ([], ["--stream"]):
+        result = run_cli(*args, *extra)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == expected
 
 
 def test_sampling_is_seeded(chat_checkpoint: Path) -> None:
@@ -76,3 +78,10 @@ def test_bad_option_value(chat_checkpoint: Path) -> None:
     result = run_cli("generate", "--model", str(chat_checkpoint), "--top-p", "1.5", "x")
     assert result.returncode == 2
     assert "top_p must be in (0, 1]" in result.stderr
+
+
+def test_n_samples_with_int8_weights(chat_checkpoint: Path) -> None:
+    args = ["--model", str(chat_checkpoint), "--max-new-tokens", "8", "--temperature", "0.8"]
+    result = run_cli("generate", *args, "-n", "3", "--int8", "--top-k", "40", PROMPT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("\n<|sample-end|>\n") == 3
