@@ -8,8 +8,9 @@ generations of exactly `new_tokens` tokens (EOS cannot stop them early) and retu
 where `tokens_per_s = batch * new_tokens / best run` (prefill included, as a user sees it),
 `ms_per_token = best run / new_tokens` (one step of the whole batch), `prefill_ms` is the best
 timed one-token generation (prompt forward plus the first token) and `runs_s` are all timed
-runs. Best of, not median: on a shared CPU other load only ever adds time. torch, transformers and ctranslate2 are imported inside the functions; a
-missing one raises `PeerMissing` (an ImportError) that says what to install.
+runs. Best of, not median: on a shared CPU other load only ever adds time. torch, transformers
+and ctranslate2 are imported inside the functions; a missing one raises `PeerMissing` (an
+ImportError) that says what to install.
 """
 
 from __future__ import annotations
@@ -22,6 +23,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from transformers import CodeGenForCausalLM
 
 TEMPERATURE = 0.2  # CodeGen's published sampling settings
 TOP_P = 0.95
@@ -88,7 +93,7 @@ def check_length(got: int, new_tokens: int, impl: str) -> None:
 
 
 def bench_transformers(
-    model_dir: Path,
+    model_dir: Path | None,
     prompt_ids: list[int],
     new_tokens: int,
     batch: int = 1,
@@ -96,18 +101,19 @@ def bench_transformers(
     dtype: str = "float32",
     device: str = "cpu",
     repeats: int = 3,
+    size: str | None = None,
 ) -> dict:
-    """`CodeGenForCausalLM.generate` with a KV cache; greedy, or sampled at T=0.2, top-p 0.95."""
+    """`CodeGenForCausalLM.generate` with a KV cache; greedy, or sampled at T=0.2, top-p 0.95.
+
+    With `model_dir=None` the model is built with random weights of `size` straight on `device`
+    (no checkpoint on disk; transformers' own init).
+    """
     impl = f"transformers-{dtype}"
     torch = require("torch", impl)
-    transformers = require("transformers", impl)
-    model = transformers.CodeGenForCausalLM.from_pretrained(
-        str(model_dir), dtype=getattr(torch, dtype)
-    )
-    model = model.to(device).eval()
+    model = load_transformers_model(model_dir, size, dtype, device)
     input_ids = torch.tensor([prompt_ids] * batch, device=device)
     attention_mask = torch.ones_like(input_ids)
-    options = {"do_sample": True, "temperature": TEMPERATURE, "top_p": TOP_P} if sample else {}
+    sampling = {"temperature": TEMPERATURE, "top_p": TOP_P} if sample else {}
 
     def generate(count: int) -> None:
         with torch.inference_mode():
@@ -118,11 +124,33 @@ def bench_transformers(
                 min_new_tokens=count,
                 do_sample=sample,
                 pad_token_id=model.config.eos_token_id,
-                **options,
-            )
-        check_length(output.shape[1] - len(prompt_ids), count, impl)  # .shape waits for GPU
+                **sampling,
+            ).cpu()  # waits for the device
+        check_length(output.shape[1] - len(prompt_ids), count, impl)
 
     return summarize(impl, generate, new_tokens, batch, repeats)
+
+
+def load_transformers_model(
+    model_dir: Path | None, size: str | None, dtype: str, device: str
+) -> CodeGenForCausalLM:
+    """The HF model from `model_dir`, or with random weights of `size` made on `device`."""
+    torch = require("torch", "transformers")
+    transformers = require("transformers", "transformers")
+    if model_dir is not None:
+        model = transformers.CodeGenForCausalLM.from_pretrained(
+            str(model_dir), dtype=getattr(torch, dtype)
+        )
+        return model.to(device).eval()
+    if size is None:
+        raise ValueError("bench_transformers needs a model_dir or a size")
+    from make_random_checkpoint import codegen_config
+
+    with torch.device(device):
+        model = transformers.CodeGenForCausalLM._from_config(
+            codegen_config(size, dtype), dtype=getattr(torch, dtype)
+        )
+    return model.eval()
 
 
 # --------------------------------------------------------------------------------- CTranslate2

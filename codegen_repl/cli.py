@@ -67,6 +67,12 @@ def generate(
             stop=tuple(stop or ()),
             codegen_rules=truncate,
         )
+        if int8 and default_dtype() == "float32":
+            typer.echo(
+                "note: --int8 on CPU saves memory but decodes slower than fp32 (XLA's CPU "
+                "backend has no fast int8 matmul); it pays off on GPUs",
+                err=True,
+            )
         decoder = LocalDecoder.load(
             model,
             dtype=dtype or None,

@@ -156,6 +156,7 @@ class LocalDecoder:
     # ------------------------------------------------------------------------- text
 
     def generate(self, prompt: str, sample: SampleParams) -> Iterator[str]:
+        """Stream the first sample's text as soon as it is settled (see Cutter.visible)."""
         rows = self._rows(sample)
         shown = 0
         for tokens in self.stream_tokens(self.tokenizer.encode(prompt), sample):
@@ -165,7 +166,7 @@ class LocalDecoder:
             if end > shown:
                 yield rows[0].text[shown:end]
                 shown = end
-            if all(row.done for row in rows):
+            if rows[0].done:
                 break
         rest = rows[0].result()[shown:]
         if rest:
@@ -222,7 +223,7 @@ class LocalDecoder:
         cache = self._resized_cache(cache_len)
         self._tokens, self._cache = [], None  # the cache is donated below: own it until _keep
         suffix = prompt_ids[reuse:]
-        width = min(bucket(len(suffix)), cache_len - reuse)
+        width = min(bucket(len(suffix), smallest=1), cache_len - reuse)
         padded = np.zeros((1, width), np.int32)
         padded[0, : len(suffix)] = suffix
         logits, cache = prefill(
@@ -241,10 +242,10 @@ class LocalDecoder:
     def _resized_cache(self, cache_len: int) -> KVCache:
         if self._cache is None:
             return init_cache(self.config, 1, cache_len, self.dtype)
-        have = self._cache[0].keys.shape[1]
+        have = self._cache[0].keys.shape[2]
         if have >= cache_len:
-            return jax.tree.map(lambda x: x[:, :cache_len], self._cache)
-        pad = ((0, 0), (0, cache_len - have), (0, 0), (0, 0))
+            return jax.tree.map(lambda x: x[:, :, :cache_len], self._cache)
+        pad = ((0, 0), (0, 0), (0, cache_len - have), (0, 0))
         return jax.tree.map(lambda x: jnp.pad(x, pad), self._cache)
 
     def _keep(self, state: DecodeState, prompt_ids: list[int], new: list[np.ndarray]) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes  # importing it registers bfloat16 with numpy (bf16 safetensors)
 import numpy as np
 
 from codegen_repl.errors import CheckpointError, ConfigError
@@ -208,9 +209,7 @@ def _read_torch_bin(file: Path) -> Iterator[tuple[str, np.ndarray]]:
     state = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
     for name in list(state):
         tensor = state.pop(name)
-        if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16; go through its bits
-            import ml_dtypes
-
+        if tensor.dtype == torch.bfloat16:  # torch cannot export bf16 to numpy; go by its bits
             yield name, tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
         else:
             yield name, tensor.numpy()

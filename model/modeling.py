@@ -12,9 +12,9 @@ Read top to bottom: rotary embeddings, attention, MLP, block, model. What must b
   `x + attn(ln(x)) + mlp(ln(x))`.
 - The MLP uses `gelu_new` (the tanh approximation); `lm_head` is untied and has a bias.
 
-A KV cache is optional: `None` runs plain causal attention over the given tokens (training,
-parity tests); a `KVCache` writes the new keys/values at `cache_index` and attends over every
-cached slot whose position is <= the query's position.
+The model never writes a cache: it attends to read-only `Segment`s of earlier tokens' keys
+and values (none for training; a KV cache, and the current decode chunk, for sampling) and
+returns the new tokens' keys and values for the caller to store (see sampling.py).
 """
 
 from __future__ import annotations
@@ -30,20 +30,52 @@ from codegen_repl.model.config import CodeGenConfig
 
 
 class LayerCache(NamedTuple):
-    keys: jax.Array  # [batch, max_len, heads, head_dim]
-    values: jax.Array  # [batch, max_len, heads, head_dim]
+    # Heads before slots, so attention reads the cache as it lies (no per-step transpose).
+    keys: jax.Array  # [batch, heads, slots, head_dim]
+    values: jax.Array  # [batch, heads, slots, head_dim]
 
 
 KVCache = tuple[LayerCache, ...]  # one entry per layer
+NO_POSITION = 2**30  # the position of an empty slot: later than any query, so never attended
 
 
-def init_cache(config: CodeGenConfig, batch: int, max_len: int, dtype: jnp.dtype) -> KVCache:
-    """An empty cache for `batch` sequences of up to `max_len` tokens."""
-    shape = (batch, max_len, config.num_heads, config.head_dim)
+class Segment(NamedTuple):
+    """Keys/values of earlier tokens that the new tokens attend to (read-only in the model).
+
+    Slot s holds the token at `positions[:, s]`; empty slots hold NO_POSITION.
+    """
+
+    cache: KVCache
+    positions: jax.Array  # [batch, slots] int32
+
+
+def init_cache(config: CodeGenConfig, batch: int, slots: int, dtype: jnp.dtype) -> KVCache:
+    """An empty cache for `batch` sequences of up to `slots` tokens."""
+    shape = (batch, config.num_heads, slots, config.head_dim)
     return tuple(
         LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
         for _ in range(config.num_layers)
     )
+
+
+def write_cache(cache: KVCache, new: KVCache, start: jax.Array) -> KVCache:
+    """Store keys/values [batch, heads, seq, head_dim] at slots start..start+seq-1."""
+    at = (0, 0, start, 0)
+    return tuple(
+        LayerCache(
+            jax.lax.dynamic_update_slice(old.keys, fresh.keys.astype(old.keys.dtype), at),
+            jax.lax.dynamic_update_slice(old.values, fresh.values.astype(old.values.dtype), at),
+        )
+        for old, fresh in zip(cache, new, strict=True)
+    )
+
+
+def slot_positions(batch: int, slots: int, filled: jax.Array, start: jax.Array = 0) -> jax.Array:
+    """[batch, slots] positions of a segment whose slot i holds position start + i, for the
+    first `filled` slots; the rest are empty."""
+    index = jnp.arange(slots, dtype=jnp.int32)
+    positions = jnp.where(index < filled, start + index, NO_POSITION)
+    return jnp.broadcast_to(positions, (batch, slots))
 
 
 def rotary_angles(positions: jax.Array, rotary_dim: int) -> tuple[jax.Array, jax.Array]:
@@ -73,6 +105,11 @@ def apply_rotary(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
     rotated = jnp.stack([even * cos - odd * sin, odd * cos + even * sin], axis=-1)
     rotated = rotated.reshape(x_rot.shape).astype(x.dtype)
     return jnp.concatenate([rotated, x[..., rotary_dim:]], axis=-1)
+
+
+def precision(dtype: jnp.dtype) -> jax.lax.Precision:
+    """fp32 means fp32: without HIGHEST, GPUs and TPUs run fp32 matmuls in TF32 or bf16."""
+    return jax.lax.Precision.HIGHEST if dtype == jnp.float32 else jax.lax.Precision.DEFAULT
 
 
 def attention_mask(query_positions: jax.Array, key_positions: jax.Array) -> jax.Array:
@@ -108,7 +145,10 @@ class Linear(nn.Module):
             kernel = self.param("kernel", init, shape, self.param_dtype)
         contract = (tuple(range(x.ndim - self.in_axes, x.ndim)), tuple(range(self.in_axes)))
         y = jax.lax.dot_general(
-            x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ()))
+            x.astype(self.dtype),
+            kernel.astype(self.dtype),
+            (contract, ((), ())),
+            precision=precision(self.dtype),
         )
         if self.int8:
             y = (y * scale).astype(self.dtype)
@@ -143,6 +183,13 @@ def quantize_int8(params: dict) -> dict:
 
 
 class Attention(nn.Module):
+    """Causal self-attention of the new tokens, plus attention to earlier tokens' segments.
+
+    Earlier tokens are never written here: the layer returns the new tokens' keys and values
+    and the caller stores them. (Reading a buffer and updating it in place in one XLA program
+    costs a copy of the whole buffer on CPU; keeping reads and writes apart avoids it.)
+    """
+
     config: CodeGenConfig
     int8: bool = False
     dtype: jnp.dtype = jnp.float32
@@ -150,13 +197,10 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(
-        self,
-        x: jax.Array,
-        positions: jax.Array,
-        cache: LayerCache | None,
-        cache_index: jax.Array | None,
-    ) -> tuple[jax.Array, LayerCache | None]:
-        """x: [batch, seq, hidden]; positions: [batch, seq]; cache_index: scalar int32."""
+        self, x: jax.Array, positions: jax.Array, memory: tuple[tuple[LayerCache, jax.Array], ...]
+    ) -> tuple[jax.Array, LayerCache]:
+        """x: [batch, seq, hidden]; positions: [batch, seq]; memory: (cache, slot positions)
+        pairs of this layer. Returns [batch, seq, hidden] and the new keys/values."""
         cfg = self.config
         kinds = dict(int8=self.int8, dtype=self.dtype, param_dtype=self.param_dtype)
         qkv = Linear((3, cfg.num_heads, cfg.head_dim), use_bias=False, name="qkv", **kinds)(
@@ -165,30 +209,40 @@ class Attention(nn.Module):
         query, key, value = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         sin, cos = rotary_angles(positions, cfg.rotary_dim)
         query, key = apply_rotary(query, sin, cos), apply_rotary(key, sin, cos)
+        # [batch, heads, seq, head_dim] from here on
+        query, key, value = (t.transpose(0, 2, 1, 3) for t in (query, key, value))
 
-        key_positions = positions
-        if cache is not None:
-            assert cache_index is not None
-            start = (0, cache_index, 0, 0)
-            keys = jax.lax.dynamic_update_slice(cache.keys, key.astype(cache.keys.dtype), start)
-            values = jax.lax.dynamic_update_slice(
-                cache.values, value.astype(cache.values.dtype), start
-            )
-            cache = LayerCache(keys, values)
-            key, value = keys.astype(self.dtype), values.astype(self.dtype)
-            # Slot i of the cache holds position i; slots past the query are masked out.
-            slots = jnp.arange(keys.shape[1], dtype=positions.dtype)
-            key_positions = jnp.broadcast_to(slots, (x.shape[0], keys.shape[1]))
-
-        scores = jnp.einsum(
-            "bqhd,bkhd->bhqk", query.astype(jnp.float32), key.astype(jnp.float32)
-        ) / jnp.sqrt(jnp.float32(cfg.head_dim))  # [batch, heads, q, k], fp32
-        mask = attention_mask(positions, key_positions)
-        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+        parts = [*memory, (LayerCache(key, value), positions)]
+        scores = jnp.concatenate(
+            [self._scores(query, positions, cache.keys, keys_at) for cache, keys_at in parts],
+            axis=-1,
+        )  # [batch, heads, seq, all slots], fp32
         weights = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", weights, value)  # [batch, seq, heads, head_dim]
+        out = 0
+        offset = 0
+        for cache, _ in parts:
+            slots = cache.values.shape[2]
+            part = weights[..., offset : offset + slots]
+            out = out + jnp.einsum(
+                "bhqk,bhkd->bqhd", part, cache.values.astype(self.dtype),
+                precision=precision(self.dtype),
+            )  # fmt: skip
+            offset += slots
         out = Linear((cfg.hidden_size,), in_axes=2, use_bias=False, name="out", **kinds)(out)
-        return out, cache
+        return out, LayerCache(key, value)
+
+    def _scores(
+        self, query: jax.Array, positions: jax.Array, keys: jax.Array, keys_at: jax.Array
+    ) -> jax.Array:
+        """Masked, scaled fp32 scores [batch, heads, seq, slots]."""
+        scores = jnp.einsum(
+            "bhqd,bhkd->bhqk",
+            query.astype(jnp.float32),
+            keys.astype(jnp.float32),
+            precision=jax.lax.Precision.HIGHEST,
+        ) / jnp.sqrt(jnp.float32(self.config.head_dim))
+        mask = attention_mask(positions, keys_at)
+        return jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
 
 
 class MLP(nn.Module):
@@ -213,19 +267,15 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(
-        self,
-        x: jax.Array,
-        positions: jax.Array,
-        cache: LayerCache | None,
-        cache_index: jax.Array | None,
-    ) -> tuple[jax.Array, LayerCache | None]:
+        self, x: jax.Array, positions: jax.Array, memory: tuple[tuple[LayerCache, jax.Array], ...]
+    ) -> tuple[jax.Array, LayerCache]:
         kinds = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = layer_norm(self.config, "ln", **kinds)(x)
-        attn_out, cache = Attention(self.config, self.int8, name="attn", **kinds)(
-            h, positions, cache, cache_index
+        attn_out, new_kv = Attention(self.config, self.int8, name="attn", **kinds)(
+            h, positions, memory
         )
         mlp_out = MLP(self.config, self.int8, name="mlp", **kinds)(h)
-        return x + attn_out + mlp_out, cache
+        return x + attn_out + mlp_out, new_kv
 
 
 def layer_norm(config: CodeGenConfig, name: str, **kinds: jnp.dtype) -> nn.LayerNorm:
@@ -236,7 +286,7 @@ def layer_norm(config: CodeGenConfig, name: str, **kinds: jnp.dtype) -> nn.Layer
 
 
 class CodeGen(nn.Module):
-    """CodeGenForCausalLM. Returns fp32 logits and the updated cache (None without one)."""
+    """CodeGenForCausalLM: fp32 logits, and the new tokens' keys/values for a cache."""
 
     config: CodeGenConfig
     int8: bool = False
@@ -248,31 +298,28 @@ class CodeGen(nn.Module):
         self,
         tokens: jax.Array,
         positions: jax.Array | None = None,
-        cache: KVCache | None = None,
-        cache_index: jax.Array | None = None,
-    ) -> tuple[jax.Array, KVCache | None]:
+        memory: tuple[Segment, ...] = (),
+    ) -> tuple[jax.Array, KVCache]:
         """Args:
         tokens: [batch, seq] int32 token ids.
-        positions: [batch, seq] absolute positions; default 0..seq-1 (or from cache_index).
-        cache: per-layer keys/values, [batch, max_len, heads, head_dim] each, or None.
-        cache_index: scalar int32, the cache slot of tokens[:, 0]; required with a cache.
+        positions: [batch, seq] absolute positions; default 0..seq-1.
+        memory: segments of earlier tokens' keys/values to attend to (e.g. a KV cache).
         Returns:
-            logits [batch, seq, vocab] fp32, and the new cache.
+            logits [batch, seq, vocab] fp32, and per layer the keys/values of `tokens`
+            ([batch, heads, seq, head_dim] each).
         """
         cfg = self.config
         kinds = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         if positions is None:
-            start = 0 if cache_index is None else cache_index
-            positions = start + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
-            positions = jnp.broadcast_to(positions, tokens.shape)
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
         x = nn.Embed(cfg.vocab_size, cfg.hidden_size, name="wte", **kinds)(tokens)
-        new_cache = []
+        new_kv = []
         for i in range(cfg.num_layers):
-            layer_cache = None if cache is None else cache[i]
-            x, layer_cache = Block(cfg, self.int8, name=f"block_{i}", **kinds)(
-                x, positions, layer_cache, cache_index
+            layer_memory = tuple((segment.cache[i], segment.positions) for segment in memory)
+            x, layer_kv = Block(cfg, self.int8, name=f"block_{i}", **kinds)(
+                x, positions, layer_memory
             )
-            new_cache.append(layer_cache)
+            new_kv.append(layer_kv)
         x = layer_norm(cfg, "ln_f", **kinds)(x)
         logits = Linear((cfg.vocab_size,), int8=self.int8, name="lm_head", **kinds)(x)
-        return logits.astype(jnp.float32), None if cache is None else tuple(new_cache)
+        return logits.astype(jnp.float32), tuple(new_kv)

@@ -1,14 +1,14 @@
 """Sampling over a params pytree: pure, jitted prefill and chunked decode with a KV cache.
 
 - `prefill` runs a prompt suffix (right-padded to a shape bucket, so prompt lengths inside a
-  bucket share one compilation) into the cache at `start`, and returns the logits of its last
-  real token. Slots past the real tokens receive padding keys, but every decode step writes its
-  own slot before any query can see it (slot i holds position i; queries see slots <= their
-  position), so padding never leaks into a result.
+  bucket share one compilation) after `start` cached tokens, stores its keys/values at slots
+  start.., and returns the logits of its last real token. Slots past the real tokens receive
+  padding, but a slot counts as filled only up to the current position, and each decode chunk
+  overwrites its slots before any later query can see them, so padding never leaks.
 - `decode_chunk` runs `num_steps` sampling steps on the device (one `lax.scan`) and returns the
   tokens; the host streams them and decides whether to run another chunk.
 
-Both take a `logits_fn(params, tokens, cache, cache_index) -> (logits, cache)`, so tests can
+Both take a `logits_fn(params, tokens, positions, memory) -> (logits, new_kv)`, so tests can
 drive them with a fake model. Keys are explicit: step `t` of a request uses
 `fold_in(key, t)`, so results do not depend on the chunk size.
 """
@@ -24,11 +24,19 @@ import jax
 import jax.numpy as jnp
 
 from codegen_repl.errors import ConfigError
-from codegen_repl.model.modeling import CodeGen, KVCache
+from codegen_repl.model.modeling import (
+    CodeGen,
+    KVCache,
+    LayerCache,
+    Segment,
+    slot_positions,
+    write_cache,
+)
 
 Params = Any  # a params pytree (see checkpoint.Params); a fake model may use anything
-LogitsFn = Callable[[Params, jax.Array, KVCache, jax.Array], tuple[jax.Array, KVCache]]
-MIN_BUCKET = 64
+# (params, tokens [batch, seq], positions [batch, seq], memory) -> (logits, new keys/values)
+LogitsFn = Callable[[Params, jax.Array, jax.Array, tuple[Segment, ...]], tuple[jax.Array, KVCache]]
+MIN_CACHE = 64  # the smallest cache; prefill widths go down to 1 (a new turn is often short)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,12 +108,18 @@ class DecodeState(NamedTuple):
     step: jax.Array  # scalar i32: tokens sampled so far in this request
 
 
-def bucket(length: int) -> int:
-    """The smallest power of two >= length, at least MIN_BUCKET."""
-    size = MIN_BUCKET
-    while size < length:
-        size *= 2
-    return size
+def bucket(length: int, smallest: int = MIN_CACHE) -> int:
+    """The smallest size >= length among powers of two and 1.5 times powers of two (1, 2, 3,
+    4, 6, 8, 12, 16, 24, ...), at least `smallest`: few shapes to compile, at most a third of
+    a prefill wasted on padding."""
+    target = max(length, smallest)
+    power = 1
+    while power * 2 < target:
+        power *= 2
+    for size in (power, power * 3 // 2, power * 2):
+        if size >= target:
+            return size
+    raise AssertionError("unreachable")
 
 
 def choose_tokens(logits: jax.Array, key: jax.Array, knobs: Knobs, mode: SampleMode) -> jax.Array:
@@ -140,11 +154,13 @@ def prefill(
     cache: KVCache,
     start: jax.Array,
 ) -> tuple[jax.Array, KVCache]:
-    """Run tokens [batch, bucket] (the first `length` real) into the cache at slot `start`.
-
-    Returns the logits [batch, vocab] of token `length - 1` and the cache.
-    """
-    logits, cache = logits_fn(params, tokens, cache, start)
+    """Run tokens [batch, width] (the first `length` real) after the `start` cached tokens,
+    store them at slots start.., and return the logits [batch, vocab] of token `length - 1`."""
+    batch, width = tokens.shape
+    positions = jnp.broadcast_to(start + jnp.arange(width, dtype=jnp.int32), tokens.shape)
+    cached = Segment(cache, slot_positions(batch, _slots(cache), filled=start))
+    logits, new = logits_fn(params, tokens, positions, (cached,))
+    cache = write_cache(cache, new, start)
     return jax.lax.dynamic_index_in_dim(logits, length - 1, axis=1, keepdims=False), cache
 
 
@@ -160,15 +176,34 @@ def decode_chunk(
     num_steps: int,
     mode: SampleMode,
 ) -> tuple[DecodeState, jax.Array]:
-    """Sample `num_steps` tokens per row on the device. Returns the state and [batch, steps]."""
+    """Sample `num_steps` tokens per row on the device. Returns the state and [batch, steps].
 
-    def step(state: DecodeState, _: None) -> tuple[DecodeState, jax.Array]:
-        token = choose_tokens(state.logits, jax.random.fold_in(key, state.step), knobs, mode)
-        logits, cache = logits_fn(params, token[:, None], state.cache, state.index)
-        return DecodeState(cache, logits[:, 0], state.index + 1, state.step + 1), token
+    The big cache is only read during the chunk; the chunk's own keys/values go to a small
+    buffer that is written into the cache once at the end (see modeling.Attention).
+    """
+    batch, start = state.logits.shape[0], state.index
+    cached = Segment(state.cache, slot_positions(batch, _slots(state.cache), filled=start))
+    recent = tuple(
+        LayerCache(*(jnp.zeros((*x.shape[:2], num_steps, x.shape[3]), x.dtype) for x in layer))
+        for layer in state.cache
+    )
 
-    state, tokens = jax.lax.scan(step, state, None, length=num_steps)
-    return state, tokens.T
+    def step(carry: tuple[KVCache, jax.Array], j: jax.Array) -> tuple[tuple, jax.Array]:
+        recent, logits = carry
+        token = choose_tokens(logits, jax.random.fold_in(key, state.step + j), knobs, mode)
+        chunk = Segment(recent, slot_positions(batch, num_steps, filled=j, start=start))
+        positions = jnp.full((batch, 1), start + j, jnp.int32)
+        logits, new = logits_fn(params, token[:, None], positions, (cached, chunk))
+        return (write_cache(recent, new, j), logits[:, 0]), token
+
+    steps = jnp.arange(num_steps, dtype=jnp.int32)
+    (recent, logits), tokens = jax.lax.scan(step, (recent, state.logits), steps)
+    cache = write_cache(state.cache, recent, start)
+    return DecodeState(cache, logits, start + num_steps, state.step + num_steps), tokens.T
+
+
+def _slots(cache: KVCache) -> int:
+    return cache[0].keys.shape[2]
 
 
 @functools.cache
@@ -176,12 +211,8 @@ def model_logits_fn(model: CodeGen) -> LogitsFn:
     """The logits_fn of a Flax CodeGen module (one object per module, so jit caches hit)."""
 
     def logits_fn(
-        params: Params, tokens: jax.Array, cache: KVCache, cache_index: jax.Array
+        params: Params, tokens: jax.Array, positions: jax.Array, memory: tuple[Segment, ...]
     ) -> tuple[jax.Array, KVCache]:
-        logits, new_cache = model.apply(
-            {"params": params}, tokens, cache=cache, cache_index=cache_index
-        )
-        assert new_cache is not None
-        return logits, new_cache
+        return model.apply({"params": params}, tokens, positions, memory)
 
     return logits_fn

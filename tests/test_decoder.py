@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from codegen_repl.errors import ConfigError
-from codegen_repl.model.modeling import CodeGen, init_cache
-from codegen_repl.model.sampling import SampleParams, model_logits_fn, prefill
+from codegen_repl.model.modeling import CodeGen, Segment, init_cache, slot_positions, write_cache
+from codegen_repl.model.sampling import SampleParams, decode_chunk, model_logits_fn, prefill
 from tests.conftest import decoded_ids, local_decoder
 
 CACHE_TOLERANCE = 1e-5  # fp32, relative to the logit scale; never loosened
@@ -22,19 +22,21 @@ def decoder(tiny_checkpoint, tokenizer_files):
 
 
 def test_cached_decode_logits_equal_the_full_forward(decoder) -> None:
+    """Prefill 10 tokens, then run one token at a time against the cache."""
     ids = np.random.default_rng(0).integers(0, 1003, 40)
     full, _ = decoder.model.apply({"params": decoder.params}, jnp.asarray(ids[None], jnp.int32))
     cache = init_cache(decoder.config, 1, 64, jnp.float32)
-    padded = np.zeros((1, 64), np.int32)
+    padded = np.zeros((1, 16), np.int32)
     padded[0, :10] = ids[:10]
     first, cache = prefill(
         decoder.logits_fn, decoder.params, jnp.asarray(padded), jnp.int32(10), cache, jnp.int32(0)
     )
     steps = [np.asarray(first[0])]
     for position in range(10, 39):
-        logits, cache = decoder.logits_fn(
-            decoder.params, jnp.asarray([[ids[position]]], jnp.int32), cache, jnp.int32(position)
-        )
+        memory = (Segment(cache, slot_positions(1, 64, filled=position)),)
+        token, at = jnp.asarray([[ids[position]]], jnp.int32), jnp.asarray([[position]])
+        logits, new = decoder.logits_fn(decoder.params, token, at, memory)
+        cache = write_cache(cache, new, position)
         steps.append(np.asarray(logits[0, 0]))
     reference = np.asarray(full[0, 9:39])
     error = np.abs(np.stack(steps) - reference).max() / np.abs(reference).max()
@@ -114,14 +116,17 @@ def test_undo_and_edit_fall_back_to_the_common_prefix(tiny_checkpoint, tokenizer
 
 def test_no_recompilation_inside_a_bucket(tiny_checkpoint, tokenizer_files) -> None:
     fresh = local_decoder(tiny_checkpoint, tokenizer_files)
-    decoded_ids(fresh, PROMPT[:9], SampleParams(8))
-    sizes = prefill._cache_size()
-    for length in (10, 17, 23):
-        fresh._cache = None  # cold prefills of new lengths in the same (64) bucket
+    prefill.clear_cache()
+    decode_chunk.clear_cache()
+    decoded_ids(fresh, PROMPT[:13], SampleParams(8))
+    assert (prefill._cache_size(), decode_chunk._cache_size()) == (1, 1)
+    for length in (14, 15, 16):
+        fresh._cache = None  # cold prefills of new lengths in the same (16) bucket
         decoded_ids(fresh, PROMPT[:length], SampleParams(8))
-    assert prefill._cache_size() == sizes
-    decoded_ids(fresh, PROMPT * 4, SampleParams(8))  # 92 tokens: the 128 bucket compiles
-    assert prefill._cache_size() > sizes
+    assert (prefill._cache_size(), decode_chunk._cache_size()) == (1, 1)
+    fresh._cache = None
+    decoded_ids(fresh, PROMPT, SampleParams(8))  # 23 tokens: the 24 bucket compiles
+    assert (prefill._cache_size(), decode_chunk._cache_size()) == (2, 1)
 
 
 def test_stop_string_ends_decoding_early(chat_checkpoint, tokenizer_files) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from pathlib import Path
@@ -59,6 +60,22 @@ def test_sharded_checkpoints_load(tmp_path: Path, tiny_hf, layout: str) -> None:
                 param.copy_(param.half().float())
     error = relative_error(jax_logits(tmp_path, IDS), torch_logits(reference, IDS))
     assert error < LOGIT_TOLERANCE
+
+
+def test_bfloat16_checkpoints_load(tmp_path: Path) -> None:
+    """bf16 safetensors and bf16 .bin, compared with transformers on the same bf16 weights."""
+    reference = hf_codegen(seed=3)
+    with torch.no_grad():  # round the parameters only (the rotary table stays fp32)
+        for param in reference.parameters():
+            param.copy_(param.bfloat16().float())
+    bf16 = copy.deepcopy(reference).to(torch.bfloat16)
+    bf16.save_pretrained(tmp_path / "safetensors")
+    torch.save(bf16.state_dict(), tmp_path / "pytorch_model.bin")
+    bf16.config.to_json_file(tmp_path / "config.json")
+    for folder in (tmp_path / "safetensors", tmp_path):
+        assert relative_error(jax_logits(folder, IDS), torch_logits(reference, IDS)) < (
+            LOGIT_TOLERANCE
+        )
 
 
 def test_export_round_trips_through_transformers(tmp_path: Path, tiny_checkpoint, tiny_hf):

@@ -23,14 +23,19 @@ PROBS = np.array([0.4, 0.25, 0.15, 0.1, 0.05, 0.03, 0.015, 0.005])
 LOGITS = jnp.log(jnp.asarray(PROBS, jnp.float32))
 
 
-def fake_logits_fn(params, tokens, cache, cache_index):
+def fake_logits_fn(params, tokens, positions, memory):
     """Ignores its input: every position gets LOGITS (a model with no memory)."""
     batch, seq = tokens.shape
-    return jnp.broadcast_to(LOGITS, (batch, seq, VOCAB)), cache
+    new = jnp.zeros((batch, 1, seq, 1))
+    return jnp.broadcast_to(LOGITS, (batch, seq, VOCAB)), (LayerCache(new, new),)
+
+
+def fake_cache(rows: int) -> tuple[LayerCache, ...]:
+    return (LayerCache(jnp.zeros((rows, 1, 16, 1)), jnp.zeros((rows, 1, 16, 1))),)
 
 
 def sample_many(sample: SampleParams, rows: int = 4000, steps: int = 4) -> np.ndarray:
-    cache = (LayerCache(jnp.zeros((rows, 1, 1, 1)), jnp.zeros((rows, 1, 1, 1))),)
+    cache = fake_cache(rows)
     logits = jnp.broadcast_to(LOGITS, (rows, VOCAB))
     state = DecodeState(cache, logits, jnp.int32(0), jnp.int32(0))
     _, tokens = decode_chunk(
@@ -93,7 +98,7 @@ def test_seeds_reproduce_and_differ() -> None:
 def test_steps_use_their_own_keys_whatever_the_chunking() -> None:
     sample = SampleParams(temperature=1.0, seed=5)
     one_chunk = sample_many(sample, rows=16, steps=6)
-    cache = (LayerCache(jnp.zeros((16, 1, 1, 1)), jnp.zeros((16, 1, 1, 1))),)
+    cache = fake_cache(16)
     state = DecodeState(cache, jnp.broadcast_to(LOGITS, (16, VOCAB)), jnp.int32(0), jnp.int32(0))
     pieces = []
     for steps in (2, 4):
@@ -121,8 +126,11 @@ def test_choose_tokens_greedy_per_row() -> None:
 
 
 def test_buckets() -> None:
-    assert [bucket(n) for n in (1, 64, 65, 128, 129, 2000, 2100)] == [
-        64, 64, 128, 128, 256, 2048, 4096,
+    assert [bucket(n) for n in (1, 64, 65, 97, 129, 150, 2000, 2100)] == [
+        64, 64, 96, 128, 192, 192, 2048, 3072,
+    ]  # fmt: skip
+    assert [bucket(n, smallest=1) for n in (1, 2, 3, 5, 7, 9, 13, 17, 25)] == [
+        1, 2, 3, 6, 8, 12, 16, 24, 32,
     ]  # fmt: skip
 
 

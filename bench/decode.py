@@ -1,0 +1,298 @@
+"""Decode benchmarks: codegen-repl's LocalDecoder side by side with its peers, JSON lines out.
+
+    python bench/decode.py cpu        # 350M shape, prompt 128, 64 new, batch 1 greedy
+    python bench/decode.py gpu        # 350M b1 greedy and b8 sampled, 2B and 16B b1
+    python bench/decode.py multiturn  # time to first token at turn 10 / turn 1
+    python bench/decode.py coldstart  # process start to first token, warm compilation cache
+
+Every configuration runs the project and its peers in the same process on the same machine,
+with random weights in CodeGen's shapes (bench/make_random_checkpoint.py). Nothing here is a
+test: the numbers go into the README and the issue notes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from make_random_checkpoint import make_random_checkpoint, write_tokenizer
+from peers import (
+    PeerMissing,
+    bench_ctranslate2,
+    bench_transformers,
+    convert_ctranslate2,
+    summarize,
+)
+
+from codegen_repl.context import MTPB_PREFIX, TurnText, build_context
+from codegen_repl.decoder import LocalDecoder
+from codegen_repl.model.config import CodeGenConfig
+from codegen_repl.model.modeling import CodeGen, init_cache
+from codegen_repl.model.sampling import SampleParams, bucket, prefill
+from codegen_repl.model.tokenizer import CodeGenTokenizer
+
+LABEL = os.environ.get("BENCH_LABEL", "")
+CHECKPOINTS = Path(os.environ.get("BENCH_CHECKPOINTS", Path(tempfile.gettempdir()) / "bench_ckpt"))
+
+
+def machine() -> str:
+    device = jax.devices()[0]
+    kind = device.device_kind if device.platform != "cpu" else cpu_name()
+    return f"{device.platform}: {kind} ({os.cpu_count()} cpus)"
+
+
+def cpu_name() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return next(line.split(":", 1)[1].strip() for line in lines if "model name" in line)
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def emit(record: dict) -> None:
+    label = {"label": LABEL} if LABEL else {}
+    print(json.dumps({"machine": machine(), **label, **record}), flush=True)
+
+
+def prompt_ids(length: int, seed: int = 0) -> list[int]:
+    return np.random.default_rng(seed).integers(0, 50000, length).tolist()
+
+
+def bench_project(
+    decoder: LocalDecoder, impl: str, prompt: list[int], sample: SampleParams, repeats: int
+) -> dict:
+    """Whole generations of exactly max_new_tokens (stop rules and EOS are not applied)."""
+
+    def generate(new_tokens: int) -> None:
+        decoder._cache = None  # every run starts cold, as the peers do
+        for _ in decoder.stream_tokens(prompt, replace(sample, max_new_tokens=new_tokens)):
+            pass
+
+    return summarize(impl, generate, sample.max_new_tokens, sample.n, repeats)
+
+
+def replace(sample: SampleParams, **changes: object) -> SampleParams:
+    return SampleParams(**{**vars(sample), **changes})
+
+
+def guarded(run: Callable[[], dict], impl: str) -> dict:
+    try:
+        return run()
+    except PeerMissing as missing:
+        return {"impl": impl, "skipped": str(missing)}
+
+
+# --------------------------------------------------------------------------------- cpu
+
+
+def cpu(args: argparse.Namespace) -> None:
+    folder = make_random_checkpoint(CHECKPOINTS / args.size, size=args.size)
+    prompt = prompt_ids(args.prompt)
+    setup = {"size": args.size, "prompt": args.prompt, "new_tokens": args.new, "batch": 1}
+    for int8 in (False, True):
+        decoder = LocalDecoder.load(folder, dtype="float32", int8=int8)
+        impl = f"codegen-repl {'int8' if int8 else 'fp32'}"
+        emit(setup | bench_project(decoder, impl, prompt, SampleParams(args.new), args.repeats))
+        del decoder
+    run = functools.partial(bench_transformers, folder, prompt, args.new, repeats=args.repeats)
+    emit(setup | guarded(run, "transformers fp32"))
+    for quantization, compute in ((None, "float32"), ("int8", "int8")):
+        run = functools.partial(ctranslate2_run, args, folder, prompt, quantization, compute)
+        emit(setup | guarded(run, f"ctranslate2 {compute}"))
+
+
+def ctranslate2_run(
+    args: argparse.Namespace,
+    folder: Path,
+    prompt: list[int],
+    quantization: str | None,
+    compute: str,
+) -> dict:
+    ct2 = convert_ctranslate2(folder, CHECKPOINTS / f"{args.size}-ct2-{compute}", quantization)
+    return bench_ctranslate2(ct2, prompt, args.new, compute_type=compute, repeats=args.repeats)
+
+
+# --------------------------------------------------------------------------------- gpu
+
+
+def random_params(config: CodeGenConfig, dtype: jnp.dtype, seed: int = 0) -> dict:
+    """Random weights of CodeGen's shapes, made on the device (no checkpoint round trip)."""
+    model = CodeGen(config, dtype=dtype, param_dtype=dtype)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
+    leaves, tree = jax.tree.flatten(shapes)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    made = [
+        (0.02 * jax.random.normal(key, leaf.shape, jnp.float32)).astype(leaf.dtype)
+        for key, leaf in zip(keys, leaves, strict=True)
+    ]
+    return jax.tree.unflatten(tree, made)
+
+
+def gpu(args: argparse.Namespace) -> None:
+    tokenizer = bench_tokenizer()
+    prompt = prompt_ids(args.prompt)
+    runs = [
+        (size, batch, sampled)
+        for size in ("tiny", "350M")
+        for batch, sampled in ((1, False), (8, True))
+    ]
+    runs += [("2B", 1, False), ("16B", 1, False)]
+    for size, batch, sampled in (run for run in runs if run[0] in args.sizes):
+        sampling = {"temperature": 0.2, "top_p": 0.95} if sampled else {}
+        sample = SampleParams(args.new, n=batch, **sampling)  # type: ignore[arg-type]
+        setup = {"size": size, "prompt": args.prompt, "new_tokens": args.new, "batch": batch,
+                 "sampled": sampled}  # fmt: skip
+        config = bench_config(size)
+        decoder = LocalDecoder(config, random_params(config, jnp.bfloat16), tokenizer)
+        impl = f"codegen-repl {decoder.dtype.name}"
+        emit(setup | bench_project(decoder, impl, prompt, sample, args.repeats))
+        emit(setup | prefill_time(decoder, prompt))
+        del decoder
+        if size in args.peer_sizes:
+            run = functools.partial(
+                bench_transformers, None, prompt, args.new, batch=batch, sample=sampled,
+                dtype="bfloat16", device="cuda", repeats=args.repeats, size=size,
+            )  # fmt: skip
+            emit(setup | guarded(run, "transformers bf16"))
+
+
+def prefill_time(decoder: LocalDecoder, prompt: list[int], repeats: int = 10) -> dict:
+    """Milliseconds of the jitted prefill of the whole prompt into an empty cache."""
+    width, slots = bucket(len(prompt), smallest=1), bucket(len(prompt) + decoder.chunk_size)
+    tokens = jnp.asarray([prompt + [0] * (width - len(prompt))], jnp.int32)
+    runs = []
+    for attempt in range(repeats + 1):
+        cache = init_cache(decoder.config, 1, slots, decoder.dtype)
+        jax.block_until_ready(cache)
+        start = time.perf_counter()
+        logits, cache = prefill(
+            decoder.logits_fn, decoder.params, tokens, jnp.int32(len(prompt)), cache, jnp.int32(0)
+        )
+        logits.block_until_ready()
+        if attempt:
+            runs.append(time.perf_counter() - start)
+    return {"impl": "codegen-repl prefill", "prefill_ms": 1000 * min(runs)}
+
+
+def bench_tokenizer() -> CodeGenTokenizer:
+    """A tokenizer of the real vocabulary size (byte tokens only: ids drive the benchmark)."""
+    with tempfile.TemporaryDirectory() as folder:
+        write_tokenizer(Path(folder))
+        return CodeGenTokenizer.from_dir(folder)
+
+
+def bench_config(size: str) -> CodeGenConfig:
+    return CodeGenConfig.tiny() if size == "tiny" else CodeGenConfig.preset(size)
+
+
+# --------------------------------------------------------------------------------- multi-turn
+
+
+def multiturn(args: argparse.Namespace) -> None:
+    """An MTPB-shaped session: 10 turns of about 150 tokens each (a step comment and code);
+    random weights made on the device, fp32 on CPU and bf16 elsewhere. The session runs twice
+    and the second pass is timed, so no prefill bucket compiles while being timed."""
+    config = bench_config(args.size)
+    dtype = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    decoder = LocalDecoder(config, random_params(config, dtype), bench_tokenizer())
+    for _ in range(2):
+        decoder._cache = None
+        first_token_ms, context = session_first_tokens(decoder, args.new)
+    ids = decoder.tokenizer.encode(context)
+    cold_ms = []
+    for _ in range(2):  # turn 10 without reuse: what a decoder that re-encodes history pays
+        decoder._cache = None
+        start = time.perf_counter()
+        next(decoder.stream_tokens(ids, SampleParams(args.new)))
+        cold_ms.append(1000 * (time.perf_counter() - start))
+    emit(
+        {
+            "bench": "multiturn",
+            "size": args.size,
+            "dtype": str(decoder.dtype),
+            "context_tokens": decoder.count_tokens(context),
+            "first_token_ms": [round(ms, 1) for ms in first_token_ms],
+            "turn10_over_turn1": first_token_ms[-1] / first_token_ms[0],
+            "turn10_without_reuse_ms": round(cold_ms[-1], 1),
+        }
+    )
+
+
+def session_first_tokens(decoder: LocalDecoder, new_tokens: int) -> tuple[list[float], str]:
+    """Milliseconds to the first chunk of tokens at each of 10 turns, and the last context."""
+    rng = np.random.default_rng(0)
+    words = ["value", "result", "numbers", "print", "append", "range", "for", "in", "if", "len"]
+    turns: list[TurnText] = []
+    first_token_ms = []
+    context = ""
+    for turn in range(10):
+        step = f"Step {turn}: " + " ".join(rng.choice(words, 6))
+        context = build_context(MTPB_PREFIX, turns, step)
+        start = time.perf_counter()
+        next(decoder.stream_tokens(decoder.tokenizer.encode(context), SampleParams(new_tokens)))
+        first_token_ms.append(1000 * (time.perf_counter() - start))
+        code = "\n".join(" ".join(rng.choice(words, 6)) for _ in range(3))
+        turns.append(TurnText(step, code))
+    return first_token_ms, context
+
+
+# --------------------------------------------------------------------------------- cold start
+
+
+def coldstart(args: argparse.Namespace) -> None:
+    folder = make_random_checkpoint(CHECKPOINTS / args.size, size=args.size)
+    command = [
+        str(Path(sys.executable).with_name("codegen-repl")),
+        "generate",
+        "--model",
+        str(folder),
+        "--max-new-tokens",
+        "1",
+        "def f():",
+    ]
+    times = []
+    for _ in range(2):  # the first run fills the compilation cache
+        start = time.perf_counter()
+        subprocess.run(command, check=True, capture_output=True)
+        times.append(time.perf_counter() - start)
+    emit(
+        {"bench": "coldstart", "size": args.size, "first_run_s": times[0], "warm_cache_s": times[1]}
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("what", choices=["cpu", "gpu", "multiturn", "coldstart"])
+    parser.add_argument("--size", default="350M")
+    parser.add_argument("--sizes", default="350M,2B,16B")
+    parser.add_argument("--peer-sizes", default="350M,2B,16B")
+    parser.add_argument("--prompt", type=int, default=None)
+    parser.add_argument("--new", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    gpu_run = args.what == "gpu"
+    args.prompt = args.prompt or (512 if gpu_run else 128)
+    args.new = args.new or (128 if gpu_run else 64)
+    args.sizes, args.peer_sizes = args.sizes.split(","), args.peer_sizes.split(",")
+    {"cpu": cpu, "gpu": gpu, "multiturn": multiturn, "coldstart": coldstart}[args.what](args)
+
+
+if __name__ == "__main__":
+    main()
