@@ -22,6 +22,10 @@ from codegen_repl.truncation import Cutter, truncate
         ("a = 1\n\n\nb = 2", "a = 1"),
         ("    print(1)\n    print(2)\n", "    print(1)\n    print(2)\n"),  # not top level
         ("#only a comment", ""),
+        (  # the reference example of the Session issue
+            "\nif len_a > len_b:\n    result = a\nelse:\n    result = b\n\n\n\n#",
+            "\nif len_a > len_b:\n    result = a\nelse:\n    result = b",
+        ),
     ],
 )
 def test_truncate(completion: str, expected: str) -> None:
