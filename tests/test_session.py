@@ -219,3 +219,14 @@ def test_a_huge_allocation_under_a_memory_limit(tmp_path) -> None:
         assert failed.status in {"error", "died"}
         session.step("Go on.")
         assert peek(executor, "small") == "2"
+
+
+def test_an_infinite_loop_times_out_and_the_session_goes_on(tmp_path, executor) -> None:
+    settings = SessionSettings(timeout=1.0)
+    session = Session(ScriptedDecoder("kept = 7", "while True:\n    pass", "kept += 1"), executor,
+                      settings=settings)  # fmt: skip
+    session.step("Keep seven.")
+    looped = session.step("Loop forever.")
+    assert looped.status == "timeout"
+    session.step("Add one.")
+    assert peek(executor, "kept") == "8"
