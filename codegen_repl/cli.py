@@ -15,7 +15,6 @@ DEFAULT_MODEL = "Salesforce/codegen-350M-mono"
 app = typer.Typer(
     name="codegen-repl",
     help="A local-first, multi-turn programming assistant for CodeGen models.",
-    no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
@@ -96,6 +95,50 @@ def generate(
     except KeyboardInterrupt:
         typer.echo("\ninterrupted", err=True)
         raise typer.Exit(130) from None
+
+
+RunMode = Annotated[str, typer.Option("--run", help="ask, auto or never.")]
+
+
+@app.callback(invoke_without_command=True)
+def start(ctx: typer.Context) -> None:
+    """With no command, start the chat REPL with its defaults."""
+    if ctx.invoked_subcommand is None:
+        chat()
+
+
+@app.command()
+def chat(
+    model: Annotated[str, typer.Option(help="A checkpoint folder or a hub id.")] = DEFAULT_MODEL,
+    session: Annotated[
+        Path | None, typer.Option(help="The session notebook: resumed if it exists.")
+    ] = None,
+    yes: Annotated[bool, typer.Option("--yes", help="Run every snippet (--run auto).")] = False,
+    run: RunMode = "ask",
+    temperature: Annotated[float | None, typer.Option(help="0 = greedy.")] = None,
+    top_p: Annotated[float | None, typer.Option(help="Nucleus sampling mass.")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(help="Most tokens per step.")] = None,
+    prefix: Annotated[str | None, typer.Option(help="Text before the first turn.")] = None,
+    no_prefix: Annotated[bool, typer.Option("--no-prefix", help="No import prefix.")] = False,
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16; default: auto.")] = "",
+) -> None:
+    """The multi-turn REPL: write a step, the model writes the code, the kernel runs it."""
+    from codegen_repl.repl import ChatOptions, run_chat
+
+    try:
+        options = ChatOptions(
+            model=model, session=session, run_mode="auto" if yes else run, temperature=temperature,
+            top_p=top_p, max_new_tokens=max_new_tokens, prefix="" if no_prefix else prefix,
+            dtype=dtype or None,
+        )  # fmt: skip
+        code = run_chat(options)
+    except CodeGenError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        typer.echo("\ninterrupted", err=True)
+        raise typer.Exit(130) from None
+    raise typer.Exit(code)
 
 
 @app.command()

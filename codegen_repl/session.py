@@ -152,11 +152,11 @@ class Session:
         code, seconds = self.generate(step, on_text)
         turn = Turn(step, code, sample=dataclasses.asdict(self.settings.sample))
         turn.timings["generate_s"] = round(seconds, 4)
-        return self._run_and_keep(turn, on_output, run)
+        return self.keep(turn, on_output, run)
 
     def run_code(self, code: str, on_output: OutputCallback | None = None) -> Turn:
         """A turn of code the user wrote: it runs and enters the context as code."""
-        return self._run_and_keep(Turn(None, code), on_output, run=True)
+        return self.keep(Turn(None, code), on_output, run=True)
 
     def undo(self) -> Turn | None:
         """Drop the last turn; the kernel is restored to the state before it."""
@@ -171,6 +171,10 @@ class Session:
         self, on_text: TextCallback | None = None, on_output: OutputCallback | None = None
     ) -> Turn:
         """Resample the last step from the state before it (a new seed each time)."""
+        return self.step(self.prepare_retry(), on_text, on_output)
+
+    def prepare_retry(self) -> str:
+        """Undo the last step and move to the next seed; returns the step to sample again."""
         last = self._last_step()
         self.undo()
         seed = int(last.sample.get("seed", self.settings.sample.seed)) + 1
@@ -178,7 +182,7 @@ class Session:
             self.settings, sample=dataclasses.replace(self.settings.sample, seed=seed)
         )
         assert last.step is not None
-        return self.step(last.step, on_text, on_output)
+        return last.step
 
     def edit(self, index: int, code: str, on_output: OutputCallback | None = None) -> list[Turn]:
         """Replace turn `index`'s code, then re-run it and every turn after it."""
@@ -189,7 +193,7 @@ class Session:
         self.turns = self.turns[:index]
         self._rebuild_kernel()
         for turn in later:
-            self._run_and_keep(turn, on_output, run=True)
+            self.keep(turn, on_output, run=True)
         return later
 
     def rerun_last(self, on_output: OutputCallback | None = None) -> Turn:
@@ -206,7 +210,8 @@ class Session:
                 return turn
         raise ConfigError("there is no step to retry yet")
 
-    def _run_and_keep(self, turn: Turn, on_output: OutputCallback | None, run: bool) -> Turn:
+    def keep(self, turn: Turn, on_output: OutputCallback | None = None, run: bool = True) -> Turn:
+        """Run (or, with `run` False, skip) a turn whose code is known, record it and save."""
         if run:
             turn.record(self.executor.run(turn.code, self.settings.timeout, on_output))
         else:
