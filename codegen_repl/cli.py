@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -18,6 +20,19 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Our errors as one line and exit status 2, Ctrl-C as status 130; never a traceback."""
+    try:
+        yield
+    except CodeGenError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        typer.echo("\ninterrupted", err=True)
+        raise typer.Exit(130) from None
 
 
 def default_dtype() -> str:
@@ -55,7 +70,7 @@ def generate(
     from codegen_repl.decoder import LocalDecoder, default_cache_dir
     from codegen_repl.model.sampling import SampleParams
 
-    try:
+    with user_errors():
         sample = SampleParams(
             max_new_tokens=max_new_tokens,
             temperature=temperature,
@@ -89,12 +104,6 @@ def generate(
             ends = "\n<|sample-end|>\n" if n > 1 else ""
             sys.stdout.write("".join(text + ends for text in texts))
         sys.stdout.flush()
-    except CodeGenError as error:
-        typer.echo(f"error: {error}", err=True)
-        raise typer.Exit(2) from None
-    except KeyboardInterrupt:
-        typer.echo("\ninterrupted", err=True)
-        raise typer.Exit(130) from None
 
 
 RunMode = Annotated[str, typer.Option("--run", help="ask, auto or never.")]
@@ -125,19 +134,13 @@ def chat(
     """The multi-turn REPL: write a step, the model writes the code, the kernel runs it."""
     from codegen_repl.repl import ChatOptions, run_chat
 
-    try:
+    with user_errors():
         options = ChatOptions(
             model=model, session=session, run_mode="auto" if yes else run, temperature=temperature,
             top_p=top_p, max_new_tokens=max_new_tokens, prefix="" if no_prefix else prefix,
             dtype=dtype or None,
         )  # fmt: skip
         code = run_chat(options)
-    except CodeGenError as error:
-        typer.echo(f"error: {error}", err=True)
-        raise typer.Exit(2) from None
-    except KeyboardInterrupt:
-        typer.echo("\ninterrupted", err=True)
-        raise typer.Exit(130) from None
     raise typer.Exit(code)
 
 
