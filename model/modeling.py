@@ -19,7 +19,7 @@ returns the new tokens' keys and values for the caller to store (see sampling.py
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -70,7 +70,9 @@ def write_cache(cache: KVCache, new: KVCache, start: jax.Array) -> KVCache:
     )
 
 
-def slot_positions(batch: int, slots: int, filled: jax.Array, start: jax.Array = 0) -> jax.Array:
+def slot_positions(
+    batch: int, slots: int, filled: jax.Array | int, start: jax.Array | int = 0
+) -> jax.Array:
     """[batch, slots] positions of a segment whose slot i holds position start + i, for the
     first `filled` slots; the rest are empty."""
     index = jnp.arange(slots, dtype=jnp.int32)
@@ -165,7 +167,7 @@ def quantize_int8(params: dict) -> dict:
     """
 
     def visit(tree: dict, in_axes: int) -> dict:
-        out = {}
+        out: dict[str, Any] = {}
         for name, value in tree.items():
             if isinstance(value, dict):
                 out[name] = visit(value, 2 if name == "out" else 1)  # out: [heads, hd, d]
@@ -182,18 +184,40 @@ def quantize_int8(params: dict) -> dict:
     return visit(params, 1)
 
 
-class Attention(nn.Module):
+class Layer(nn.Module):
+    """The fields every layer of the network shares (and passes on to its parts)."""
+
+    config: CodeGenConfig
+    int8: bool = False
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+
+def linear(
+    layer: Layer, features: tuple[int, ...], name: str, in_axes: int = 1, use_bias: bool = True
+) -> Linear:
+    """A Linear part of `layer` (call inside its compact method)."""
+    return Linear(
+        features, in_axes=in_axes, use_bias=use_bias, int8=layer.int8, dtype=layer.dtype,
+        param_dtype=layer.param_dtype, name=name,
+    )  # fmt: skip
+
+
+def layer_norm(layer: Layer, name: str) -> nn.LayerNorm:
+    # use_fast_variance=False: E[(x - mean)^2] as torch does, not E[x^2] - mean^2.
+    return nn.LayerNorm(
+        epsilon=layer.config.layer_norm_epsilon, use_fast_variance=False, dtype=layer.dtype,
+        param_dtype=layer.param_dtype, name=name,
+    )  # fmt: skip
+
+
+class Attention(Layer):
     """Causal self-attention of the new tokens, plus attention to earlier tokens' segments.
 
     Earlier tokens are never written here: the layer returns the new tokens' keys and values
     and the caller stores them. (Reading a buffer and updating it in place in one XLA program
     costs a copy of the whole buffer on CPU; keeping reads and writes apart avoids it.)
     """
-
-    config: CodeGenConfig
-    int8: bool = False
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(
@@ -202,8 +226,7 @@ class Attention(nn.Module):
         """x: [batch, seq, hidden]; positions: [batch, seq]; memory: (cache, slot positions)
         pairs of this layer. Returns [batch, seq, hidden] and the new keys/values."""
         cfg = self.config
-        kinds = dict(int8=self.int8, dtype=self.dtype, param_dtype=self.param_dtype)
-        qkv = Linear((3, cfg.num_heads, cfg.head_dim), use_bias=False, name="qkv", **kinds)(
+        qkv = linear(self, (3, cfg.num_heads, cfg.head_dim), "qkv", use_bias=False)(
             x
         )  # [batch, seq, 3, heads, head_dim]
         query, key, value = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
@@ -218,17 +241,16 @@ class Attention(nn.Module):
             axis=-1,
         )  # [batch, heads, seq, all slots], fp32
         weights = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        out = 0
-        offset = 0
-        for cache, _ in parts:
-            slots = cache.values.shape[2]
-            part = weights[..., offset : offset + slots]
-            out = out + jnp.einsum(
+        bounds = np.cumsum([cache.values.shape[2] for cache, _ in parts])[:-1]
+        pieces = [
+            jnp.einsum(
                 "bhqk,bhkd->bqhd", part, cache.values.astype(self.dtype),
                 precision=precision(self.dtype),
-            )  # fmt: skip
-            offset += slots
-        out = Linear((cfg.hidden_size,), in_axes=2, use_bias=False, name="out", **kinds)(out)
+            )
+            for part, (cache, _) in zip(jnp.split(weights, bounds, axis=-1), parts, strict=True)
+        ]  # fmt: skip
+        mixed = sum(pieces[1:], start=pieces[0])  # [batch, seq, heads, head_dim]
+        out = linear(self, (cfg.hidden_size,), "out", in_axes=2, use_bias=False)(mixed)
         return out, LayerCache(key, value)
 
     def _scores(
@@ -245,53 +267,30 @@ class Attention(nn.Module):
         return jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
 
 
-class MLP(nn.Module):
-    config: CodeGenConfig
-    int8: bool = False
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
-
+class MLP(Layer):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kinds = dict(int8=self.int8, dtype=self.dtype, param_dtype=self.param_dtype)
-        h = Linear((self.config.intermediate_size,), name="fc_in", **kinds)(x)
+        h = linear(self, (self.config.intermediate_size,), "fc_in")(x)
         h = jax.nn.gelu(h, approximate=True)  # gelu_new
-        return Linear((self.config.hidden_size,), name="fc_out", **kinds)(h)
+        return linear(self, (self.config.hidden_size,), "fc_out")(h)
 
 
-class Block(nn.Module):
-    config: CodeGenConfig
-    int8: bool = False
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
-
+class Block(Layer):
     @nn.compact
     def __call__(
         self, x: jax.Array, positions: jax.Array, memory: tuple[tuple[LayerCache, jax.Array], ...]
     ) -> tuple[jax.Array, LayerCache]:
-        kinds = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = layer_norm(self.config, "ln", **kinds)(x)
-        attn_out, new_kv = Attention(self.config, self.int8, name="attn", **kinds)(
+        parts = dict(config=self.config, int8=self.int8, dtype=self.dtype)
+        h = layer_norm(self, "ln")(x)
+        attn_out, new_kv = Attention(**parts, param_dtype=self.param_dtype, name="attn")(
             h, positions, memory
         )
-        mlp_out = MLP(self.config, self.int8, name="mlp", **kinds)(h)
+        mlp_out = MLP(**parts, param_dtype=self.param_dtype, name="mlp")(h)
         return x + attn_out + mlp_out, new_kv
 
 
-def layer_norm(config: CodeGenConfig, name: str, **kinds: jnp.dtype) -> nn.LayerNorm:
-    # use_fast_variance=False: E[(x - mean)^2] as torch does, not E[x^2] - mean^2.
-    return nn.LayerNorm(
-        epsilon=config.layer_norm_epsilon, use_fast_variance=False, name=name, **kinds
-    )
-
-
-class CodeGen(nn.Module):
+class CodeGen(Layer):
     """CodeGenForCausalLM: fp32 logits, and the new tokens' keys/values for a cache."""
-
-    config: CodeGenConfig
-    int8: bool = False
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(
@@ -309,17 +308,18 @@ class CodeGen(nn.Module):
             ([batch, heads, seq, head_dim] each).
         """
         cfg = self.config
-        kinds = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-        x = nn.Embed(cfg.vocab_size, cfg.hidden_size, name="wte", **kinds)(tokens)
+        x = nn.Embed(
+            cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
+            name="wte",
+        )(tokens)  # fmt: skip
         new_kv = []
         for i in range(cfg.num_layers):
             layer_memory = tuple((segment.cache[i], segment.positions) for segment in memory)
-            x, layer_kv = Block(cfg, self.int8, name=f"block_{i}", **kinds)(
-                x, positions, layer_memory
-            )
+            block = Block(cfg, self.int8, self.dtype, self.param_dtype, name=f"block_{i}")
+            x, layer_kv = block(x, positions, layer_memory)
             new_kv.append(layer_kv)
-        x = layer_norm(cfg, "ln_f", **kinds)(x)
-        logits = Linear((cfg.vocab_size,), int8=self.int8, name="lm_head", **kinds)(x)
+        x = layer_norm(self, "ln_f")(x)
+        logits = linear(self, (cfg.vocab_size,), "lm_head")(x)
         return logits.astype(jnp.float32), tuple(new_kv)

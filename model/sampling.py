@@ -104,7 +104,7 @@ class Knobs(NamedTuple):
 class DecodeState(NamedTuple):
     cache: KVCache
     logits: jax.Array  # [batch, vocab] fp32: the distribution of the next token
-    index: jax.Array  # scalar i32: the cache slot (= position) of the next token
+    position: jax.Array  # scalar i32: the position (= cache slot) of the next token
     step: jax.Array  # scalar i32: tokens sampled so far in this request
 
 
@@ -181,7 +181,7 @@ def decode_chunk(
     The big cache is only read during the chunk; the chunk's own keys/values go to a small
     buffer that is written into the cache once at the end (see modeling.Attention).
     """
-    batch, start = state.logits.shape[0], state.index
+    batch, start = state.logits.shape[0], state.position
     cached = Segment(state.cache, slot_positions(batch, _slots(state.cache), filled=start))
     recent = tuple(
         LayerCache(*(jnp.zeros((*x.shape[:2], num_steps, x.shape[3]), x.dtype) for x in layer))
