@@ -22,6 +22,8 @@ COMMANDS: dict[str, str] = {
     "/retry": "resample the last step",
     "/edit": "/edit [N] then new code on the next lines (or $EDITOR): replace turn N's code",
     "/run": "re-run the last turn",
+    "/fix": "add a step asking the model to fix the last error",
+    "/model": "/model MODEL: switch to another checkpoint folder or hub id",
     "/code": "show the whole program",
     "/context": "show what the model sees, with its token count",
     "/save": "/save [PATH.ipynb|PATH.py]: save the session (or export the program)",

@@ -27,7 +27,7 @@ from codegen_repl.render import Renderer, code_view, images_folder
 from codegen_repl.session import Session, SessionSettings, Turn
 
 if TYPE_CHECKING:
-    from codegen_repl.decoder import LocalDecoder
+    from codegen_repl.decoder import Decoder, LocalDecoder
 
 Ask = Callable[[str, str], str]  # (question, text to edit) -> answer
 RUN_QUESTION = "run it? [Enter] run · n skip · e edit: "
@@ -70,6 +70,7 @@ class Repl:
         ask: answers the run question and edits code inline.
         edit_text: opens code in an editor and returns the new text (None: cancelled).
         model_name: shown in the toolbar.
+        load_decoder: loads a model by folder or hub id, for /model.
     """
 
     def __init__(
@@ -80,8 +81,10 @@ class Repl:
         ask: Ask = plain_ask,
         edit_text: Callable[[str], str | None] | None = None,
         model_name: str = "",
+        load_decoder: Callable[[str], Decoder] | None = None,
     ) -> None:
         self.session, self.console, self.ask = session, console, ask
+        self.load_decoder = load_decoder or _load_local_decoder
         self.run_mode, self.model_name = run_mode, model_name
         self.edit_text = edit_text or _click_edit
         self.renderer = Renderer(console, images_folder(session.path))
@@ -146,6 +149,8 @@ class Repl:
             "retry": self._retry,
             "edit": self._edit,
             "run": self._rerun,
+            "fix": lambda _: self._step(self.session.fix_step()),
+            "model": self._model,
             "code": self._show_program,
             "context": self._context,
             "save": self._save,
@@ -282,6 +287,14 @@ class Repl:
             raise ConfigError("this session has no file; use /save PATH.ipynb or PATH.py")
         self.console.print(f"saved to {self.session.save(path)}", markup=False)
 
+    def _model(self, argument: str) -> None:
+        """Load another model; the session, its kernel and its turns stay."""
+        if not argument:
+            raise ConfigError("/model needs a checkpoint folder or a hub id")
+        self.session.decoder = self.load_decoder(argument)
+        self.model_name = argument
+        self.console.print(f"model: {argument}")
+
     def _load(self, argument: str) -> None:
         if not argument:
             raise ConfigError("use /load PATH.ipynb")
@@ -312,6 +325,12 @@ class Repl:
 
 def _setting_value(settings: SessionSettings, key: str) -> object:
     return settings.timeout if key == "timeout" else getattr(settings.sample, key)
+
+
+def _load_local_decoder(model: str) -> Decoder:
+    from codegen_repl.decoder import LocalDecoder, default_cache_dir
+
+    return LocalDecoder.load(model, compilation_cache=default_cache_dir() / "jax")
 
 
 def _click_edit(code: str) -> str | None:

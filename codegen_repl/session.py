@@ -202,6 +202,15 @@ class Session:
             raise ConfigError("there is no turn to run yet")
         return self.edit(len(self.turns) - 1, last.code, on_output)[0]
 
+    def fix_step(self) -> str:
+        """A step that asks for a fix of the last error, quoting its last traceback line."""
+        for turn in reversed(self.turns):
+            errors = [o for o in turn.outputs if o.get("output_type") == "error"]
+            if errors:
+                error = errors[-1]
+                return f"Fix the error: {error.get('ename', 'Error')}: {error.get('evalue', '')}"
+        raise ConfigError("no turn has an error to fix")
+
     def _last_step(self) -> Turn:
         for turn in reversed(self.turns):
             if turn.step is not None:

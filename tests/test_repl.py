@@ -270,3 +270,26 @@ def test_run_reset_and_load(tmp_path, executor) -> None:
     assert [t.step for t in repl.session.turns] == ["Set n."]
     repl.handle("!print(n)")
     assert out.getvalue().endswith("1\n") and f"loaded {first}: 1 turns" in out.getvalue()
+
+
+def test_fix_asks_for_a_fix_of_the_last_error(tmp_path, executor) -> None:
+    repl, out = make_repl(tmp_path, executor, "total = 1 / 0", "total = 1")
+    repl.handle("/fix")
+    assert "no turn has an error to fix" in out.getvalue()
+    repl.handle("Divide.")
+    repl.handle("/fix")
+    prompt = repl.session.decoder.prompts[-1]
+    assert prompt.endswith("# Fix the error: ZeroDivisionError: division by zero\n")
+    assert repl.session.turns[-1].status == "ok"
+
+
+def test_model_switches_the_decoder(tmp_path, executor) -> None:
+    repl, out = make_repl(tmp_path, executor, "a = 1")
+    replacement = ScriptedDecoder("b = 2")
+    repl.load_decoder = lambda model: replacement
+    repl.handle("/model other/model")
+    assert repl.session.decoder is replacement and repl.model_name == "other/model"
+    repl.handle("Set b.")
+    assert repl.session.turns[-1].code == "b = 2"
+    repl.handle("/model")
+    assert "/model needs a checkpoint folder or a hub id" in out.getvalue()
