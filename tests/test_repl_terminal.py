@@ -1,0 +1,65 @@
+"""The installed `codegen-repl` in a real pseudo-terminal (pexpect): what a person types."""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+pexpect = pytest.importorskip("pexpect", reason="pexpect is in the test extra")
+SCRIPT = str(Path(sys.executable).with_name("codegen-repl"))
+WAIT = 120  # a cold start imports JAX and compiles the tiny model on a 2-core machine
+
+
+def spawn(*args: str, cwd: Path) -> pexpect.spawn:
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "TERM": "xterm",
+        "HF_HUB_OFFLINE": "1",
+        "CODEGEN_REPL_DATA": str(cwd / "data"),
+        "CODEGEN_REPL_CACHE": str(cwd / "cache"),
+    }
+    child = pexpect.spawn(SCRIPT, list(args), cwd=str(cwd), env=env, encoding="utf-8",
+                          dimensions=(40, 120), timeout=WAIT)  # fmt: skip
+    child.expect("Ctrl-D leaves")
+    return child
+
+
+def test_a_session_in_a_terminal(tmp_path: Path, chat_checkpoint: Path) -> None:
+    session = tmp_path / "s.ipynb"
+    args = ["chat", "--model", str(chat_checkpoint), "--session", str(session), "--yes"]
+    child = spawn(*args, cwd=tmp_path)
+    child.sendline("!x = 41")
+    child.sendline("!print(x + 1)")
+    child.expect("42")
+    child.sendline("!print('looping', flush=True); exec('while True: pass')")
+    child.expect("looping\r\n")  # the cell is running: Ctrl-C now goes to the cell
+    child.sendcontrol("c")
+    child.expect(r"\[interrupted\]")
+    child.sendline("!print('still', x)")
+    child.expect("still 41")
+    child.sendline("/undo")
+    child.expect("undone")
+    child.sendline(f"/save {tmp_path / 'program.py'}")
+    child.expect("saved to")
+    child.expect(">>>")  # Ctrl-D at the prompt (typed earlier, the terminal would drop it)
+    child.sendcontrol("d")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    assert "x = 41" in (tmp_path / "program.py").read_text()
+
+    again = spawn(*args, cwd=tmp_path)  # resume: the turns are shown again
+    shown = re.sub(r"\x1b\[[0-9;]*m", "", again.before)
+    assert "x = 41" in shown and "looping" in shown
+    again.sendline("!print(x * 2)")
+    again.expect("82")
+    again.expect(">>>")
+    again.sendcontrol("d")
+    again.expect(pexpect.EOF)
+    again.close()
+    assert again.exitstatus == 0
