@@ -29,6 +29,9 @@ def spawn(*args: str, cwd: Path) -> pexpect.spawn:
     return child
 
 
+# pexpect forks to open the pseudo-terminal and execs the command at once, so JAX's threads in
+# this test process (loaded by other tests) cannot deadlock the child.
+@pytest.mark.filterwarnings("ignore:os.fork\\(\\) was called:RuntimeWarning")
 def test_a_session_in_a_terminal(tmp_path: Path, chat_checkpoint: Path) -> None:
     session = tmp_path / "s.ipynb"
     args = ["chat", "--model", str(chat_checkpoint), "--session", str(session), "--yes"]
