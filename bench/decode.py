@@ -13,6 +13,7 @@ test: the numbers go into the README and the issue notes.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import os
@@ -80,14 +81,11 @@ def bench_project(
 
     def generate(new_tokens: int) -> None:
         decoder._cache = None  # every run starts cold, as the peers do
-        for _ in decoder.stream_tokens(prompt, replace(sample, max_new_tokens=new_tokens)):
+        run = dataclasses.replace(sample, max_new_tokens=new_tokens)
+        for _ in decoder.stream_tokens(prompt, run):
             pass
 
     return summarize(impl, generate, sample.max_new_tokens, sample.n, repeats)
-
-
-def replace(sample: SampleParams, **changes: object) -> SampleParams:
-    return SampleParams(**{**vars(sample), **changes})
 
 
 def guarded(run: Callable[[], dict], impl: str) -> dict:

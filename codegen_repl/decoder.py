@@ -195,13 +195,12 @@ class LocalDecoder:
         key, knobs, mode = jax.random.key(sample.seed), sample.knobs(), sample.mode
         new: list[np.ndarray] = []
         try:
-            while sum(chunk.shape[1] for chunk in new) < sample.max_new_tokens:
+            for done in range(0, sample.max_new_tokens, self.chunk_size):
                 state, tokens = decode_chunk(
                     self.logits_fn, self.params, state, key, knobs, self.chunk_size, mode
                 )
                 new.append(np.asarray(tokens))
-                left = sample.max_new_tokens - sum(chunk.shape[1] for chunk in new[:-1])
-                yield new[-1][:, :left]
+                yield new[-1][:, : sample.max_new_tokens - done]
         finally:
             self._keep(state, prompt_ids, new)
 
