@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 
+from codegen_repl import cli_benchmarks, cli_kernel, cli_serve, cli_train
 from codegen_repl.errors import CodeGenError
 
 DEFAULT_MODEL = "Salesforce/codegen-350M-mono"
@@ -150,6 +151,10 @@ def version() -> None:
     from codegen_repl import __version__
 
     typer.echo(__version__)
+
+
+for _commands in (cli_serve, cli_benchmarks, cli_kernel, cli_train):
+    _commands.register(app)
 
 
 def main() -> None:

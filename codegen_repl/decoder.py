@@ -62,6 +62,25 @@ def enable_compilation_cache(path: Path) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
+def open_decoder(
+    model: str | Path,
+    *,
+    server: str | None = None,
+    api_key: str | None = None,
+    dtype: str | None = None,
+    int8: bool = False,
+) -> Decoder:
+    """The decoder a front end asked for: a decoder server's when `server` is a URL (then
+    `model` names the served model to ask for), else `model` loaded in this process."""
+    if server:
+        from codegen_repl.remote import RemoteDecoder
+
+        return RemoteDecoder(server, api_key=api_key, model=str(model) if model else None)
+    return LocalDecoder.load(
+        model, dtype=dtype, int8=int8, compilation_cache=default_cache_dir() / "jax"
+    )
+
+
 @dataclasses.dataclass
 class _Row:
     """One sample's tokens and text, and whether a stop rule has ended it."""

@@ -1,0 +1,9 @@
+"""Command-line commands: mtpb and humaneval (issue 8). Heavy imports stay inside the commands."""
+
+from __future__ import annotations
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    """Add this module's commands to the `codegen-repl` app."""
