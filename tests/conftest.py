@@ -181,3 +181,11 @@ def local_decoder(checkpoint: Path, tokenizer_folder: Path, **options: object):
 def decoded_ids(decoder, prompt: list[int], sample) -> list[list[int]]:
     """All new token ids per row, exactly max_new_tokens each."""
     return np.concatenate(list(decoder.stream_tokens(prompt, sample)), axis=1).tolist()
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny CodeGen trained here to write `tests.trained.PAIRS[step]` for each step."""
+    from tests.trained import build_trained_checkpoint
+
+    return build_trained_checkpoint(tmp_path_factory.mktemp("trained"))
