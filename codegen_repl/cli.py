@@ -6,14 +6,15 @@ import contextlib
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 import typer
 
 from codegen_repl import cli_benchmarks, cli_kernel, cli_serve, cli_train
 from codegen_repl.errors import CodeGenError
+from codegen_repl.userconfig import DEFAULT_MODEL
 
-DEFAULT_MODEL = "Salesforce/codegen-350M-mono"
+T = TypeVar("T")
 
 app = typer.Typer(
     name="codegen-repl",
@@ -107,7 +108,10 @@ def generate(
         sys.stdout.flush()
 
 
-RunMode = Annotated[str, typer.Option("--run", help="ask, auto or never.")]
+RunMode = Annotated[str | None, typer.Option("--run", help="ask, auto or never.")]
+ApiKey = Annotated[
+    str | None, typer.Option(envvar="CODEGEN_API_KEY", help="The decoder server's API key.")
+]
 
 
 @app.callback(invoke_without_command=True)
@@ -119,30 +123,93 @@ def start(ctx: typer.Context) -> None:
 
 @app.command()
 def chat(
-    model: Annotated[str, typer.Option(help="A checkpoint folder or a hub id.")] = DEFAULT_MODEL,
+    model: Annotated[
+        str | None, typer.Option(help="A checkpoint folder or a hub id (with --server: its name).")
+    ] = None,
+    server: Annotated[str | None, typer.Option(help="A decoder server's URL.")] = None,
+    api_key: ApiKey = None,
     session: Annotated[
         Path | None, typer.Option(help="The session notebook: resumed if it exists.")
     ] = None,
     yes: Annotated[bool, typer.Option("--yes", help="Run every snippet (--run auto).")] = False,
-    run: RunMode = "ask",
+    run: RunMode = None,
     temperature: Annotated[float | None, typer.Option(help="0 = greedy.")] = None,
     top_p: Annotated[float | None, typer.Option(help="Nucleus sampling mass.")] = None,
     max_new_tokens: Annotated[int | None, typer.Option(help="Most tokens per step.")] = None,
     prefix: Annotated[str | None, typer.Option(help="Text before the first turn.")] = None,
     no_prefix: Annotated[bool, typer.Option("--no-prefix", help="No import prefix.")] = False,
-    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16; default: auto.")] = "",
+    dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16.")] = None,
 ) -> None:
-    """The multi-turn REPL: write a step, the model writes the code, the kernel runs it."""
+    """The multi-turn REPL: write a step, the model writes the code, the kernel runs it.
+
+    Defaults come from config.toml (see `codegen-repl config path`); options override it."""
     from codegen_repl.repl import ChatOptions, run_chat
+    from codegen_repl.userconfig import UserConfig
 
     with user_errors():
+        config = UserConfig.load()
         options = ChatOptions(
-            model=model, session=session, run_mode="auto" if yes else run, temperature=temperature,
-            top_p=top_p, max_new_tokens=max_new_tokens, prefix="" if no_prefix else prefix,
-            dtype=dtype or None,
-        )  # fmt: skip
+            model=model or config.model or ("" if server or config.server else DEFAULT_MODEL),
+            server=server or config.server,
+            api_key=api_key,
+            session=session,
+            run_mode="auto" if yes else run or config.run,
+            temperature=_first(temperature, config.temperature),
+            top_p=_first(top_p, config.top_p),
+            max_new_tokens=_first(max_new_tokens, config.max_new_tokens),
+            prefix="" if no_prefix else _first(prefix, config.prefix),
+            dtype=dtype or config.dtype,
+            theme=config.theme,
+            images=config.images,
+        )
         code = run_chat(options)
     raise typer.Exit(code)
+
+
+def _first(given: T | None, configured: T | None) -> T | None:
+    return configured if given is None else given
+
+
+config_app = typer.Typer(help="The user's config.toml: defaults for the REPL and the kernel.")
+app.add_typer(config_app, name="config")
+
+
+@config_app.command("path")
+def config_path() -> None:
+    """Print where config.toml is read from."""
+    from codegen_repl.userconfig import config_path
+
+    typer.echo(str(config_path()))
+
+
+@config_app.command("show")
+def config_show() -> None:
+    """Print the settings in effect (config.toml over the defaults)."""
+    import dataclasses
+
+    from codegen_repl.userconfig import UserConfig
+
+    with user_errors():
+        config = UserConfig.load()
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        typer.echo(f"{field.name} = {value!r}" if value is not None else f"{field.name}: not set")
+
+
+@config_app.command("init")
+def config_init(
+    force: Annotated[bool, typer.Option(help="Overwrite an existing file.")] = False,
+) -> None:
+    """Write a config.toml with every key documented (commented out)."""
+    from codegen_repl import userconfig
+
+    path = userconfig.config_path()
+    if path.exists() and not force:
+        typer.echo(f"error: {path} exists; edit it, or pass --force to overwrite it", err=True)
+        raise typer.Exit(2)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(userconfig.template(), encoding="utf-8")
+    typer.echo(str(path))
 
 
 @app.command()

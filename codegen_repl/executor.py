@@ -189,6 +189,13 @@ class Executor:
         return process is not None and process.poll() is None
 
     @property
+    def connection_info(self) -> dict[str, Any] | None:
+        """The running kernel's ports and key, for a second client of its own (completion and
+        inspection requests beside a run); None when no kernel runs. A restart changes it."""
+        manager = self._manager
+        return None if manager is None else dict(manager.get_connection_info())
+
+    @property
     def history(self) -> tuple[str, ...]:
         """Code of the successful runs since the last start or restart, replays included."""
         return tuple(self._history)

@@ -1,14 +1,16 @@
 """Showing code and its outputs in the terminal, through an injected `rich.Console`.
 
-Outputs are nbformat v4 dicts as the executor produces them. Images cannot be trusted to
-display in every terminal, so each PNG is saved beside the session
-(`<session stem>_images/turn<N>_<k>.png`) and its path is printed.
+Outputs are nbformat v4 dicts as the executor produces them. Each PNG is saved beside the
+session (`<session stem>_images/turn<N>_<k>.png`) and its path is printed; it is also drawn in
+the terminal (textual-image: Kitty's graphics protocol or Sixel where the terminal answers that it
+has them, coloured half blocks elsewhere), unless `images="off"`.
 """
 
 from __future__ import annotations
 
 import base64
 import html
+import io
 import re
 from pathlib import Path
 
@@ -17,14 +19,15 @@ from rich.syntax import Syntax
 from rich.text import Text
 
 THEME = "monokai"
+IMAGE_WIDTH = 60  # terminal cells; the saved file keeps the full resolution
 _TAG = re.compile(r"<[^>]+>")
 _BLOCK_END = re.compile(r"</(tr|p|div|h\d|li|table|thead|tbody)>|<br\s*/?>", re.IGNORECASE)
 _CELL_END = re.compile(r"</t[dh]>", re.IGNORECASE)
 
 
-def code_view(code: str) -> Syntax:
-    """Python source, highlighted."""
-    return Syntax(code, "python", theme=THEME, background_color="default", word_wrap=True)
+def code_view(code: str, theme: str = THEME) -> Syntax:
+    """Python source, highlighted with a pygments style."""
+    return Syntax(code, "python", theme=theme, background_color="default", word_wrap=True)
 
 
 def html_to_text(markup: str) -> str:
@@ -47,11 +50,20 @@ class Renderer:
     """Prints code and outputs; saves PNG outputs under `images` (None: not saved).
 
     Call `begin_turn(n)` before a turn's outputs arrive, so images get their turn number.
+    `show_images`: "auto" (draw in the terminal when the console is one), "kitty", "sixel",
+    "halfcell" (draw that way even into a file), or "off".
     """
 
-    def __init__(self, console: Console, images: Path | None = None) -> None:
+    def __init__(
+        self,
+        console: Console,
+        images: Path | None = None,
+        theme: str = THEME,
+        show_images: str = "auto",
+    ) -> None:
         self.console = console
         self.images = images
+        self.theme, self.show_images = theme, show_images
         self.turn_number = 0
         self._image_count = 0
         self._open_line = False  # a stream chunk left the cursor mid-line
@@ -60,7 +72,10 @@ class Renderer:
         self.turn_number, self._image_count = number, 0
 
     def code(self, code: str) -> None:
-        self.console.print(code_view(code))
+        self.console.print(self.code_view(code))
+
+    def code_view(self, code: str) -> Syntax:
+        return code_view(code, self.theme)
 
     def outputs(self, outputs: list[dict]) -> None:
         for output in outputs:
@@ -107,13 +122,37 @@ class Renderer:
 
     def _image(self, encoded: str) -> None:
         self._image_count += 1
+        png = base64.b64decode(encoded)
+        self._draw(png)
         if self.images is None:
             self.console.print("[image/png: not saved, this session has no file]", markup=False)
             return
         self.images.mkdir(parents=True, exist_ok=True)
         path = self.images / f"turn{self.turn_number}_{self._image_count}.png"
-        path.write_bytes(base64.b64decode(encoded))
+        path.write_bytes(png)
         self.console.print(Text(f"[image saved: {path}]", style="cyan"))
+
+    def _draw(self, png: bytes) -> None:
+        """The image itself, in the terminal; a picture that cannot be drawn is only saved."""
+        if self.show_images == "off" or (
+            self.show_images == "auto" and not self.console.is_terminal
+        ):
+            return
+        try:
+            image = terminal_image(self.show_images)(io.BytesIO(png), width=IMAGE_WIDTH)
+            self.console.print(image)
+        except Exception as error:  # a broken PNG or an odd terminal must not end the turn
+            self.console.print(Text(f"[image not drawn: {error}]", style="dim"))
+
+
+def terminal_image(mode: str) -> type:
+    """textual-image's renderable for a mode. "auto" asks the terminal what it supports (once,
+    on first use: the import sends the queries)."""
+    from textual_image import renderable
+
+    classes = {"kitty": renderable.TGPImage, "sixel": renderable.SixelImage,
+               "halfcell": renderable.HalfcellImage}  # fmt: skip
+    return classes.get(mode, renderable.Image)
 
 
 def _joined(value: str | list[str]) -> str:

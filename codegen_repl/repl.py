@@ -23,14 +23,15 @@ from rich.text import Text
 
 from codegen_repl.commands import apply_setting, help_text, parse, parse_edit, unknown_text
 from codegen_repl.errors import CodeGenError, ConfigError
-from codegen_repl.render import Renderer, code_view, images_folder
+from codegen_repl.render import THEME, Renderer, images_folder
 from codegen_repl.session import Session, SessionSettings, Turn
 
 if TYPE_CHECKING:
-    from codegen_repl.decoder import Decoder, LocalDecoder
+    from codegen_repl.decoder import Decoder
 
 Ask = Callable[[str, str], str]  # (question, text to edit) -> answer
 RUN_QUESTION = "run it? [Enter] run · n skip · e edit: "
+KEEP_QUESTION = "keep the partial code? k keep · [Enter] drop: "
 
 
 def plain_ask(question: str, default: str = "") -> str:
@@ -71,6 +72,7 @@ class Repl:
         edit_text: opens code in an editor and returns the new text (None: cancelled).
         model_name: shown in the toolbar.
         load_decoder: loads a model by folder or hub id, for /model.
+        renderer: shows code and outputs (default: one on `console`, images beside the session).
     """
 
     def __init__(
@@ -82,12 +84,13 @@ class Repl:
         edit_text: Callable[[str], str | None] | None = None,
         model_name: str = "",
         load_decoder: Callable[[str], Decoder] | None = None,
+        renderer: Renderer | None = None,
     ) -> None:
         self.session, self.console, self.ask = session, console, ask
         self.load_decoder = load_decoder or _load_local_decoder
         self.run_mode, self.model_name = run_mode, model_name
         self.edit_text = edit_text or _click_edit
-        self.renderer = Renderer(console, images_folder(session.path))
+        self.renderer = renderer or Renderer(console, images_folder(session.path))
         self._counted: tuple[str, int] = ("", 0)
         apply_setting(session.settings, "ask", f"run={run_mode}")  # validates the mode
 
@@ -179,23 +182,37 @@ class Repl:
         """Stream the step's code live; None when Ctrl-C stopped it."""
         pieces: list[str] = []
         try:
-            with Live(code_view(""), console=self.console, refresh_per_second=15,
+            with Live(self.renderer.code_view(""), console=self.console, refresh_per_second=15,
                       vertical_overflow="visible") as live:  # fmt: skip
 
                 def show(piece: str) -> None:
                     pieces.append(piece)
-                    live.update(code_view("".join(pieces)))
+                    live.update(self.renderer.code_view("".join(pieces)))
 
                 code, _ = self.session.generate(step, on_text=show)
-                live.update(code_view(code))
+                live.update(self.renderer.code_view(code))
         except KeyboardInterrupt:
-            self.console.print(Text("generation stopped; the partial code was dropped", "yellow"))
-            return None
+            return self._keep_partial("".join(pieces))
         if self.session.warning:
             self.console.print(Text(self.session.warning, style="yellow"))
         if not code.strip():
             self.console.print(Text("(the model wrote no code)", style="dim"))
         return code
+
+    def _keep_partial(self, partial: str) -> str | None:
+        """After Ctrl-C stopped generation: the partial code, if the user keeps it."""
+        if not partial.strip():
+            self.console.print(Text("generation stopped", style="yellow"))
+            return None
+        self.console.print(Text("generation stopped; the partial code is above", style="yellow"))
+        try:
+            answer = self.ask(KEEP_QUESTION, "").strip().lower()
+        except (KeyboardInterrupt, EOFError):
+            answer = ""
+        if answer in ("k", "keep", "y", "yes"):
+            return partial.rstrip() + "\n"
+        self.console.print(Text("dropped", style="dim"))
+        return None
 
     def _decide(self, code: str) -> tuple[bool, str]:
         """The run policy: whether to run, and the code to keep (maybe edited)."""
@@ -267,10 +284,11 @@ class Repl:
 
     def _show_program(self, _: str) -> None:
         program = self.session.program()
-        self.console.print(code_view(program) if program.strip() else "(the program is empty)")
+        empty = "(the program is empty)"
+        self.console.print(self.renderer.code_view(program) if program.strip() else empty)
 
     def _context(self, _: str) -> None:
-        self.console.print(code_view(self.session.program()))
+        self.console.print(self.renderer.code_view(self.session.program()))
         sample = self.session.settings.sample
         self.console.print(
             Text(
@@ -404,9 +422,12 @@ def prompt_ask(question: str, default: str = "") -> str:
 
 @dataclasses.dataclass(frozen=True)
 class ChatOptions:
-    """What `codegen-repl chat` was asked for; None leaves a setting as the session has it."""
+    """What `codegen-repl chat` was asked for (config.toml merged in by the CLI); None leaves a
+    setting as the session has it."""
 
     model: str
+    server: str | None = None
+    api_key: str | None = None
     session: Path | None = None
     run_mode: str = "ask"
     temperature: float | None = None
@@ -414,10 +435,18 @@ class ChatOptions:
     max_new_tokens: int | None = None
     prefix: str | None = None
     dtype: str | None = None
+    theme: str = THEME
+    images: str = "auto"
 
     def __post_init__(self) -> None:
         apply_setting(SessionSettings(), "ask", f"run={self.run_mode}")
         self.apply(SessionSettings())  # a bad value fails before the model loads
+
+    def open_decoder(self, model: str) -> Decoder:
+        """`model` in this process, or asked of the server when there is one."""
+        from codegen_repl.decoder import open_decoder
+
+        return open_decoder(model, server=self.server, api_key=self.api_key, dtype=self.dtype)
 
     def apply(self, settings: SessionSettings) -> SessionSettings:
         given = {"temperature": self.temperature, "top_p": self.top_p,
@@ -438,16 +467,13 @@ def run_chat(options: ChatOptions, console: Console | None = None) -> int:
     """Load the model, start the kernel, open or create the session, run the REPL.
 
     CodeGenErrors (no model, a bad session file) propagate for the CLI to report."""
-    from codegen_repl.decoder import LocalDecoder, default_cache_dir
     from codegen_repl.executor import Executor, ExecutorConfig
 
     console = console or Console()
-    decoder = LocalDecoder.load(
-        options.model, dtype=options.dtype, compilation_cache=default_cache_dir() / "jax"
-    )
+    decoder = options.open_decoder(options.model)
     path = (options.session or new_session_path(Path.cwd())).expanduser().resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
-    show_banner(console, options.model, decoder, path)
+    show_banner(console, options, decoder, path)
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
     with Executor(ExecutorConfig(cwd=path.parent)) as executor:
         resumed = path.exists()
@@ -455,7 +481,11 @@ def run_chat(options: ChatOptions, console: Console | None = None) -> int:
         session.path, session.settings = path, options.apply(session.settings)
         session.save()
         ask = prompt_ask if interactive else plain_ask
-        repl = Repl(session, console, options.run_mode, ask=ask, model_name=options.model)
+        renderer = Renderer(console, images_folder(path), options.theme, options.images)
+        repl = Repl(
+            session, console, options.run_mode, ask=ask, model_name=options.model,
+            load_decoder=options.open_decoder, renderer=renderer,
+        )  # fmt: skip
         if resumed:
             repl.show_turns(session.turns, 0)
         console.print(Text("type a step, !code, or /help; Ctrl-D leaves", style="dim"))
@@ -463,17 +493,18 @@ def run_chat(options: ChatOptions, console: Console | None = None) -> int:
     return 0
 
 
-def show_banner(console: Console, model: str, decoder: LocalDecoder, path: Path) -> None:
-    import jax
+def show_banner(console: Console, options: ChatOptions, decoder: Decoder, path: Path) -> None:
+    from codegen_repl.decoder import LocalDecoder
 
-    count = sum(int(leaf.size) for leaf in jax.tree_util.tree_leaves(decoder.params))
-    device = jax.devices()[0]
-    kind = getattr(device, "device_kind", "") or device.platform
-    console.print(Text("codegen-repl", style="bold"), Text(f"· {model}", style="cyan"))
-    console.print(
-        Text(
-            f"{count / 1e6:,.1f}M parameters · {device.platform.upper()} ({kind}) · "
-            f"{decoder.dtype} · session {path}",
-            style="dim",
-        )
-    )
+    console.print(Text("codegen-repl", style="bold"), Text(f"· {options.model}", style="cyan"))
+    if isinstance(decoder, LocalDecoder):
+        import jax
+
+        count = sum(int(leaf.size) for leaf in jax.tree_util.tree_leaves(decoder.params))
+        device = jax.devices()[0]
+        kind = getattr(device, "device_kind", "") or device.platform
+        where = f"{count / 1e6:,.1f}M parameters · {device.platform.upper()} ({kind}) · "
+        where += f"{decoder.dtype}"
+    else:
+        where = f"server {options.server} · context {decoder.max_context} tokens"
+    console.print(Text(f"{where} · session {path}", style="dim"))

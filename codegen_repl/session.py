@@ -127,7 +127,8 @@ class Session:
     # ------------------------------------------------------------------------- turns
 
     def generate(self, step: str, on_text: TextCallback | None = None) -> tuple[str, float]:
-        """The code for `step` (truncated by CodeGen's rules) and the seconds it took."""
+        """The code for `step` (truncated by CodeGen's rules, without the blank lines the cut
+        leaves: the context adds its own) and the seconds it took."""
         sample = dataclasses.replace(self.settings.sample, codegen_rules=True, n=1)
         start = self._clock()
         pieces = []
@@ -135,7 +136,7 @@ class Session:
             pieces.append(piece)
             if on_text:
                 on_text(piece)
-        return "".join(pieces), self._clock() - start
+        return "".join(pieces).rstrip(), self._clock() - start
 
     def step(
         self,

@@ -189,3 +189,10 @@ def trained_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tests.trained import build_trained_checkpoint
 
     return build_trained_checkpoint(tmp_path_factory.mktemp("trained"))
+
+
+@pytest.fixture(autouse=True)
+def no_user_config(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
+    """Tests (and the commands they start) never read the developer's own config.toml."""
+    folder = tmp_path_factory.getbasetemp() / "no-user-config"
+    monkeypatch.setenv("CODEGEN_REPL_CONFIG", str(folder / "config.toml"))

@@ -242,18 +242,55 @@ def test_offline_default_model_and_bad_run_mode(tmp_path: Path) -> None:
 
 
 class InterruptedDecoder(ScriptedDecoder):
-    """Streams half a snippet, then the user presses Ctrl-C."""
+    """Streams part of a snippet, then the user presses Ctrl-C."""
 
     def generate(self, prompt, sample):  # type: ignore[no-untyped-def]
-        yield "x = "
+        yield "x = 1\n"
+        yield "y = "
         raise KeyboardInterrupt
 
 
-def test_ctrl_c_during_generation_returns_to_the_prompt(tmp_path, executor) -> None:
-    repl, out = make_repl(tmp_path, executor)
+def test_ctrl_c_during_generation_drops_the_partial_code_by_default(tmp_path, executor) -> None:
+    repl, out = make_repl(tmp_path, executor, answers=("",))
     repl.session.decoder = InterruptedDecoder()
     assert repl.handle("Assign x.")
-    assert "generation stopped" in out.getvalue() and repl.session.turns == []
+    assert "generation stopped; the partial code is above" in out.getvalue()
+    assert "dropped" in out.getvalue() and repl.session.turns == []
+
+
+def test_ctrl_c_during_generation_can_keep_the_partial_code(tmp_path, executor) -> None:
+    repl, _ = make_repl(tmp_path, executor, run_mode="ask", answers=("k", "e", "x = 1"))
+    repl.session.decoder = InterruptedDecoder()
+    assert repl.handle("Assign x.")  # kept, then edited before it runs
+    assert [turn.code for turn in repl.session.turns] == ["x = 1"]
+    assert repl.session.executor.run("print(x)").outputs[0]["text"] == "1\n"
+
+
+def test_images_are_drawn_in_the_terminal_as_half_blocks(tmp_path) -> None:
+    matplotlib = pytest.importorskip("matplotlib", reason="matplotlib is in the test extra")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure = plt.figure(figsize=(4, 3))
+    plt.plot([1, 2, 3])
+    png = io.BytesIO()
+    figure.savefig(png, format="png")
+    plt.close(figure)
+    out = io.StringIO()
+    console = Console(file=out, width=100, force_terminal=True, color_system="truecolor")
+    renderer = Renderer(console, tmp_path / "images", show_images="halfcell")
+    renderer.output({"output_type": "display_data", "data": {"image/png":
+                     base64.b64encode(png.getvalue()).decode()}})  # fmt: skip
+    drawn = out.getvalue()
+    rows = [line for line in drawn.splitlines() if "\u2580" in line]
+    assert len(rows) >= 10 and all(line.count("\u2580") == 60 for line in rows)
+    assert "38;2;" in drawn  # 24-bit colours
+    assert (tmp_path / "images" / "turn0_1.png").read_bytes() == png.getvalue()
+    quiet = io.StringIO()  # "auto" into a file (not a terminal): saved and named, not drawn
+    Renderer(Console(file=quiet, width=100), tmp_path / "images").output(
+        {"output_type": "display_data", "data": {"image/png": PIXEL}}
+    )
+    assert "\u2580" not in quiet.getvalue() and "image saved" in quiet.getvalue()
 
 
 def test_run_reset_and_load(tmp_path, executor) -> None:

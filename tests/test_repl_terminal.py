@@ -29,6 +29,12 @@ def spawn(*args: str, cwd: Path) -> pexpect.spawn:
     return child
 
 
+def styled(text: str) -> str:
+    """A pattern for `text` as rich prints it highlighted: colour codes may sit between any two
+    characters."""
+    return r"(?:\x1b\[[0-9;?]*[A-Za-z])*".join(re.escape(char) for char in text)
+
+
 # pexpect forks to open the pseudo-terminal and execs the command at once, so JAX's threads in
 # this test process (loaded by other tests) cannot deadlock the child.
 @pytest.mark.filterwarnings("ignore:os.fork\\(\\) was called:RuntimeWarning")
@@ -66,3 +72,37 @@ def test_a_session_in_a_terminal(tmp_path: Path, chat_checkpoint: Path) -> None:
     again.expect(pexpect.EOF)
     again.close()
     assert again.exitstatus == 0
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:os.fork\\(\\) was called:RuntimeWarning")
+def test_steps_with_a_trained_model_in_a_terminal(tmp_path: Path, trained_checkpoint: Path) -> None:
+    """Natural-language steps, the code the model writes for them, and what it prints."""
+    session = tmp_path / "steps.ipynb"
+    args = ["chat", "--model", str(trained_checkpoint), "--session", str(session), "--yes"]
+    child = spawn(*args, cwd=tmp_path)
+    child.sendline("define add")
+    child.expect(styled("return a + b"))
+    child.sendline("use add")
+    child.expect(styled("print(add(2, 3))"))
+    child.expect(styled("\n5\r\n"))
+    child.sendline("/context")
+    child.expect(styled("# use add"))
+    child.expect(r"\d+ tokens of 512")
+    child.sendline("loop forever")
+    child.expect(styled("while True:"))
+    child.expect(styled("pass"))
+    child.sendcontrol("c")  # the generated loop runs: Ctrl-C interrupts the kernel
+    child.expect(r"\[interrupted\]")
+    child.sendline("count to three")
+    child.expect(styled("\n0\r\n1\r\n2\r\n"))
+    child.expect(">>>")
+    child.sendcontrol("d")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    import nbformat
+
+    notebook = nbformat.read(session, as_version=4)
+    steps = [cell.source for cell in notebook.cells if cell.cell_type == "markdown"]
+    assert steps == ["define add", "use add", "loop forever", "count to three"]

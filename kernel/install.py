@@ -1,0 +1,96 @@
+"""The `codegen` kernelspec: written to a temp folder, installed by jupyter_client's
+KernelSpecManager (so `jupyter kernelspec list` and every frontend find it)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from codegen_repl.errors import ConfigError
+
+DEFAULT_NAME = "codegen"
+_NAME = re.compile(r"^[a-z0-9._-]+$", re.IGNORECASE)  # what jupyter_client accepts
+PLACES = ("user", "sys-prefix", "prefix")
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelInstall:
+    """Where and how to install the kernelspec.
+
+    Args:
+        name: the kernelspec's name (`jupyter kernelspec list` shows it).
+        place: "user" (~/.local/share/jupyter), "sys-prefix" (this Python's environment) or
+            "prefix" (under `prefix`/share/jupyter).
+        prefix: the folder for place "prefix".
+        model: checkpoint folder or hub id the kernel loads (a folder is made absolute).
+        server: decoder server URL (then `model` names the served model).
+        display_name: the name frontends show; default from the model.
+    """
+
+    name: str = DEFAULT_NAME
+    place: str = "user"
+    prefix: Path | None = None
+    model: str | None = None
+    server: str | None = None
+    display_name: str | None = None
+
+    def __post_init__(self) -> None:
+        if not _NAME.match(self.name):
+            raise ConfigError(f"kernel name {self.name!r} may hold only letters, digits, "
+                              "'.', '_' and '-'")  # fmt: skip
+        if self.place not in PLACES:
+            raise ConfigError(f"place must be one of {', '.join(PLACES)}, got {self.place!r}")
+        if (self.place == "prefix") != (self.prefix is not None):
+            raise ConfigError("give a prefix folder exactly when installing with --prefix")
+
+    def argv(self) -> list[str]:
+        argv = [sys.executable, "-m", "codegen_repl.kernel", "-f", "{connection_file}"]
+        if self.model:
+            argv.append(f"--CodeGenKernel.model={_model_argument(self.model)}")
+        if self.server:
+            argv.append(f"--CodeGenKernel.server={self.server}")
+        return argv
+
+    def spec(self) -> dict[str, Any]:
+        shown = self.model or self.server or "default model"
+        return {
+            "argv": self.argv(),
+            "display_name": self.display_name or f"CodeGen ({Path(shown).name or shown})",
+            "language": "codegen",
+            "interrupt_mode": "signal",
+            "metadata": {"debugger": False},
+        }
+
+
+def _model_argument(model: str) -> str:
+    """A local folder as an absolute path (the kernel starts in the notebook's folder)."""
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.exists() else model
+
+
+def install_kernel(options: KernelInstall) -> Path:
+    """Install the kernelspec; returns its folder."""
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    prefix = None
+    if options.place == "sys-prefix":
+        prefix = sys.prefix
+    elif options.prefix is not None:
+        prefix = str(options.prefix.expanduser().resolve())
+    with tempfile.TemporaryDirectory() as folder:
+        (Path(folder) / "kernel.json").write_text(json.dumps(options.spec(), indent=1) + "\n")
+        try:
+            installed = KernelSpecManager().install_kernel_spec(
+                folder, kernel_name=options.name, user=options.place == "user", prefix=prefix
+            )
+        except OSError as error:
+            raise ConfigError(
+                f"could not install the kernelspec: {error}; pick a place you can write to "
+                "(--user, --sys-prefix or --prefix FOLDER)"
+            ) from error
+    return Path(installed)

@@ -1,0 +1,285 @@
+"""The IPython extension: `%load_ext codegen_repl`, then `%%codegen` cells in any notebook.
+
+The notebook itself is the session: the context of a step is the steps written so far with
+their code, plus the user's own cells that ran successfully since the extension was loaded, in
+CodeGen's multi-turn format. Generated code is streamed into one display (updated in place), then
+runs in this kernel as if it were the cell (its last expression is shown, its errors fail the
+cell), or with `--insert` goes into the next cell instead. Options come from IPython's config
+system (`c.CodeGenMagics.model = ...`) and `%codegen_config key=value`.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import dataclasses
+import re
+import sys
+import time
+from typing import TYPE_CHECKING, Any
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
+from IPython.display import display
+from traitlets import Bool, Float, Integer, TraitError, Unicode
+
+from codegen_repl.context import MTPB_PREFIX, TurnText, fit_context, step_line
+from codegen_repl.errors import CodeGenError
+from codegen_repl.kernel.display import CODE_METADATA, code_bundle
+from codegen_repl.userconfig import DEFAULT_MODEL, UserConfig
+
+if TYPE_CHECKING:
+    from codegen_repl.decoder import Decoder
+
+# What applies when neither IPython's config nor config.toml sets an option.
+BUILT_IN: dict[str, object] = {
+    "model": DEFAULT_MODEL, "server": "", "dtype": "", "temperature": 0.2, "top_p": 0.95,
+    "max_new_tokens": 128, "prefix": MTPB_PREFIX,
+}  # fmt: skip
+_SHOW_EVERY_S = 0.1
+_OPTION = re.compile(
+    r"\s*(?:(?P<insert>--insert)|(?:--model|-m)\s+(?P<model>\S+)"
+    r"|(?:--temperature|-t)\s+(?P<temperature>\S+))(?=\s|$)"
+)
+_PLACEHOLDER = {"text/plain": "", "text/html": "<pre style='opacity: 0.6'>writing code…</pre>"}
+
+
+@dataclasses.dataclass(frozen=True)
+class StepOptions:
+    """What one `%%codegen` line asks for (None: the configured value)."""
+
+    insert: bool = False
+    model: str | None = None
+    temperature: float | None = None
+
+
+def parse_options(line: str) -> tuple[StepOptions, str]:
+    """Leading `--insert`, `--model M` (`-m M`) and `-t T` (`--temperature T`); the rest of the
+    line is returned untouched (for `%codegen STEP` it is the step)."""
+    found: dict[str, Any] = {}
+    position = 0
+    while match := _OPTION.match(line, position):
+        for key, value in match.groupdict().items():
+            if value is not None:
+                found[key] = value
+        position = match.end()
+    temperature = found.get("temperature")
+    if temperature is not None:
+        try:
+            temperature = float(temperature)
+        except ValueError:
+            raise UsageError(f"-t takes a number (0 = greedy), got {temperature!r}") from None
+    options = StepOptions("insert" in found, found.get("model"), temperature)
+    return options, line[position:].strip()
+
+
+class NotebookHistory:
+    """The turns of the notebook-level session, in the order they ran."""
+
+    def __init__(self) -> None:
+        self.turns: list[TurnText] = []
+
+    def add_step(self, step: str, code: str) -> None:
+        self.turns.append(TurnText(step, code))
+
+    def add_cell(self, raw_cell: str) -> None:
+        """A cell the user ran: its Python, without IPython's `%magic` and `!shell` lines."""
+        if raw_cell.lstrip().startswith("%%"):
+            return  # a cell magic (ours included): not Python
+        lines = [line for line in raw_cell.splitlines() if not line.lstrip().startswith(("%", "!"))]
+        code = "\n".join(lines).strip("\n")
+        if code.strip():
+            self.turns.append(TurnText(None, code))
+
+
+@magics_class
+class CodeGenMagics(Magics):
+    """`%%codegen`, `%codegen` and `%codegen_config`; configurable as `c.CodeGenMagics.*`."""
+
+    # None: the user's config.toml decides (codegen_repl.userconfig), else BUILT_IN.
+    model = Unicode(None, allow_none=True, help="Checkpoint folder or hub id.").tag(config=True)
+    server = Unicode(None, allow_none=True, help="Decoder server URL.").tag(config=True)
+    dtype = Unicode(None, allow_none=True, help="float32, bfloat16 or float16.").tag(config=True)
+    temperature = Float(None, allow_none=True, help="0 = greedy.").tag(config=True)
+    top_p = Float(None, allow_none=True, help="Nucleus sampling mass.").tag(config=True)
+    max_new_tokens = Integer(None, allow_none=True, help="Most tokens per step.").tag(config=True)
+    prefix = Unicode(None, allow_none=True, help="Text before the first turn.").tag(config=True)
+    top_k = Integer(0, help="Keep the k likeliest tokens (0 = off).").tag(config=True)
+    seed = Integer(0, help="Sampling seed.").tag(config=True)
+    insert = Bool(False, help="Put code in the next cell instead of running it.").tag(config=True)
+
+    def __init__(self, shell: Any, **kwargs: Any) -> None:
+        super().__init__(shell=shell, **kwargs)
+        self.history = NotebookHistory()
+        self._decoders: dict[tuple[str, str, str], Decoder] = {}
+        self.ipython = shell  # Magics.shell is typed Optional; ours always has one
+        shell.events.register("post_run_cell", self._after_cell)
+
+    def close(self) -> None:
+        self.ipython.events.unregister("post_run_cell", self._after_cell)
+
+    # ------------------------------------------------------------------------- magics
+
+    @line_cell_magic
+    def codegen(self, line: str, cell: str | None = None) -> None:
+        """Write code for a step and run it here.
+
+        %%codegen [--insert] [--model M] [-t T]   then the step in the cell body
+        %codegen [--insert] [--model M] [-t T] STEP
+
+        --insert puts the code into the next cell instead of running it; --model (-m) uses
+        another checkpoint folder or hub id for this step; -t sets the temperature (0 greedy).
+        """
+        __tracebackhide__ = True  # errors of the generated code show its frames, not ours
+        options, rest = parse_options(line)
+        step = (cell if cell is not None else rest).strip()
+        if not step:
+            raise UsageError("write the step: `%codegen STEP`, or `%%codegen` with the step below")
+        # Trailing blank lines (CodeGen's cut keeps them) would pile up between turns.
+        code = self._generate(step, options).rstrip("\n")
+        if not code.strip():
+            print("(the model wrote no code)", file=sys.stderr)
+        if options.insert or self.insert:
+            self.ipython.set_next_input(step_line(step) + code, replace=False)
+            return
+        self.history.add_step(step, code)
+        run_in_shell(self.ipython, code)
+
+    @line_magic
+    def codegen_config(self, line: str) -> None:
+        """Show the options, or set them: %codegen_config key=value [key=value ...].
+
+        %codegen_config context   shows what the model sees so far
+        %codegen_config reset     forgets the steps and cells so far
+        """
+        words = line.split()
+        if not words:
+            for name in sorted(self.trait_names(config=True)):
+                print(f"{name} = {self.option(name)!r}")
+            return
+        if words == ["context"]:
+            print(self.context_text() or "(nothing yet)")
+            return
+        if words == ["reset"]:
+            self.history.turns.clear()
+            print("the steps and cells so far are forgotten")
+            return
+        for word in words:
+            self._set(word)
+
+    # ------------------------------------------------------------------------- helpers
+
+    def option(self, name: str) -> Any:
+        """An option's value: IPython's config or %codegen_config, else config.toml, else
+        BUILT_IN."""
+        value = getattr(self, name)
+        if value is None and name in BUILT_IN:
+            try:
+                value = getattr(UserConfig.load(), name)
+            except CodeGenError as error:
+                raise UsageError(str(error)) from None
+        return BUILT_IN[name] if value is None else value
+
+    def context_text(self, step: str | None = None) -> str:
+        text = self.option("prefix") + "".join(turn.render() for turn in self.history.turns)
+        return text + (step_line(step) if step is not None else "")
+
+    def _set(self, assignment: str) -> None:
+        key, equals, value = assignment.partition("=")
+        names = sorted(self.trait_names(config=True))
+        if not equals or key not in names:
+            raise UsageError(f"use key=value with key one of {', '.join(names)}")
+        trait = self.traits()[key]
+        try:
+            setattr(self, key, trait.from_string(value))
+        except (TraitError, ValueError) as error:
+            raise UsageError(f"{key}: {error}") from None
+        print(f"{key} = {self.option(key)!r}")
+
+    def _generate(self, step: str, options: StepOptions) -> str:
+        """Stream the step's code into a display; the code, truncated by CodeGen's rules."""
+        from codegen_repl.model.sampling import SampleParams
+
+        decoder = self._decoder(options.model or self.option("model"))
+        temperature = options.temperature
+        try:
+            sample = SampleParams(
+                max_new_tokens=self.option("max_new_tokens"), top_p=self.option("top_p"),
+                temperature=self.option("temperature") if temperature is None else temperature,
+                top_k=self.top_k, seed=self.seed, codegen_rules=True,
+            )  # fmt: skip
+            budget = decoder.max_context - sample.max_new_tokens
+            prefix, turns = self.option("prefix"), self.history.turns
+            fitted = fit_context(prefix, turns, step, budget, decoder.count_tokens)
+        except CodeGenError as error:
+            raise UsageError(str(error)) from None
+        if fitted.warning:
+            print(fitted.warning, file=sys.stderr)
+        return stream_code(decoder, fitted.text, sample)
+
+    def _decoder(self, model: str) -> Decoder:
+        server, dtype = self.option("server"), self.option("dtype")
+        key = (model, server, dtype)
+        if key not in self._decoders:
+            from codegen_repl.decoder import open_decoder
+
+            try:
+                self._decoders[key] = open_decoder(
+                    model, server=server or None, dtype=dtype or None
+                )
+            except CodeGenError as error:
+                raise UsageError(f"{error} (set another with %codegen_config model=NAME)") from None
+        return self._decoders[key]
+
+    def _after_cell(self, result: Any) -> None:
+        info = getattr(result, "info", None)
+        if info is None or not getattr(info, "store_history", True) or info.silent:
+            return
+        if result.success and info.raw_cell:
+            self.history.add_cell(info.raw_cell)
+
+
+def stream_code(decoder: Decoder, prompt: str, sample: Any) -> str:
+    """Generate into a display that is updated as pieces arrive; Ctrl-C stops it (and stops
+    the cell)."""
+    handle = display(_PLACEHOLDER, raw=True, metadata=CODE_METADATA, display_id=True)
+    pieces: list[str] = []
+    shown_at = time.monotonic()
+    try:
+        with contextlib.closing(decoder.generate(prompt, sample)) as stream:  # type: ignore[type-var]
+            for piece in stream:
+                pieces.append(piece)
+                if time.monotonic() - shown_at >= _SHOW_EVERY_S:
+                    handle.update(code_bundle("".join(pieces)), raw=True, metadata=CODE_METADATA)
+                    shown_at = time.monotonic()
+    except CodeGenError as error:
+        raise UsageError(str(error)) from None
+    finally:
+        handle.update(code_bundle("".join(pieces)), raw=True, metadata=CODE_METADATA)
+    return "".join(pieces)
+
+
+def run_in_shell(shell: Any, code: str) -> None:
+    """Run code as the body of the current cell: shown in tracebacks like a cell, its last
+    expression displayed, its exceptions left to IPython (which shows them and fails the cell)."""
+    __tracebackhide__ = True
+    filename = shell.compile.cache(code, shell.execution_count)
+    tree = ast.parse(code, filename)
+    last = tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
+    assert last is None or isinstance(last, ast.Expr)
+    namespace = (shell.user_global_ns, shell.user_ns)
+    exec(compile(tree, filename, "exec"), *namespace)
+    if last is not None:
+        value = eval(compile(ast.Expression(last.value), filename, "eval"), *namespace)
+        if value is not None:
+            shell.displayhook(value)
+
+
+def load_ipython_extension(ipython: Any) -> None:
+    ipython.register_magics(CodeGenMagics(ipython))
+
+
+def unload_ipython_extension(ipython: Any) -> None:
+    magics = ipython.magics_manager.registry.get("CodeGenMagics")
+    if magics is not None:
+        magics.close()

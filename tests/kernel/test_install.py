@@ -1,0 +1,60 @@
+"""`codegen-repl install-kernel`, run as a user runs it (the console script, a subprocess);
+`jupyter kernelspec list` then shows the kernel."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from codegen_repl.errors import ConfigError
+from codegen_repl.kernel.install import KernelInstall
+
+BIN = Path(sys.executable).parent
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(BIN / args[0]), *args[1:]], capture_output=True, text=True, timeout=120,
+        env={**os.environ, **(env or {})},
+    )  # fmt: skip
+
+
+def test_install_kernel_into_a_prefix_is_listed_by_jupyter(tmp_path, chat_checkpoint) -> None:
+    done = run("codegen-repl", "install-kernel", "--prefix", str(tmp_path), "--name", "cg-x",
+               "--model", str(chat_checkpoint))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    folder = tmp_path / "share" / "jupyter" / "kernels" / "cg-x"
+    assert f"installed kernelspec cg-x in {folder}" in done.stdout
+    spec = json.loads((folder / "kernel.json").read_text())
+    assert spec["argv"][:3] == [sys.executable, "-m", "codegen_repl.kernel"]
+    assert f"--CodeGenKernel.model={chat_checkpoint}" in spec["argv"]
+    assert (spec["language"], spec["interrupt_mode"]) == ("codegen", "signal")
+    listed = run("jupyter", "kernelspec", "list", "--json",
+                 env={"JUPYTER_PATH": str(tmp_path / "share" / "jupyter")})  # fmt: skip
+    specs = json.loads(listed.stdout)["kernelspecs"]
+    assert Path(specs["cg-x"]["resource_dir"]) == folder
+
+
+def test_install_kernel_refuses_bad_choices_in_one_line() -> None:
+    done = run("codegen-repl", "install-kernel", "--user", "--sys-prefix")
+    assert done.returncode == 2 and done.stderr.strip().startswith("error: give at most one")
+    done = run("codegen-repl", "install-kernel", "--name", "no spaces", "--prefix", "/tmp")
+    assert done.returncode == 2 and "letters, digits" in done.stderr
+
+
+def test_a_server_kernel_passes_the_url_and_a_relative_folder_becomes_absolute(
+    tmp_path, monkeypatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ckpt").mkdir()
+    spec = KernelInstall(model="ckpt", server="http://127.0.0.1:9").spec()
+    assert f"--CodeGenKernel.model={tmp_path / 'ckpt'}" in spec["argv"]
+    assert "--CodeGenKernel.server=http://127.0.0.1:9" in spec["argv"]
+    assert spec["display_name"] == "CodeGen (ckpt)"
+    with pytest.raises(ConfigError, match="prefix folder"):
+        KernelInstall(place="prefix")

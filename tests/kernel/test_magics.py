@@ -1,0 +1,81 @@
+"""`%load_ext codegen_repl` in a real IPython kernel, driven through jupyter_client, with the
+tiny trained model (so the generated code is known)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from jupyter_client.blocking import BlockingKernelClient
+
+from tests.kernel.conftest import kernel_env
+from tests.kernel.helpers import kernel, run_cell
+from tests.trained import PAIRS
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def ipython(
+    trained_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[BlockingKernelClient]:
+    """One python3 kernel, configured through IPython's config system on its command line and
+    through the user's config.toml."""
+    config = ["--CodeGenMagics.temperature=0", f"--CodeGenMagics.model={trained_checkpoint}"]
+    folder = tmp_path_factory.mktemp("magics")
+    user_config = folder / "config.toml"
+    user_config.write_text("top_p = 0.5\nmax_new_tokens = 100\n")
+    with kernel_env(folder, user_config), kernel("python3", folder, config) as (_, client):
+        assert run_cell(client, "%load_ext codegen_repl").status == "ok"
+        yield client
+
+
+def test_config_from_ipython_and_from_the_magic(ipython, trained_checkpoint) -> None:
+    shown = run_cell(ipython, "%codegen_config").stdout()
+    assert f"model = '{trained_checkpoint}'" in shown and "temperature = 0.0" in shown
+    assert "top_p = 0.5" in shown and "max_new_tokens = 100" in shown  # from config.toml
+    ran = run_cell(ipython, "%codegen_config max_new_tokens=64 top_k=bad")
+    assert ran.status == "error" and "top_k" in ran.stderr()
+    assert "max_new_tokens = 64" in run_cell(ipython, "%codegen_config").stdout()
+
+
+def test_steps_run_here_with_history_across_cells(ipython) -> None:
+    defined = run_cell(ipython, "%%codegen\ndefine add")
+    assert defined.status == "ok", defined.reply
+    [first, *updates] = defined.of("display_data", "update_display_data")
+    assert first["metadata"]["codegen"]["generated_code"] is True
+    assert updates[-1]["data"]["text/plain"].rstrip("\n") == PAIRS["define add"]
+    assert run_cell(ipython, "y = add(1, 1)").status == "ok"
+    used = run_cell(ipython, "%codegen use add")
+    assert used.status == "ok" and used.stdout() == "5\n"
+    context = run_cell(ipython, "%codegen_config context").stdout()
+    expected = (
+        f"# define add\n{PAIRS['define add']}\n\ny = add(1, 1)\n\n# use add\n{PAIRS['use add']}\n"
+    )
+    assert expected in context
+    assert run_cell(ipython, "y").results() == ["2"]  # the generated code ran in this kernel
+
+
+def test_insert_puts_the_code_into_the_next_cell_instead_of_running_it(ipython) -> None:
+    ran = run_cell(ipython, "%%codegen --insert\nsay hello")
+    assert ran.status == "ok" and ran.stdout() == ""
+    [payload] = ran.reply["payload"]
+    assert payload["source"] == "set_next_input"
+    assert payload["text"] == f"# say hello\n{PAIRS['say hello']}"
+
+
+def test_errors_of_generated_code_fail_the_cell_with_its_own_traceback(ipython) -> None:
+    ran = run_cell(ipython, "%%codegen\ndivide by zero")
+    assert (ran.status, ran.reply["ename"]) == ("error", "ZeroDivisionError")
+    traceback = re.sub(r"\x1b\[[0-9;]*m", "", "\n".join(ran.reply["traceback"]))
+    assert "1 / 0" in traceback and "magics.py" not in traceback
+    assert run_cell(ipython, "1 + 1").results() == ["2"]
+
+
+def test_a_bad_model_is_one_clear_error_and_the_kernel_lives_on(ipython) -> None:
+    ran = run_cell(ipython, "%codegen --model /no/such/model say hello")
+    assert ran.status == "error" and "/no/such/model" in ran.stderr()
+    assert "Traceback" not in ran.stderr()
+    assert run_cell(ipython, "%codegen say hello").stdout() == "hello\n"

@@ -1,0 +1,72 @@
+"""The Jupyter project's own kernel test suite (jupyter_kernel_test) against the installed
+`codegen` kernelspec. Its samples are `%%python` and `!` cells, magics and steps' neighbours:
+cells whose answers do not depend on what a model writes."""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, ClassVar
+
+import jupyter_kernel_test
+import pytest
+from jupyter_client.manager import start_new_kernel
+
+from tests.kernel.conftest import install, kernel_env
+
+NAME = "codegen-protocol-test"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def installed(tmp_path_factory: pytest.TempPathFactory, chat_checkpoint: Path) -> Iterator[None]:
+    """Module scope: set up before the TestCase's setUpClass starts the kernel."""
+    data = install(tmp_path_factory.mktemp("jupyter"), NAME, chat_checkpoint)
+    with kernel_env(data):
+        yield
+
+
+class CodeGenKernelTests(jupyter_kernel_test.KernelTests):
+    kernel_name = NAME
+    language_name = "codegen"
+    file_extension = ".txt"
+
+    code_hello_world = "%%python\nprint('hello, world')"
+    code_stderr = "%%python\nimport sys\nprint('oops', file=sys.stderr)"
+    code_generate_error = "%%python\nraise ValueError('no')"
+    code_execute_result: ClassVar[list[Any]] = [
+        {"code": "%%python\n6 * 7", "result": "42"},
+        {"code": "!a = 6\n!a * 7", "result": "42"},
+    ]
+    code_display_data: ClassVar[list[Any]] = [
+        {"code": "%%python\nfrom IPython.display import HTML\ndisplay(HTML('<b>x</b>'))",
+         "mime": "text/html"},
+        {"code": "%code", "mime": "text/html"},
+    ]  # fmt: skip
+    completion_samples: ClassVar[list[Any]] = [
+        {"text": "%%python\nimport itertoo", "matches": {"itertools"}},
+        {"text": "!import itertoo", "matches": {"itertools"}},
+        {"text": "%und", "matches": {"%undo"}},
+        {"text": "Print the sum", "matches": set()},
+    ]
+    complete_code_samples: ClassVar[list[Any]] = [
+        "Print the sum of a and b.",
+        "%%python\nx = 1",
+        "%undo",
+        "!x = 1",
+    ]
+    incomplete_code_samples: ClassVar[list[Any]] = ["%%python\nfor i in range(3):", "%%python"]
+    invalid_code_samples: ClassVar[list[Any]] = ["%%python\nx = )", "Print x.\n!print(x)"]
+    code_inspect_sample = "%%python\nprint"
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        cls._folder = tempfile.TemporaryDirectory()  # the kernel autosaves into its cwd
+        cls.km, cls.kc = start_new_kernel(
+            kernel_name=cls.kernel_name, cwd=cls._folder.name, startup_timeout=120
+        )
+
+    @classmethod
+    def tearDownClass(cls) -> None:
+        super().tearDownClass()
+        cls._folder.cleanup()
