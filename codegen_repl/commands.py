@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable
 
-from prompt_toolkit.completion import CompleteEvent, Completer, Completion
+from prompt_toolkit.completion import CompleteEvent, Completer, Completion, PathCompleter
 from prompt_toolkit.document import Document
 
 from codegen_repl.errors import ConfigError
@@ -29,6 +29,7 @@ COMMANDS: dict[str, str] = {
     "/save": "/save [PATH.ipynb|PATH.py]: save the session (or export the program)",
     "/load": "/load PATH: open a saved session",
     "/reset": "a new kernel and an empty session (in a new file)",
+    "/mtpb": "/mtpb N [K]: play MTPB problem N with test input K (0-4) in a new session",
     "/set": "/set key=value: "
     + ", ".join(
         ["temperature", "top_p", "top_k", "max_new_tokens", "run=ask|auto|never", "timeout"]
@@ -97,6 +98,18 @@ def parse_edit(argument: str, turn_count: int) -> tuple[int, str | None]:
     return index, (code if newline and code.strip() else None)
 
 
+def parse_mtpb(argument: str) -> tuple[str, int]:
+    """`/mtpb N [K]`: (problem id, test input index)."""
+    words = argument.split()
+    usage = "use /mtpb N [K]: MTPB problem N (1-115) with test input K (0-4, default 0)"
+    if not 1 <= len(words) <= 2 or not all(word.isdigit() for word in words):
+        raise ConfigError(usage)
+    index = int(words[1]) if len(words) == 2 else 0
+    if index > 4:
+        raise ConfigError(f"MTPB problems have test inputs 0-4, not {index}; {usage}")
+    return words[0], index
+
+
 def apply_setting(
     settings: SessionSettings, run_mode: str, assignment: str
 ) -> tuple[SessionSettings, str]:
@@ -124,7 +137,11 @@ def _number(key: str, value: str, kind: type[int] | type[float]) -> int | float:
 
 
 class SlashCompleter(Completer):
-    """Completes `/com` to a command and `/set k` to a setting key."""
+    """Completes `/com` to a command, `/set k` to a setting key, `/set run=` to a run mode and
+    the paths of `/save` and `/load`."""
+
+    def __init__(self) -> None:
+        self.paths = PathCompleter(expanduser=True)
 
     def get_completions(
         self, document: Document, complete_event: CompleteEvent
@@ -133,13 +150,26 @@ class SlashCompleter(Completer):
         if not text.startswith("/") or "\n" in text:
             return
         if text.startswith("/set "):
-            word = text[len("/set ") :].strip()
-            for key in SET_KEYS:
-                if key.startswith(word) and "=" not in word:
-                    yield Completion(key + "=", start_position=-len(word))
+            yield from _setting_completions(text[len("/set ") :].strip())
+            return
+        if text.startswith(("/save ", "/load ")):
+            path = text.split(" ", 1)[1].lstrip()
+            yield from self.paths.get_completions(Document(path), complete_event)
             return
         if " " in text:
             return
         for name, about in COMMANDS.items():
             if name.startswith(text):
                 yield Completion(name, start_position=-len(text), display_meta=about)
+
+
+def _setting_completions(word: str) -> Iterable[Completion]:
+    if word.startswith("run="):
+        mode = word[len("run=") :]
+        for choice in RUN_MODES:
+            if choice.startswith(mode):
+                yield Completion(choice, start_position=-len(mode))
+        return
+    for key in SET_KEYS:
+        if key.startswith(word) and "=" not in word:
+            yield Completion(key + "=", start_position=-len(word))

@@ -21,7 +21,14 @@ from rich.console import Console
 from rich.live import Live
 from rich.text import Text
 
-from codegen_repl.commands import apply_setting, help_text, parse, parse_edit, unknown_text
+from codegen_repl.commands import (
+    apply_setting,
+    help_text,
+    parse,
+    parse_edit,
+    parse_mtpb,
+    unknown_text,
+)
 from codegen_repl.errors import CodeGenError, ConfigError
 from codegen_repl.render import THEME, Renderer, images_folder
 from codegen_repl.session import Session, SessionSettings, Turn
@@ -73,6 +80,7 @@ class Repl:
         model_name: shown in the toolbar.
         load_decoder: loads a model by folder or hub id, for /model.
         renderer: shows code and outputs (default: one on `console`, images beside the session).
+        mtpb_problems: a local copy of MTPB for /mtpb (None: the downloaded, checked one).
     """
 
     def __init__(
@@ -85,12 +93,14 @@ class Repl:
         model_name: str = "",
         load_decoder: Callable[[str], Decoder] | None = None,
         renderer: Renderer | None = None,
+        mtpb_problems: Path | None = None,
     ) -> None:
         self.session, self.console, self.ask = session, console, ask
         self.load_decoder = load_decoder or _load_local_decoder
         self.run_mode, self.model_name = run_mode, model_name
         self.edit_text = edit_text or _click_edit
         self.renderer = renderer or Renderer(console, images_folder(session.path))
+        self.mtpb_problems = mtpb_problems
         self._counted: tuple[str, int] = ("", 0)
         apply_setting(session.settings, "ask", f"run={run_mode}")  # validates the mode
 
@@ -159,6 +169,7 @@ class Repl:
             "save": self._save,
             "load": self._load,
             "reset": self._reset,
+            "mtpb": self._mtpb,
             "set": self._set,
         }
         actions[name](argument)
@@ -332,6 +343,36 @@ class Repl:
         self.session.save()
         self.renderer.images = images_folder(path)
         self.console.print(f"new session: {path or '(no file)'}", markup=False)
+
+    def _mtpb(self, argument: str) -> None:
+        """Play an MTPB problem in a new session (the score is of that program alone)."""
+        from codegen_repl import mtpb
+
+        number, index = parse_mtpb(argument)
+        problem = mtpb.find_problem(mtpb.load_problems(self.mtpb_problems), number)
+        self._reset("")
+        self.session.settings = dataclasses.replace(self.session.settings, prefix=mtpb.PREFIX)
+        self.console.print(Text(f"MTPB {problem.id}: {problem.name} (input {index})", "bold"))
+
+        def on_turn(number: int, prompt: str) -> None:
+            self.renderer.finish()
+            self.renderer.begin_turn(len(self.session.turns))
+            self.console.print(Text(f"[{number}] {prompt}", style="bold"))
+
+        def confirm(code: str) -> bool:
+            self.renderer.finish()
+            return self._decide(code)[0]
+
+        result = mtpb.replay(
+            self.session, problem, index, on_turn=on_turn, on_output=self.renderer.output,
+            on_text=lambda text: self.console.print(text, end="", markup=False, highlight=False),
+            confirm=confirm,
+        )  # fmt: skip
+        self.renderer.finish()
+        verdict = Text("PASS", "bold green") if result.passed else Text("FAIL", "bold red")
+        self.console.print(verdict, Text(f"expected {result.expected!r}, got {result.got}"))
+        if not result.passed and result.detail:
+            self.console.print(Text(result.detail, style="dim"))
 
     def _set(self, argument: str) -> None:
         settings, self.run_mode = apply_setting(self.session.settings, self.run_mode, argument)

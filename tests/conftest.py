@@ -12,6 +12,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from codegen_repl.model.tokenizer import EOS_TOKEN, WHITESPACE_TOKENS
 
+# The MTPB file, as the workspace shares it beside the project (see SOURCE.md there).
+MTPB_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "mtpb" / "mtpb.jsonl"
+
 torch = pytest.importorskip("torch", reason="the test extra (torch, transformers) is needed")
 transformers = pytest.importorskip("transformers", reason="the test extra is needed")
 

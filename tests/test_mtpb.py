@@ -20,8 +20,9 @@ from codegen_repl import mtpb
 from codegen_repl.cli import app
 from codegen_repl.errors import ConfigError
 from codegen_repl.sandbox import SandboxConfig
+from tests.conftest import MTPB_DATA
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "mtpb" / "mtpb.jsonl"
+DATA = MTPB_DATA
 SANDBOX = SandboxConfig(workers=2, timeout_s=10.0, preload=("numpy",))
 
 FIB = """def fib(n):

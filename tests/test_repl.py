@@ -16,11 +16,13 @@ from prompt_toolkit.completion import CompleteEvent
 from prompt_toolkit.document import Document
 from rich.console import Console
 
-from codegen_repl.commands import SlashCompleter, parse, parse_edit
+from codegen_repl.commands import SlashCompleter, parse, parse_edit, parse_mtpb
+from codegen_repl.errors import ConfigError
 from codegen_repl.executor import Executor, ExecutorConfig
 from codegen_repl.render import Renderer, html_to_text
 from codegen_repl.repl import Repl
 from codegen_repl.session import Session, SessionSettings
+from tests.conftest import MTPB_DATA
 from tests.test_session import ScriptedDecoder
 
 SCRIPT = Path(sys.executable).with_name("codegen-repl")
@@ -190,7 +192,41 @@ def test_parse_and_complete() -> None:
 
     assert complete("/un") == ["/undo"]
     assert complete("/set te") == ["temperature="]
+    assert complete("/set run=a") == ["ask", "auto"]
     assert complete("hello") == []
+    assert parse_mtpb("12") == ("12", 0) and parse_mtpb(" 3 4 ") == ("3", 4)
+    for bad in ("", "x", "1 2 3", "1 5"):
+        with pytest.raises(ConfigError, match="/mtpb N"):
+            parse_mtpb(bad)
+
+
+def test_save_and_load_complete_paths(tmp_path: Path) -> None:
+    (tmp_path / "session-one.ipynb").write_text("{}")
+    completer = SlashCompleter()
+    document = Document(f"/load {tmp_path}/sess")
+    found = [c.text for c in completer.get_completions(document, CompleteEvent())]
+    assert found == ["ion-one.ipynb"]
+
+
+MTPB_1 = [  # problem 1 ("Sandwich string"), test input 0: "abcde"
+    'my_string = "abcde"', "my_string = my_string.lower()", "chars = set(my_string)",
+    "chars = sorted(chars)", "print(chars)",
+]  # fmt: skip
+
+
+def test_mtpb_plays_a_problem_in_a_new_session(tmp_path, executor) -> None:
+    repl, out = make_repl(tmp_path, executor, *MTPB_1, *MTPB_1[:4], "print(chars[:2])")
+    repl.mtpb_problems = MTPB_DATA
+    repl.handle("!leftover = 1")
+    first = repl.session.path
+    assert repl.handle("/mtpb 1")
+    text = out.getvalue()
+    assert "MTPB 1: Sandwich string (input 0)" in text and "[5] Print the resulting list" in text
+    assert "['a', 'b', 'c', 'd', 'e']" in text and "PASS" in text
+    assert repl.session.path != first and len(repl.session.turns) == 5
+    assert repl.session.program().startswith("# Import libraries.")
+    assert repl.handle("/mtpb 1 0")
+    assert "FAIL" in out.getvalue() and "got ['a', 'b']" in out.getvalue()
 
 
 def test_chat_command_with_scripted_stdin(tmp_path: Path, chat_checkpoint: Path) -> None:
