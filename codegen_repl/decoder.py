@@ -8,7 +8,6 @@ new tokens are prefilled; after an undo or an edit it falls back to the longest 
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
@@ -31,6 +30,7 @@ from codegen_repl.model.sampling import (
 )
 from codegen_repl.model.tokenizer import CodeGenTokenizer
 from codegen_repl.truncation import Cutter
+from codegen_repl.userconfig import default_cache_dir
 
 
 class Decoder(Protocol):
@@ -48,11 +48,6 @@ class Decoder(Protocol):
     def complete(self, prompt: str, sample: SampleParams) -> list[str]:
         """All `sample.n` completions, each ended by the stop rules."""
         ...
-
-
-def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(os.environ.get("CODEGEN_REPL_CACHE", Path(base) / "codegen-repl"))
 
 
 def enable_compilation_cache(path: Path) -> None:

@@ -56,6 +56,7 @@ from codegen_repl.humaneval import (
     write_json_atomic,
 )
 from codegen_repl.sandbox import Job, Outcome, Sandbox, SandboxConfig
+from codegen_repl.userconfig import default_cache_dir
 
 if TYPE_CHECKING:  # these import JAX and jupyter; sandbox workers import this module
     from codegen_repl.decoder import Decoder
@@ -128,19 +129,12 @@ def program_pieces(turns: Sequence[str], completions: Sequence[str]) -> list[str
 # ----------------------------------------------------------------------------- data
 
 
-def cache_dir() -> Path:
-    """The project's cache folder (as `codegen_repl.decoder.default_cache_dir`, without
-    importing JAX): $CODEGEN_REPL_CACHE, else $XDG_CACHE_HOME/codegen-repl or ~/.cache/..."""
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(os.environ.get("CODEGEN_REPL_CACHE", Path(base) / "codegen-repl"))
-
-
 def fetch_problems(
     folder: Path | None = None, url: str = URL, sha256: str = SHA256, timeout: float = 30.0
 ) -> Path:
     """The cached mtpb.jsonl, downloaded first if needed; never caches a file that does not
     match `sha256`."""
-    path = (folder or cache_dir()) / "mtpb" / f"mtpb-{sha256[:12]}.jsonl"
+    path = (folder or default_cache_dir()) / "mtpb" / f"mtpb-{sha256[:12]}.jsonl"
     if path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() == sha256:
         return path
     try:

@@ -387,9 +387,9 @@ def _setting_value(settings: SessionSettings, key: str) -> object:
 
 
 def _load_local_decoder(model: str) -> Decoder:
-    from codegen_repl.decoder import LocalDecoder, default_cache_dir
+    from codegen_repl.decoder import open_decoder
 
-    return LocalDecoder.load(model, compilation_cache=default_cache_dir() / "jax")
+    return open_decoder(model)
 
 
 def _click_edit(code: str) -> str | None:

@@ -93,6 +93,13 @@ def template() -> str:
     return header + "".join(f"# {line}\n" for line in keys)
 
 
+def default_cache_dir() -> Path:
+    """The project's cache folder (compiled programs, MTPB): $CODEGEN_REPL_CACHE, else
+    $XDG_CACHE_HOME/codegen-repl, else ~/.cache/codegen-repl."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(os.environ.get("CODEGEN_REPL_CACHE", Path(base) / "codegen-repl"))
+
+
 def config_path() -> Path:
     """Where config.toml is read from."""
     override = os.environ.get("CODEGEN_REPL_CONFIG")
