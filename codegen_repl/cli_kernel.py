@@ -28,6 +28,9 @@ def install_kernel(
     server: Annotated[
         str | None, typer.Option(help="Decoder server URL (the kernel loads no model).")
     ] = None,
+    api_key: Annotated[
+        str | None, typer.Option(help="The server's API key (stored in the kernelspec).")
+    ] = None,
 ) -> None:
     """Install the `codegen` Jupyter kernel: each cell is a step, the model writes the code."""
     from codegen_repl.cli import user_errors
@@ -40,7 +43,7 @@ def install_kernel(
         place = "sys-prefix" if sys_prefix else "prefix" if prefix is not None else "user"
         options = KernelInstall(
             name=name, place=place, prefix=prefix, model=model, server=server,
-            display_name=display_name,
+            api_key=api_key, display_name=display_name,
         )  # fmt: skip
         folder = install_kernel(options)
     typer.echo(f"installed kernelspec {name} in {folder}")

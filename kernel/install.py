@@ -29,6 +29,8 @@ class KernelInstall:
         prefix: the folder for place "prefix".
         model: checkpoint folder or hub id the kernel loads (a folder is made absolute).
         server: decoder server URL (then `model` names the served model).
+        api_key: the server's key, put in the kernel's environment as CODEGEN_API_KEY (the
+            kernelspec file then holds it: keep it private).
         display_name: the name frontends show; default from the model.
     """
 
@@ -37,6 +39,7 @@ class KernelInstall:
     prefix: Path | None = None
     model: str | None = None
     server: str | None = None
+    api_key: str | None = None
     display_name: str | None = None
 
     def __post_init__(self) -> None:
@@ -58,13 +61,16 @@ class KernelInstall:
 
     def spec(self) -> dict[str, Any]:
         shown = self.model or self.server or "default model"
-        return {
+        spec = {
             "argv": self.argv(),
             "display_name": self.display_name or f"CodeGen ({Path(shown).name or shown})",
             "language": "codegen",
             "interrupt_mode": "signal",
             "metadata": {"debugger": False},
         }
+        if self.api_key:
+            spec["env"] = {"CODEGEN_API_KEY": self.api_key}
+        return spec
 
 
 def _model_argument(model: str) -> str:

@@ -104,6 +104,9 @@ class CodeGenMagics(Magics):
     top_p = Float(None, allow_none=True, help="Nucleus sampling mass.").tag(config=True)
     max_new_tokens = Integer(None, allow_none=True, help="Most tokens per step.").tag(config=True)
     prefix = Unicode(None, allow_none=True, help="Text before the first turn.").tag(config=True)
+    api_key = Unicode(
+        None, allow_none=True, help="The decoder server's API key (default: $CODEGEN_API_KEY)."
+    ).tag(config=True)
     top_k = Integer(0, help="Keep the k likeliest tokens (0 = off).").tag(config=True)
     seed = Integer(0, help="Sampling seed.").tag(config=True)
     insert = Bool(False, help="Put code in the next cell instead of running it.").tag(config=True)
@@ -225,7 +228,7 @@ class CodeGenMagics(Magics):
 
             try:
                 self._decoders[key] = open_decoder(
-                    model, server=server or None, dtype=dtype or None
+                    model, server=server or None, api_key=self.api_key, dtype=dtype or None
                 )
             except CodeGenError as error:
                 raise UsageError(f"{error} (set another with %codegen_config model=NAME)") from None

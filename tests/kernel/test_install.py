@@ -31,7 +31,8 @@ def test_install_kernel_into_a_prefix_is_listed_by_jupyter(tmp_path, chat_checkp
     folder = tmp_path / "share" / "jupyter" / "kernels" / "cg-x"
     assert f"installed kernelspec cg-x in {folder}" in done.stdout
     spec = json.loads((folder / "kernel.json").read_text())
-    assert spec["argv"][:3] == [sys.executable, "-m", "codegen_repl.kernel"]
+    assert spec["argv"][1:3] == ["-m", "codegen_repl.kernel"]
+    assert Path(spec["argv"][0]).parent == BIN  # this environment's Python (python or python3)
     assert f"--CodeGenKernel.model={chat_checkpoint}" in spec["argv"]
     assert (spec["language"], spec["interrupt_mode"]) == ("codegen", "signal")
     listed = run("jupyter", "kernelspec", "list", "--json",
@@ -52,7 +53,9 @@ def test_a_server_kernel_passes_the_url_and_a_relative_folder_becomes_absolute(
 ) -> None:
     monkeypatch.chdir(tmp_path)
     (tmp_path / "ckpt").mkdir()
-    spec = KernelInstall(model="ckpt", server="http://127.0.0.1:9").spec()
+    spec = KernelInstall(model="ckpt", server="http://127.0.0.1:9", api_key="k1").spec()
+    assert spec["env"] == {"CODEGEN_API_KEY": "k1"}
+    assert "env" not in KernelInstall(model="ckpt").spec()
     assert f"--CodeGenKernel.model={tmp_path / 'ckpt'}" in spec["argv"]
     assert "--CodeGenKernel.server=http://127.0.0.1:9" in spec["argv"]
     assert spec["display_name"] == "CodeGen (ckpt)"
