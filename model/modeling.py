@@ -290,7 +290,13 @@ class Block(Layer):
 
 
 class CodeGen(Layer):
-    """CodeGenForCausalLM: fp32 logits, and the new tokens' keys/values for a cache."""
+    """CodeGenForCausalLM: fp32 logits, and the new tokens' keys/values for a cache.
+
+    `remat=True` recomputes each block's activations in the backward pass instead of keeping
+    them (training long sequences in less memory); the forward result is the same.
+    """
+
+    remat: bool = False
 
     @nn.compact
     def __call__(
@@ -317,7 +323,8 @@ class CodeGen(Layer):
         new_kv = []
         for i in range(cfg.num_layers):
             layer_memory = tuple((segment.cache[i], segment.positions) for segment in memory)
-            block = Block(cfg, self.int8, self.dtype, self.param_dtype, name=f"block_{i}")
+            block_class = nn.remat(Block) if self.remat else Block
+            block = block_class(cfg, self.int8, self.dtype, self.param_dtype, name=f"block_{i}")
             x, layer_kv = block(x, positions, layer_memory)
             new_kv.append(layer_kv)
         x = layer_norm(self, "ln_f")(x)
