@@ -158,7 +158,9 @@ class CodeGenMagics(Magics):
         words = line.split()
         if not words:
             for name in sorted(self.trait_names(config=True)):
-                print(f"{name} = {self.option(name)!r}")
+                value = self.option(name)
+                shown = "(set)" if name == "api_key" and value else repr(value)
+                print(f"{name} = {shown}")
             return
         if words == ["context"]:
             print(self.context_text() or "(nothing yet)")
@@ -181,7 +183,7 @@ class CodeGenMagics(Magics):
                 value = getattr(UserConfig.load(), name)
             except CodeGenError as error:
                 raise UsageError(str(error)) from None
-        return BUILT_IN[name] if value is None else value
+        return BUILT_IN.get(name) if value is None else value
 
     def context_text(self, step: str | None = None) -> str:
         text = self.option("prefix") + "".join(turn.render() for turn in self.history.turns)

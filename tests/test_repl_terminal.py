@@ -7,6 +7,7 @@ import re
 import sys
 from pathlib import Path
 
+import nbformat
 import pytest
 
 pexpect = pytest.importorskip("pexpect", reason="pexpect is in the test extra")
@@ -81,6 +82,17 @@ def test_steps_with_a_trained_model_in_a_terminal(tmp_path: Path, trained_checkp
     session = tmp_path / "steps.ipynb"
     args = ["chat", "--model", str(trained_checkpoint), "--session", str(session), "--yes"]
     child = spawn(*args, cwd=tmp_path)
+    try:
+        drive_steps(child)
+    finally:
+        child.close(force=True)  # also when an expectation failed: no process is left behind
+    assert child.exitstatus == 0
+    notebook = nbformat.read(session, as_version=4)
+    steps = [cell.source for cell in notebook.cells if cell.cell_type == "markdown"]
+    assert steps == ["define add", "use add", "loop forever", "count to three"]
+
+
+def drive_steps(child: pexpect.spawn) -> None:
     child.sendline("define add")
     child.expect(styled("return a + b"))
     child.sendline("use add")
@@ -91,18 +103,11 @@ def test_steps_with_a_trained_model_in_a_terminal(tmp_path: Path, trained_checkp
     child.expect(r"\d+ tokens of 512")
     child.sendline("loop forever")
     child.expect(styled("while True:"))
-    child.expect(styled("pass"))
-    child.sendcontrol("c")  # the generated loop runs: Ctrl-C interrupts the kernel
+    child.expect(styled("\nlooping\r\n"))  # printed by the loop's cell: it runs now
+    child.sendcontrol("c")  # so Ctrl-C interrupts the kernel
     child.expect(r"\[interrupted\]")
     child.sendline("count to three")
     child.expect(styled("\n0\r\n1\r\n2\r\n"))
     child.expect(">>>")
     child.sendcontrol("d")
     child.expect(pexpect.EOF)
-    child.close()
-    assert child.exitstatus == 0
-    import nbformat
-
-    notebook = nbformat.read(session, as_version=4)
-    steps = [cell.source for cell in notebook.cells if cell.cell_type == "markdown"]
-    assert steps == ["define add", "use add", "loop forever", "count to three"]

@@ -55,8 +55,9 @@ def run_with_good(sandbox: Sandbox, program: str) -> Outcome:
     return hostile
 
 
-def descendants() -> list[int]:
-    """Live processes below this test process (the workers, and whatever their jobs left)."""
+def descendants(root: int) -> list[int]:
+    """Live processes below `root` (for a worker: whatever its jobs left; it is their
+    subreaper, so also the ones that escaped with setsid)."""
     parents = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -66,7 +67,7 @@ def descendants() -> list[int]:
                 continue
             if stat[0] != b"Z":
                 parents[int(entry)] = int(stat[1])
-    found, todo = [], [os.getpid()]
+    found, todo = [], [root]
     while todo:
         parent = todo.pop()
         children = [pid for pid, ppid in parents.items() if ppid == parent]
@@ -76,9 +77,10 @@ def descendants() -> list[int]:
 
 
 def job_processes(sandbox: Sandbox) -> list[int]:
-    """Processes left by jobs: descendants that are not the workers themselves."""
-    workers = {w._process.pid for w in sandbox._workers if w._process is not None}
-    return [pid for pid in descendants() if pid not in workers]
+    """Processes left by jobs: the workers' descendants (other tests' processes, started by
+    this test process too, are not the sandbox's)."""
+    workers = [w._process.pid for w in sandbox._workers if w._process is not None]
+    return [pid for worker in workers for pid in descendants(worker)]
 
 
 def pid_checker(program: str, payload: Any) -> dict[str, Any]:

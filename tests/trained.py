@@ -35,7 +35,7 @@ PAIRS: dict[str, str] = {
     "make squares": "squares = [i * i for i in range(5)]\nprint(squares)",
     "plot a line": "import matplotlib.pyplot as plt\nplt.plot([1, 2, 3])\nplt.show()",
     "divide by zero": "1 / 0",
-    "loop forever": "while True:\n    pass",
+    "loop forever": 'print("looping")\nwhile True:\n    pass',  # the print says it runs
     "count to three": "for i in range(3):\n    print(i)",
 }
 PREFIXES = (MTPB_PREFIX, "")

@@ -36,6 +36,7 @@ def test_config_from_ipython_and_from_the_magic(ipython, trained_checkpoint) -> 
     shown = run_cell(ipython, "%codegen_config").stdout()
     assert f"model = '{trained_checkpoint}'" in shown and "temperature = 0.0" in shown
     assert "top_p = 0.5" in shown and "max_new_tokens = 100" in shown  # from config.toml
+    assert "api_key = None" in shown
     ran = run_cell(ipython, "%codegen_config max_new_tokens=64 top_k=bad")
     assert ran.status == "error" and "top_k" in ran.stderr()
     assert "max_new_tokens = 64" in run_cell(ipython, "%codegen_config").stdout()
