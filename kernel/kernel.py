@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ipykernel.kernelbase import Kernel
-from traitlets import Bool, Float, Integer, Unicode
+from traitlets import Bool, Float, Unicode
 
 from codegen_repl import __version__
 from codegen_repl.context import MTPB_PREFIX
@@ -33,6 +33,7 @@ from codegen_repl.errors import CodeGenError, ConfigError
 from codegen_repl.kernel.cells import Cell, CodeView, magic_completions, parse_cell
 from codegen_repl.kernel.display import CODE_METADATA, code_bundle
 from codegen_repl.kernel.forward import ChildRequests
+from codegen_repl.kernel.options import ModelOptions
 from codegen_repl.kernel.runner import CellOutcome, KernelRunner, RunnerOptions
 from codegen_repl.session import DEFAULT_SAMPLE, SessionSettings
 
@@ -42,7 +43,7 @@ T = TypeVar("T")
 _PLACEHOLDER = {"text/plain": "", "text/html": "<pre style='opacity: 0.6'>writing code…</pre>"}
 
 
-class CodeGenKernel(Kernel):
+class CodeGenKernel(Kernel, ModelOptions):
     """Steps in, code and its outputs out; the code runs in a child IPython kernel."""
 
     implementation = "codegen-repl"
@@ -57,14 +58,7 @@ class CodeGenKernel(Kernel):
         "codemirror_mode": "text/plain",
     }
 
-    # None: the user's config.toml decides (codegen_repl.userconfig), else the built-in default.
-    model = Unicode(None, allow_none=True, help="Checkpoint folder or hub id.").tag(config=True)
-    server = Unicode(None, allow_none=True, help="Decoder server URL.").tag(config=True)
-    dtype = Unicode(None, allow_none=True, help="float32, bfloat16 or float16.").tag(config=True)
-    temperature = Float(None, allow_none=True, help="0 = greedy.").tag(config=True)
-    top_p = Float(None, allow_none=True, help="Nucleus sampling mass.").tag(config=True)
-    max_new_tokens = Integer(None, allow_none=True, help="Most tokens per step.").tag(config=True)
-    prefix = Unicode(None, allow_none=True, help="Text before the first turn.").tag(config=True)
+    # model, server, api_key and the sampling options: see ModelOptions
     run = Unicode(None, allow_none=True, help="auto: run each step; never: show it only.").tag(
         config=True
     )
@@ -113,7 +107,8 @@ class CodeGenKernel(Kernel):
         run = _first(self.run, user.run, "auto")
         cwd = Path.cwd()
         return RunnerOptions(
-            model=model, cwd=cwd, server=server, dtype=_first(self.dtype, user.dtype, "") or None,
+            model=model, cwd=cwd, server=server, api_key=self.api_key,
+            dtype=_first(self.dtype, user.dtype, "") or None,
             session_path=self._session_file(cwd), settings=settings,
             run_mode="auto" if run == "ask" else run,  # a kernel cannot ask: cells run
         )  # fmt: skip

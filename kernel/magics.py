@@ -21,11 +21,12 @@ from typing import TYPE_CHECKING, Any
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
 from IPython.display import display
-from traitlets import Bool, Float, Integer, TraitError, Unicode
+from traitlets import Bool, Integer, TraitError
 
 from codegen_repl.context import MTPB_PREFIX, TurnText, fit_context, step_line
 from codegen_repl.errors import CodeGenError
 from codegen_repl.kernel.display import CODE_METADATA, code_bundle
+from codegen_repl.kernel.options import ModelOptions
 from codegen_repl.userconfig import DEFAULT_MODEL, UserConfig
 
 if TYPE_CHECKING:
@@ -93,20 +94,11 @@ class NotebookHistory:
 
 
 @magics_class
-class CodeGenMagics(Magics):
+class CodeGenMagics(Magics, ModelOptions):
     """`%%codegen`, `%codegen` and `%codegen_config`; configurable as `c.CodeGenMagics.*`."""
 
-    # None: the user's config.toml decides (codegen_repl.userconfig), else BUILT_IN.
-    model = Unicode(None, allow_none=True, help="Checkpoint folder or hub id.").tag(config=True)
-    server = Unicode(None, allow_none=True, help="Decoder server URL.").tag(config=True)
-    dtype = Unicode(None, allow_none=True, help="float32, bfloat16 or float16.").tag(config=True)
-    temperature = Float(None, allow_none=True, help="0 = greedy.").tag(config=True)
-    top_p = Float(None, allow_none=True, help="Nucleus sampling mass.").tag(config=True)
-    max_new_tokens = Integer(None, allow_none=True, help="Most tokens per step.").tag(config=True)
-    prefix = Unicode(None, allow_none=True, help="Text before the first turn.").tag(config=True)
-    api_key = Unicode(
-        None, allow_none=True, help="The decoder server's API key (default: $CODEGEN_API_KEY)."
-    ).tag(config=True)
+    # model, server, api_key and the sampling options (None: config.toml, else BUILT_IN): see
+    # ModelOptions
     top_k = Integer(0, help="Keep the k likeliest tokens (0 = off).").tag(config=True)
     seed = Integer(0, help="Sampling seed.").tag(config=True)
     insert = Bool(False, help="Put code in the next cell instead of running it.").tag(config=True)

