@@ -16,43 +16,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 import httpx
-import jax
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 import make_random_checkpoint as checkpoints
+from decode import CHECKPOINTS, machine
 
 from codegen_repl.batching import EngineConfig
 from codegen_repl.server import ServerConfig, create_app, load_engine, serve_in_thread
 
 TINY = (2, 256, 8, 16)  # n_layer, n_embd, n_head, rotary_dim: a shape that decodes fast anywhere
-CHECKPOINTS = Path(os.environ.get("BENCH_CHECKPOINTS", Path(tempfile.gettempdir()) / "bench_ckpt"))
-
-
-def machine() -> str:
-    device = jax.devices()[0]
-    kind = device.device_kind if device.platform != "cpu" else cpu_name()
-    return f"{device.platform}: {kind} ({os.cpu_count()} cpus)"
-
-
-def cpu_name() -> str:
-    info = Path("/proc/cpuinfo")
-    if info.exists():
-        for line in info.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "cpu"
 
 
 def model_folder(args: argparse.Namespace) -> Path:

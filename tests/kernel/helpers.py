@@ -95,20 +95,6 @@ def pid_of(client: BlockingKernelClient, code: str) -> int:
     return int(ran.stdout().strip())
 
 
-def gone(pid: int, wait_s: float = 15.0) -> bool:
-    """True once `pid` no longer runs (a zombie waiting for its reaper counts as gone)."""
-    deadline = time.monotonic() + wait_s
-    while time.monotonic() < deadline:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (FileNotFoundError, IndexError):
-            return True
-        if state == "Z":
-            return True
-        time.sleep(0.1)
-    return False
-
-
 def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -10,7 +10,8 @@ import pytest
 from jupyter_client.blocking import BlockingKernelClient
 
 from tests.kernel.conftest import install, kernel_env
-from tests.kernel.helpers import gone, kernel, pid_of, run_cell, shell_reply
+from tests.kernel.helpers import kernel, pid_of, run_cell, shell_reply
+from tests.test_executor import gone
 
 pytestmark = pytest.mark.slow
 NAME = "codegen-lifecycle-test"
@@ -55,7 +56,7 @@ def test_bad_model_then_interrupt_restart_and_shutdown(
         kernel_pid = manager.provisioner.process.pid  # type: ignore[union-attr]
         manager.restart_kernel()
         client.wait_for_ready(timeout=120)
-        assert gone(child) and gone(kernel_pid)
+        assert gone(child, 15.0) and gone(kernel_pid, 15.0)
         assert run_cell(client, "%%python\nprint('fresh')").stdout() == "fresh\n"
         child = pid_of(client, CHILD_PID)
-    assert gone(child)  # shutdown took the child kernel with it
+    assert gone(child, 15.0)  # shutdown took the child kernel with it
