@@ -359,14 +359,21 @@ class Repl:
             self.renderer.begin_turn(len(self.session.turns))
             self.console.print(Text(f"[{number}] {prompt}", style="bold"))
 
+        last = ["\n"]  # the last character of the streamed code
+
+        def on_text(text: str) -> None:
+            self.console.print(text, end="", markup=False, highlight=False)
+            last[0] = text[-1:] or last[0]
+
         def confirm(code: str) -> bool:
-            self.renderer.finish()
+            if last[0] != "\n":  # the question and the outputs start on a line of their own
+                self.console.print()
+            last[0] = "\n"
             return self._decide(code)[0]
 
         result = mtpb.replay(
-            self.session, problem, index, on_turn=on_turn, on_output=self.renderer.output,
-            on_text=lambda text: self.console.print(text, end="", markup=False, highlight=False),
-            confirm=confirm,
+            self.session, problem, index, on_turn=on_turn, on_text=on_text,
+            on_output=self.renderer.output, confirm=confirm,
         )  # fmt: skip
         self.renderer.finish()
         verdict = Text("PASS", "bold green") if result.passed else Text("FAIL", "bold red")
