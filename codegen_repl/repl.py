@@ -531,7 +531,8 @@ def run_chat(options: ChatOptions, console: Console | None = None) -> int:
         ask = prompt_ask if interactive else plain_ask
         renderer = Renderer(console, images_folder(path), options.theme, options.images)
         repl = Repl(
-            session, console, options.run_mode, ask=ask, model_name=options.model,
+            session, console, options.run_mode, ask=ask,
+            model_name=options.model or str(getattr(decoder, "model", "")),
             load_decoder=options.open_decoder, renderer=renderer,
         )  # fmt: skip
         if resumed:
@@ -544,7 +545,6 @@ def run_chat(options: ChatOptions, console: Console | None = None) -> int:
 def show_banner(console: Console, options: ChatOptions, decoder: Decoder, path: Path) -> None:
     from codegen_repl.decoder import LocalDecoder
 
-    console.print(Text("codegen-repl", style="bold"), Text(f"· {options.model}", style="cyan"))
     if isinstance(decoder, LocalDecoder):
         import jax
 
@@ -553,6 +553,9 @@ def show_banner(console: Console, options: ChatOptions, decoder: Decoder, path: 
         kind = getattr(device, "device_kind", "") or device.platform
         where = f"{count / 1e6:,.1f}M parameters · {device.platform.upper()} ({kind}) · "
         where += f"{decoder.dtype}"
-    else:
+        name = options.model
+    else:  # asks the server first, so an unreachable one fails before anything is printed
         where = f"server {options.server} · context {decoder.max_context} tokens"
+        name = getattr(decoder, "model", options.model)
+    console.print(Text("codegen-repl", style="bold"), Text(f"· {name}", style="cyan"))
     console.print(Text(f"{where} · session {path}", style="dim"))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -275,6 +276,20 @@ def test_offline_default_model_and_bad_run_mode(tmp_path: Path) -> None:
         [str(SCRIPT), "chat", "--run", "maybe"], capture_output=True, text=True, env=env
     )
     assert bad.returncode == 2 and "run must be one of ask, auto, never" in bad.stderr
+
+
+def test_an_unreachable_server_is_one_clear_error(tmp_path: Path) -> None:
+    with socket.socket() as probe:  # a port that nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    result = subprocess.run(
+        [str(SCRIPT), "chat", "--server", f"http://127.0.0.1:{port}"], capture_output=True,
+        text=True, timeout=300, stdin=subprocess.DEVNULL, cwd=tmp_path,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )  # fmt: skip
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"the decoder server at http://127.0.0.1:{port} is not available" in result.stderr
+    assert "codegen-repl serve" in result.stderr and "codegen-repl ·" not in result.stdout
 
 
 class InterruptedDecoder(ScriptedDecoder):

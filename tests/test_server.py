@@ -499,6 +499,7 @@ def test_repl_over_the_server(server: str, tmp_path: Path) -> None:
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Traceback (most recent call last)" not in result.stderr
+    assert f"server {server} · context" in result.stdout  # the banner names the server
     assert health(server)["served"] > served
     cells = nbformat.read(notebook, as_version=4).cells
     assert [cell.cell_type for cell in cells] == ["markdown", "code"]
