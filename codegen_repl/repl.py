@@ -68,6 +68,38 @@ def new_session_path(folder: Path, now: Callable[[], datetime] = datetime.now) -
     return path
 
 
+class CodeStream:
+    """Generated code shown live and highlighted while it streams (a context manager)."""
+
+    def __init__(self, console: Console, renderer: Renderer) -> None:
+        self.renderer, self.pieces = renderer, list[str]()
+        self.live = Live(renderer.code_view(""), console=console, refresh_per_second=15,
+                         vertical_overflow="visible")  # fmt: skip
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
+
+    def add(self, piece: str) -> None:
+        self.pieces.append(piece)
+        self.live.update(self.renderer.code_view(self.text))
+
+    def show(self, code: str) -> None:
+        """The final code (the cut may have removed a streamed tail)."""
+        self.live.update(self.renderer.code_view(code))
+
+    def __enter__(self) -> CodeStream:
+        self.live.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self.live.is_started:
+            return
+        self.live.stop()
+        if not self.live.console.is_terminal:  # rich ends the last line only on a terminal
+            self.live.console.line()
+
+
 class Repl:
     """One session in a terminal.
 
@@ -191,19 +223,13 @@ class Repl:
 
     def _generate(self, step: str) -> str | None:
         """Stream the step's code live; None when Ctrl-C stopped it."""
-        pieces: list[str] = []
+        stream = CodeStream(self.console, self.renderer)
         try:
-            with Live(self.renderer.code_view(""), console=self.console, refresh_per_second=15,
-                      vertical_overflow="visible") as live:  # fmt: skip
-
-                def show(piece: str) -> None:
-                    pieces.append(piece)
-                    live.update(self.renderer.code_view("".join(pieces)))
-
-                code, _ = self.session.generate(step, on_text=show)
-                live.update(self.renderer.code_view(code))
+            with stream:
+                code, _ = self.session.generate(step, on_text=stream.add)
+                stream.show(code)
         except KeyboardInterrupt:
-            return self._keep_partial("".join(pieces))
+            return self._keep_partial(stream.text)
         if self.session.warning:
             self.console.print(Text(self.session.warning, style="yellow"))
         if not code.strip():
@@ -354,27 +380,27 @@ class Repl:
         self.session.settings = dataclasses.replace(self.session.settings, prefix=mtpb.PREFIX)
         self.console.print(Text(f"MTPB {problem.id}: {problem.name} (input {index})", "bold"))
 
+        stream = CodeStream(self.console, self.renderer)
+
         def on_turn(number: int, prompt: str) -> None:
+            nonlocal stream
             self.renderer.finish()
             self.renderer.begin_turn(len(self.session.turns))
             self.console.print(Text(f"[{number}] {prompt}", style="bold"))
-
-        last = ["\n"]  # the last character of the streamed code
-
-        def on_text(text: str) -> None:
-            self.console.print(text, end="", markup=False, highlight=False)
-            last[0] = text[-1:] or last[0]
+            stream = CodeStream(self.console, self.renderer).__enter__()
 
         def confirm(code: str) -> bool:
-            if last[0] != "\n":  # the question and the outputs start on a line of their own
-                self.console.print()
-            last[0] = "\n"
+            stream.show(code)
+            stream.__exit__(None, None, None)
             return self._decide(code)[0]
 
-        result = mtpb.replay(
-            self.session, problem, index, on_turn=on_turn, on_text=on_text,
-            on_output=self.renderer.output, confirm=confirm,
-        )  # fmt: skip
+        try:
+            result = mtpb.replay(
+                self.session, problem, index, on_turn=on_turn, on_text=lambda t: stream.add(t),
+                on_output=self.renderer.output, confirm=confirm,
+            )  # fmt: skip
+        finally:
+            stream.__exit__(None, None, None)  # Ctrl-C or an error while a turn streamed
         self.renderer.finish()
         verdict = Text("PASS", "bold green") if result.passed else Text("FAIL", "bold red")
         self.console.print(verdict, Text(f"expected {result.expected!r}, got {result.got}"))

@@ -223,7 +223,7 @@ def test_mtpb_plays_a_problem_in_a_new_session(tmp_path, executor) -> None:
     assert repl.handle("/mtpb 1")
     text = out.getvalue()
     assert "MTPB 1: Sandwich string (input 0)" in text and "[5] Print the resulting list" in text
-    assert "['a', 'b', 'c', 'd', 'e']" in text and "PASS" in text
+    assert "print(chars)\n['a', 'b', 'c', 'd', 'e']\nPASS" in text  # each on its own line
     assert repl.session.path != first and len(repl.session.turns) == 5
     assert repl.session.program().startswith("# Import libraries.")
     assert repl.handle("/mtpb 1 0")
