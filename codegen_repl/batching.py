@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from codegen_repl.decoder import SampleText
 from codegen_repl.errors import ConfigError
 from codegen_repl.model.checkpoint import Params
 from codegen_repl.model.config import CodeGenConfig
@@ -107,39 +108,32 @@ class Request:
 
 @dataclasses.dataclass
 class _Row:
-    """One sample: its tokens, text, and how much text was sent."""
+    """One sample of a request: its text, how much of it was sent, and why it ended."""
 
     request: Request
     index: int
-    cutter: Cutter
-    ids: list[int] = dataclasses.field(default_factory=list)
-    text: str = ""
+    sample: SampleText
     sent: int = 0
     reason: FinishReason | None = None
 
-    def add(self, tokens: list[int], tokenizer: CodeGenTokenizer) -> None:
-        for token in tokens:
-            if token == tokenizer.eos_token_id:
-                self.reason = "stop"
-                break
-            self.ids.append(token)
-        self.text = tokenizer.decode(self.ids)
-        cut = self.cutter.final(self.text)
-        if cut is not None:
-            self.text, self.reason = self.text[:cut], "stop"
-        elif self.reason is None and len(self.ids) >= self.request.sample.max_new_tokens:
+    @property
+    def ids(self) -> list[int]:
+        return self.sample.ids
+
+    def add(self, tokens: list[int]) -> None:
+        self.sample.add(tokens)
+        if self.sample.done:
+            self.reason = "stop"
+        elif len(self.ids) >= self.request.sample.max_new_tokens:
             self.reason = "length"
 
     def flush(self) -> None:
         """Emit the text that is settled (all of it once the row is done)."""
-        if self.reason is not None:
-            end, self.text = len(self.cutter.apply(self.text)), self.cutter.apply(self.text)
-        else:
-            end = self.cutter.visible(self.text)
-            while end and self.text[end - 1] == "\ufffd":  # wait for a character's tail
-                end -= 1
+        done = self.reason is not None
+        text = self.sample.result() if done else self.sample.text
+        end = len(text) if done else self.sample.shown()
         if end > self.sent:
-            self.request.emit(Delta(self.index, self.text[self.sent : end]))
+            self.request.emit(Delta(self.index, text[self.sent : end]))
             self.sent = end
 
 
@@ -303,7 +297,8 @@ class Engine:
         self.state = SlotState(cache, logits, position, step)
         cutter = Cutter(codegen_rules=sample.codegen_rules, stop=sample.stop)
         for index, row in enumerate(rows):
-            self.slots[row] = _Slot(list(ids), _Row(request, index, cutter))
+            sample_text = SampleText(self.tokenizer, cutter)
+            self.slots[row] = _Slot(list(ids), _Row(request, index, sample_text))
         self._knobs = None
 
     def _decode(self) -> None:
@@ -328,7 +323,7 @@ class Engine:
             if slot.row.reason is not None:  # this sample ended; the request's others go on
                 continue
             need = slot.row.request.sample.max_new_tokens - len(slot.row.ids)
-            slot.row.add(chunk[i, :need].tolist(), self.tokenizer)
+            slot.row.add(chunk[i, :need].tolist())
             slot.row.flush()
         for request in {id(s.row.request): s.row.request for s in self.slots if s.row}.values():
             if all(s.row.reason for s in self.slots if s.row and s.row.request is request):

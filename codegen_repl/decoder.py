@@ -8,7 +8,7 @@ new tokens are prefilled; after an undo or an edit it falls back to the longest 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -77,8 +77,9 @@ def open_decoder(
 
 
 @dataclasses.dataclass
-class _Row:
-    """One sample's tokens and text, and whether a stop rule has ended it."""
+class SampleText:
+    """One sample's tokens and text as they stream in, and whether EOS or a stop rule has ended
+    it (the local decoder and the server's engine both keep their samples in one)."""
 
     tokenizer: CodeGenTokenizer
     cutter: Cutter
@@ -86,10 +87,10 @@ class _Row:
     text: str = ""
     done: bool = False
 
-    def add(self, tokens: np.ndarray) -> None:
+    def add(self, tokens: Sequence[int]) -> None:
         if self.done:
             return
-        for token in tokens.tolist():
+        for token in tokens:
             if token == self.tokenizer.eos_token_id:
                 self.done = True
                 break
@@ -175,7 +176,7 @@ class LocalDecoder:
         shown = 0
         for tokens in self.stream_tokens(self.tokenizer.encode(prompt), sample):
             for row, row_tokens in zip(rows, tokens, strict=True):
-                row.add(row_tokens)
+                row.add(row_tokens.tolist())
             end = rows[0].shown()
             if end > shown:
                 yield rows[0].text[shown:end]
@@ -190,14 +191,14 @@ class LocalDecoder:
         rows = self._rows(sample)
         for tokens in self.stream_tokens(self.tokenizer.encode(prompt), sample):
             for row, row_tokens in zip(rows, tokens, strict=True):
-                row.add(row_tokens)
+                row.add(row_tokens.tolist())
             if all(row.done for row in rows):
                 break
         return [row.result() for row in rows]
 
-    def _rows(self, sample: SampleParams) -> list[_Row]:
+    def _rows(self, sample: SampleParams) -> list[SampleText]:
         cutter = Cutter(codegen_rules=sample.codegen_rules, stop=sample.stop)
-        return [_Row(self.tokenizer, cutter) for _ in range(sample.n)]
+        return [SampleText(self.tokenizer, cutter) for _ in range(sample.n)]
 
     # ------------------------------------------------------------------------- tokens
 
