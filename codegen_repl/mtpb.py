@@ -561,7 +561,6 @@ def replay(
     run everything), run in the kernel (outputs to `on_output`); then score the program.
     The session samples each turn with the problem's max_gen_length (at most half the
     model's window, so a small model still gets context)."""
-    from codegen_repl.session import Turn
 
     before = session.settings
     tokens = min(problem.max_gen_length, max(1, session.decoder.max_context // 2))
@@ -572,9 +571,7 @@ def replay(
             if on_turn:
                 on_turn(number, prompt)
             code, seconds = session.generate(prompt, on_text)
-            turn = Turn(prompt, code, sample=dataclasses.asdict(session.settings.sample))
-            turn.timings["generate_s"] = round(seconds, 4)
-            session.keep(turn, on_output, run=confirm(code) if confirm else True)
+            session.add_step(prompt, code, seconds, on_output, confirm(code) if confirm else True)
     finally:
         session.settings = before
     return score_program(session.program(), problem, index, config)

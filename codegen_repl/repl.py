@@ -216,10 +216,7 @@ class Repl:
             return
         seconds = time.perf_counter() - started
         run, code = self._decide(code)
-        settings = self.session.settings
-        turn = Turn(text, code, sample=dataclasses.asdict(settings.sample))
-        turn.timings["generate_s"] = round(seconds, 4)
-        self._show_status(self.session.keep(turn, self.renderer.output, run=run))
+        self._show_status(self.session.add_step(text, code, seconds, self.renderer.output, run))
 
     def _generate(self, step: str) -> str | None:
         """Stream the step's code live; None when Ctrl-C stopped it."""

@@ -151,6 +151,18 @@ class Session:
         if not step:
             raise ConfigError("the step is empty; describe what the next code should do")
         code, seconds = self.generate(step, on_text)
+        return self.add_step(step, code, seconds, on_output, run)
+
+    def add_step(
+        self,
+        step: str,
+        code: str,
+        seconds: float,
+        on_output: OutputCallback | None = None,
+        run: bool = True,
+    ) -> Turn:
+        """Record a step whose code was generated (and maybe edited) in `seconds`: run it
+        (unless `run` is False), record and save the turn."""
         turn = Turn(step, code, sample=dataclasses.asdict(self.settings.sample))
         turn.timings["generate_s"] = round(seconds, 4)
         return self.keep(turn, on_output, run)

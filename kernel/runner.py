@@ -245,10 +245,8 @@ class KernelRunner:
             frontend.stream("stderr", "(the model wrote no code)\n")
         if self._cancel.is_set():
             raise GenerationStopped
-        turn = Turn(text, code, sample=dataclasses.asdict(session.settings.sample))
-        turn.timings["generate_s"] = round(seconds, 4)
         self._phase = "running"
-        turn = session.keep(turn, frontend.output, run=self.run_mode == "auto")
+        turn = session.add_step(text, code, seconds, frontend.output, self.run_mode == "auto")
         return self._turn_outcome(turn, frontend)
 
     def _run_code(self, session: Session, code: str, frontend: Frontend) -> CellOutcome:
