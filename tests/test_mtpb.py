@@ -20,7 +20,7 @@ from codegen_repl import mtpb
 from codegen_repl.cli import app
 from codegen_repl.errors import ConfigError
 from codegen_repl.sandbox import SandboxConfig
-from tests.conftest import MTPB_DATA
+from tests.conftest import MTPB_DATA, needs_mtpb
 
 DATA = MTPB_DATA
 SANDBOX = SandboxConfig(workers=2, timeout_s=10.0, preload=("numpy",))
@@ -76,6 +76,7 @@ def records_for(problem: mtpb.Problem, turns_of: object) -> list[dict]:
 # ----------------------------------------------------------------------------- data
 
 
+@needs_mtpb
 def test_the_115_problems(problems: list[mtpb.Problem]) -> None:
     assert len(problems) == 115 and problems[0].id == "1" and problems[-1].id == "115"
     assert {p.category for p in problems} >= {"string", "math", "array", "data science"}
@@ -83,6 +84,7 @@ def test_the_115_problems(problems: list[mtpb.Problem]) -> None:
     assert {p.max_gen_length for p in problems} == {128, 256, 512}  # absent -> 256
 
 
+@needs_mtpb
 def test_turns_are_filled_from_the_input(problems: list[mtpb.Problem]) -> None:
     invert = mtpb.find_problem(problems, 11)
     turns = invert.turns(1)
@@ -97,6 +99,7 @@ def test_turns_are_filled_from_the_input(problems: list[mtpb.Problem]) -> None:
     assert program == mtpb.PREFIX + f"# {turns[0]}\na = 1\n\n# {invert.turns(0)[1]}\nb = 2\n\n"
 
 
+@needs_mtpb
 def test_selection(problems: list[mtpb.Problem]) -> None:
     assert [p.id for p in mtpb.select(problems, "1-3,42")] == ["1", "2", "3", "42"]
     with pytest.raises(ConfigError, match="unknown MTPB problems"):
@@ -130,6 +133,7 @@ def served(tmp_path: Path) -> Iterator[tuple[str, Path]]:
         server.server_close()
 
 
+@needs_mtpb
 def test_download_is_checked_and_cached(served: tuple[str, Path]) -> None:
     url, cache = served
     assert hashlib.sha256(DATA.read_bytes()).hexdigest() == mtpb.SHA256
@@ -140,6 +144,7 @@ def test_download_is_checked_and_cached(served: tuple[str, Path]) -> None:
     assert len(mtpb.load_problems(folder=cache)) == 115
 
 
+@needs_mtpb
 def test_corrupt_download_is_refused_and_not_cached(served: tuple[str, Path]) -> None:
     url, cache = served
     with pytest.raises(ConfigError, match=r"has sha256 .* expected 3ab79ddb.*nothing was cached"):
@@ -199,6 +204,7 @@ def test_last_expression_becomes_a_print() -> None:
     assert mtpb.SHOW not in ast.unparse(mtpb.last_expression_to_print("x = 1"))
 
 
+@needs_mtpb
 def test_hand_written_programs_pass_all_inputs_and_wrong_ones_fail(
     problems: list[mtpb.Problem],
 ) -> None:
@@ -215,6 +221,7 @@ def test_hand_written_programs_pass_all_inputs_and_wrong_ones_fail(
     assert report.per_problem["3"] == 0.5 and report.per_problem["1"] == 0.7
 
 
+@needs_mtpb
 def test_printing_rules_in_the_sandbox(problems: list[mtpb.Problem]) -> None:
     def record(program: str, gold: object) -> dict:
         return {"id": "3", "input": {}, "gold_output": gold, "completions": program}
@@ -234,6 +241,7 @@ def test_printing_rules_in_the_sandbox(problems: list[mtpb.Problem]) -> None:
     assert report.results[4]["detail"].startswith("failed: SyntaxError")
 
 
+@needs_mtpb
 def test_report_rates_and_pass_at_k(problems: list[mtpb.Problem]) -> None:
     three = mtpb.find_problem(problems, 3)
     records = records_for(three, CORRECT["3"]) + records_for(three, WRONG["3"][0])
@@ -262,6 +270,7 @@ def long_checkpoint(tmp_path_factory: pytest.TempPathFactory, tokenizer_files: P
     return folder
 
 
+@needs_mtpb
 def test_sample_writes_the_reference_format_and_resumes(
     tmp_path: Path, long_checkpoint: Path, problems: list[mtpb.Problem]
 ) -> None:
@@ -299,6 +308,7 @@ def test_sample_writes_the_reference_format_and_resumes(
     assert len(data["results"]) == 20 and set(data["per_problem"]) == {"3", "4"}
 
 
+@needs_mtpb
 def test_resume_drops_a_torn_problem(tmp_path: Path, problems: list[mtpb.Problem]) -> None:
     three = mtpb.find_problem(problems, 3)
     out = tmp_path / "samples.jsonl"
@@ -331,6 +341,7 @@ class ScriptedDecoder:
         return ["".join(self.generate(prompt, sample))]
 
 
+@needs_mtpb
 def test_replay_runs_turns_in_a_live_kernel_and_scores(
     tmp_path: Path, problems: list[mtpb.Problem]
 ) -> None:
@@ -352,6 +363,7 @@ def test_replay_runs_turns_in_a_live_kernel_and_scores(
     assert (tmp_path / "replay.ipynb").exists()
 
 
+@needs_mtpb
 def test_cli_replay_with_a_tiny_model(long_checkpoint: Path, tmp_path: Path) -> None:
     result = CliRunner().invoke(
         app, ["mtpb", "replay", "3", "--input", "1", "--model", str(long_checkpoint), "--yes",
@@ -364,6 +376,7 @@ def test_cli_replay_with_a_tiny_model(long_checkpoint: Path, tmp_path: Path) -> 
     assert "expected 3720" in result.output
 
 
+@needs_mtpb
 def test_cli_list_and_show() -> None:
     listed = CliRunner().invoke(app, ["mtpb", "list", "--problems", str(DATA)])
     assert listed.exit_code == 0, listed.output

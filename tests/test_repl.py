@@ -23,7 +23,7 @@ from codegen_repl.executor import Executor, ExecutorConfig
 from codegen_repl.render import Renderer, html_to_text
 from codegen_repl.repl import Repl
 from codegen_repl.session import Session, SessionSettings
-from tests.conftest import MTPB_DATA
+from tests.conftest import MTPB_DATA, needs_mtpb
 from tests.test_session import ScriptedDecoder
 
 SCRIPT = Path(sys.executable).with_name("codegen-repl")
@@ -215,6 +215,7 @@ MTPB_1 = [  # problem 1 ("Sandwich string"), test input 0: "abcde"
 ]  # fmt: skip
 
 
+@needs_mtpb
 def test_mtpb_plays_a_problem_in_a_new_session(tmp_path, executor) -> None:
     repl, out = make_repl(tmp_path, executor, *MTPB_1, *MTPB_1[:4], "print(chars[:2])")
     repl.mtpb_problems = MTPB_DATA
