@@ -40,11 +40,12 @@ from peers import (
     summarize,
 )
 
-from codegen_repl.context import MTPB_PREFIX, TurnText, build_context
-from codegen_repl.decoder import LocalDecoder
+from codegen_repl.core.context import MTPB_PREFIX, TurnText, build_context
+from codegen_repl.decoders.local import LocalDecoder
 from codegen_repl.model.config import CodeGenConfig
 from codegen_repl.model.modeling import CodeGen, init_cache
-from codegen_repl.model.sampling import SampleParams, bucket, prefill
+from codegen_repl.model.sample_params import SampleParams
+from codegen_repl.model.sampling import bucket, prefill
 from codegen_repl.model.tokenizer import CodeGenTokenizer
 
 LABEL = os.environ.get("BENCH_LABEL", "")

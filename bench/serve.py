@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 import make_random_checkpoint as checkpoints
 from decode import CHECKPOINTS, machine
 
-from codegen_repl.batching import EngineConfig
-from codegen_repl.server import ServerConfig, create_app, load_engine, serve_in_thread
+from codegen_repl.serve.app import ServerConfig, create_app, load_engine, serve_in_thread
+from codegen_repl.serve.engine import EngineConfig
 
 TINY = (2, 256, 8, 16)  # n_layer, n_embd, n_head, rotary_dim: a shape that decodes fast anywhere
 

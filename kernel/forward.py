@@ -14,7 +14,7 @@ from typing import Any
 
 from jupyter_client.blocking import BlockingKernelClient
 
-from codegen_repl.executor import Executor
+from codegen_repl.core.executor import Executor
 
 REQUEST_TIMEOUT_S = 15.0  # IPython's first completion imports jedi: seconds on a busy CPU
 

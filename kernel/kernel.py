@@ -28,14 +28,14 @@ from ipykernel.kernelbase import Kernel
 from traitlets import Bool, Float, Unicode
 
 from codegen_repl import __version__
-from codegen_repl.context import MTPB_PREFIX
+from codegen_repl.core.context import MTPB_PREFIX
+from codegen_repl.core.session import DEFAULT_SAMPLE, SessionSettings
 from codegen_repl.errors import CodeGenError, ConfigError
 from codegen_repl.kernel.cells import Cell, CodeView, magic_completions, parse_cell
 from codegen_repl.kernel.display import CODE_METADATA, code_bundle
 from codegen_repl.kernel.forward import ChildRequests
 from codegen_repl.kernel.options import ModelOptions
 from codegen_repl.kernel.runner import CellOutcome, KernelRunner, RunnerOptions
-from codegen_repl.session import DEFAULT_SAMPLE, SessionSettings
 
 SESSION_SUFFIX = ".codegen.ipynb"
 CHILD_START_WAIT_S = 60.0  # a completion request waits this long for the child to be up
@@ -121,7 +121,7 @@ class CodeGenKernel(Kernel, ModelOptions):
         notebook = os.environ.get("JPY_SESSION_NAME")  # set by jupyter_server for its kernels
         if notebook:
             return cwd / (Path(notebook).stem + SESSION_SUFFIX)
-        from codegen_repl.repl import new_session_path
+        from codegen_repl.repl.chat import new_session_path
 
         return new_session_path(cwd)
 

@@ -23,14 +23,14 @@ from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
 from IPython.display import display
 from traitlets import Bool, Integer, TraitError
 
-from codegen_repl.context import MTPB_PREFIX, TurnText, fit_context, step_line
+from codegen_repl.core.context import MTPB_PREFIX, TurnText, fit_context, step_line
 from codegen_repl.errors import CodeGenError
 from codegen_repl.kernel.display import CODE_METADATA, code_bundle
 from codegen_repl.kernel.options import ModelOptions
 from codegen_repl.userconfig import DEFAULT_MODEL, UserConfig
 
 if TYPE_CHECKING:
-    from codegen_repl.decoder import Decoder
+    from codegen_repl.core.decoding import Decoder
 
 # What applies when neither IPython's config nor config.toml sets an option.
 BUILT_IN: dict[str, object] = {
@@ -195,7 +195,7 @@ class CodeGenMagics(Magics, ModelOptions):
 
     def _generate(self, step: str, options: StepOptions) -> str:
         """Stream the step's code into a display; the code, truncated by CodeGen's rules."""
-        from codegen_repl.model.sampling import SampleParams
+        from codegen_repl.model.sample_params import SampleParams
 
         decoder = self._decoder(options.model or self.option("model"))
         temperature = options.temperature
@@ -218,7 +218,7 @@ class CodeGenMagics(Magics, ModelOptions):
         server, dtype = self.option("server"), self.option("dtype")
         key = (model, server, dtype)
         if key not in self._decoders:
-            from codegen_repl.decoder import open_decoder
+            from codegen_repl.core.decoding import open_decoder
 
             try:
                 self._decoders[key] = open_decoder(

@@ -19,16 +19,16 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from codegen_repl.commands import apply_setting
+from codegen_repl.core.commands import apply_setting
+from codegen_repl.core.executor import Executor, ExecutorConfig
+from codegen_repl.core.session import Session, SessionSettings, Turn
 from codegen_repl.errors import CheckpointError, CodeGenError, ConfigError
-from codegen_repl.executor import Executor, ExecutorConfig
 from codegen_repl.kernel.cells import Magic, help_text, parse_cell
 from codegen_repl.kernel.display import code_bundle
-from codegen_repl.session import Session, SessionSettings, Turn
 
 if TYPE_CHECKING:  # decoder.py imports JAX: the kernel does that in the background, not here
-    from codegen_repl.decoder import Decoder
-    from codegen_repl.model.sampling import SampleParams
+    from codegen_repl.core.decoding import Decoder
+    from codegen_repl.model.sample_params import SampleParams
 
 LoadDecoder = Callable[[str], "Decoder"]
 STATUS_ERRORS = {
@@ -162,7 +162,7 @@ class KernelRunner:
         self._cell_number = 0
 
     def _open_decoder(self, model: str) -> Decoder:
-        from codegen_repl.decoder import open_decoder
+        from codegen_repl.core.decoding import open_decoder
 
         options = self.options
         return open_decoder(
@@ -359,7 +359,7 @@ class KernelRunner:
     def _mtpb(self, argument: str, frontend: Frontend) -> CellOutcome:
         """Play an MTPB problem turn by turn in a fresh session (new child kernel, no earlier
         turns, so the score is the problem's alone), then show MTPB's verdict."""
-        from codegen_repl import mtpb
+        from codegen_repl.evals import mtpb
 
         number, index, problems = parse_mtpb(argument)
         problem = mtpb.find_problem(mtpb.load_problems(problems), number)

@@ -15,7 +15,6 @@ drive them with a fake model. Keys are explicit: step `t` of a request uses
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -23,7 +22,6 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from codegen_repl.errors import ConfigError
 from codegen_repl.model.modeling import (
     NO_POSITION,
     CodeGen,
@@ -33,65 +31,12 @@ from codegen_repl.model.modeling import (
     slot_positions,
     write_cache,
 )
+from codegen_repl.model.sample_params import SampleMode, SampleParams
 
 Params = Any  # a params pytree (see checkpoint.Params); a fake model may use anything
 # (params, tokens [batch, seq], positions [batch, seq], memory) -> (logits, new keys/values)
 LogitsFn = Callable[[Params, jax.Array, jax.Array, tuple[Segment, ...]], tuple[jax.Array, KVCache]]
 MIN_CACHE = 64  # the smallest cache; prefill widths go down to 1 (a new turn is often short)
-
-
-@dataclasses.dataclass(frozen=True)
-class SampleParams:
-    """How to choose tokens and where to stop.
-
-    Args:
-        max_new_tokens: most tokens to generate per sample.
-        temperature: 0 is greedy; otherwise logits are divided by it.
-        top_p: nucleus mass in (0, 1]; 1 is off.
-        top_k: keep the k most likely tokens; 0 is off.
-        n: samples per prompt, decoded as one batch.
-        seed: the random seed; the same seed gives the same samples.
-        stop: strings that end a sample (not included in it).
-        codegen_rules: apply CodeGen's truncation rules (see codegen_repl.truncation).
-    """
-
-    max_new_tokens: int = 128
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    n: int = 1
-    seed: int = 0
-    stop: tuple[str, ...] = ()
-    codegen_rules: bool = False
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ConfigError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ConfigError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
-        if self.n < 1:
-            raise ConfigError(f"n must be >= 1, got {self.n}")
-
-    @property
-    def mode(self) -> SampleMode:
-        return SampleMode(self.temperature == 0, self.top_k > 0, self.top_p < 1)
-
-    def knobs(self) -> Knobs:
-        return Knobs(
-            jnp.float32(self.temperature or 1.0), jnp.float32(self.top_p), jnp.int32(self.top_k)
-        )
-
-
-class SampleMode(NamedTuple):
-    """The static part of the sampling settings: which code paths are compiled in."""
-
-    greedy: bool
-    top_k: bool
-    top_p: bool
 
 
 class Knobs(NamedTuple):
@@ -100,6 +45,13 @@ class Knobs(NamedTuple):
     temperature: jax.Array  # scalar f32
     top_p: jax.Array  # scalar f32
     top_k: jax.Array  # scalar i32
+
+
+def knobs(sample: SampleParams) -> Knobs:
+    """The traced sampling settings of `sample` (changing them does not recompile)."""
+    return Knobs(
+        jnp.float32(sample.temperature or 1.0), jnp.float32(sample.top_p), jnp.int32(sample.top_k)
+    )
 
 
 class DecodeState(NamedTuple):

@@ -194,7 +194,7 @@ def chat_checkpoint(tmp_path_factory: pytest.TempPathFactory, tokenizer_files: P
 
 def local_decoder(checkpoint: Path, tokenizer_folder: Path, **options: object):
     """A LocalDecoder over a checkpoint folder (the tokenizer may come from elsewhere)."""
-    from codegen_repl.decoder import LocalDecoder
+    from codegen_repl.decoders.local import LocalDecoder
     from codegen_repl.model.checkpoint import load_model
     from codegen_repl.model.tokenizer import CodeGenTokenizer
 

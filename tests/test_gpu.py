@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from codegen_repl.model.sampling import SampleParams
+from codegen_repl.model.sample_params import SampleParams
 from tests.conftest import decoded_ids, local_decoder, torch_logits
 from tests.model.test_modeling import LOGIT_TOLERANCE, jax_logits, relative_error
 

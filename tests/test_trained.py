@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from codegen_repl.context import MTPB_PREFIX
-from codegen_repl.decoder import LocalDecoder
-from codegen_repl.model.sampling import SampleParams
+from codegen_repl.core.context import MTPB_PREFIX
+from codegen_repl.decoders.local import LocalDecoder
+from codegen_repl.model.sample_params import SampleParams
 from tests.trained import PAIRS, expected_prompt
 
 

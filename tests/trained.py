@@ -21,7 +21,7 @@ import numpy as np
 import optax
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from codegen_repl.context import MTPB_PREFIX, TurnText, build_context
+from codegen_repl.core.context import MTPB_PREFIX, TurnText, build_context
 from codegen_repl.model.checkpoint import save_hf
 from codegen_repl.model.config import CodeGenConfig
 from codegen_repl.model.modeling import CodeGen

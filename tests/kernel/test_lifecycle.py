@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from jupyter_client.blocking import BlockingKernelClient
 
+from tests.core.test_executor import gone
 from tests.kernel.conftest import install, kernel_env
 from tests.kernel.helpers import kernel, pid_of, run_cell, shell_reply
-from tests.test_executor import gone
 
 pytestmark = pytest.mark.slow
 NAME = "codegen-lifecycle-test"

@@ -13,7 +13,7 @@ import pytest
 
 from codegen_repl.errors import CheckpointError
 from codegen_repl.kernel.runner import KernelRunner, RunnerOptions
-from codegen_repl.model.sampling import SampleParams
+from codegen_repl.model.sample_params import SampleParams
 
 
 class SlowDecoder:

@@ -9,7 +9,7 @@ import torch
 
 from codegen_repl.model.checkpoint import load_model
 from codegen_repl.model.modeling import CodeGen, apply_rotary, rotary_angles
-from codegen_repl.model.sampling import SampleParams
+from codegen_repl.model.sample_params import SampleParams
 from tests.conftest import decoded_ids, hf_codegen, local_decoder, save_bin, torch_logits
 
 # fp32, relative to the logit scale (max |logit| of the reference); never loosened.

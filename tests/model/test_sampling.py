@@ -9,12 +9,13 @@ import pytest
 
 from codegen_repl.errors import ConfigError
 from codegen_repl.model.modeling import LayerCache
+from codegen_repl.model.sample_params import SampleParams
 from codegen_repl.model.sampling import (
     DecodeState,
-    SampleParams,
     bucket,
     choose_tokens,
     decode_chunk,
+    knobs,
 )
 
 VOCAB = 8
@@ -39,7 +40,7 @@ def sample_many(sample: SampleParams, rows: int = 4000, steps: int = 4) -> np.nd
     logits = jnp.broadcast_to(LOGITS, (rows, VOCAB))
     state = DecodeState(cache, logits, jnp.int32(0), jnp.int32(0))
     _, tokens = decode_chunk(
-        fake_logits_fn, {}, state, jax.random.key(sample.seed), sample.knobs(), steps, sample.mode
+        fake_logits_fn, {}, state, jax.random.key(sample.seed), knobs(sample), steps, sample.mode
     )
     return np.asarray(tokens)
 
@@ -103,7 +104,7 @@ def test_steps_use_their_own_keys_whatever_the_chunking() -> None:
     pieces = []
     for steps in (2, 4):
         state, tokens = decode_chunk(
-            fake_logits_fn, {}, state, jax.random.key(5), sample.knobs(), steps, sample.mode
+            fake_logits_fn, {}, state, jax.random.key(5), knobs(sample), steps, sample.mode
         )
         pieces.append(np.asarray(tokens))
     np.testing.assert_array_equal(np.concatenate(pieces, axis=1), one_chunk)
@@ -119,7 +120,7 @@ def test_changing_knob_values_does_not_recompile() -> None:
 def test_choose_tokens_greedy_per_row() -> None:
     logits = jnp.asarray([[0.0, 2.0, 1.0], [5.0, 0.0, 0.0]])
     mode = SampleParams().mode
-    assert choose_tokens(logits, jax.random.key(0), SampleParams().knobs(), mode).tolist() == [
+    assert choose_tokens(logits, jax.random.key(0), knobs(SampleParams()), mode).tolist() == [
         1,
         0,
     ]

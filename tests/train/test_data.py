@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from codegen_repl.cli import app
+from codegen_repl.cli.app import app
 from codegen_repl.model.tokenizer import CodeGenTokenizer
 from codegen_repl.train.data import PAD, BuildConfig, PackedSource, build_dataset, make_loader
 

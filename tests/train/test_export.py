@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from codegen_repl.cli import app
+from codegen_repl.cli.app import app
 from codegen_repl.model.modeling import CodeGen
 from codegen_repl.train.config import TrainConfig
 from codegen_repl.train.export import export, load_trained_params

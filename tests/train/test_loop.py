@@ -96,7 +96,7 @@ def same_params(run: Path, other: Path, step: int) -> bool:
 def test_ctrl_c_saves_a_checkpoint_and_exits_130(dataset: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     command = [
-        sys.executable, "-m", "codegen_repl.cli", "train", "--data", str(dataset), "--out",
+        sys.executable, "-m", "codegen_repl.cli.app", "train", "--data", str(dataset), "--out",
         str(out), "--steps", "100000", "--batch-size", "4", "compute_dtype=float32",
         "log_every=1", "eval_every=0", "save_every=0",
     ]  # fmt: skip
@@ -158,7 +158,7 @@ def test_fine_tuning_starts_at_the_checkpoint_loss(
 def test_train_cli_reports_bad_input_in_one_line(dataset: Path, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from codegen_repl.cli import app
+    from codegen_repl.cli.app import app
 
     runner = CliRunner()
     run = ["--out", str(tmp_path / "run")]

@@ -1,0 +1,1 @@
+"""The `codegen-repl` command line: a typer app (`app.py`), one module per command group."""

@@ -1,0 +1,3 @@
+"""Benchmarks: MTPB (`mtpb`), HumanEval (`humaneval`), and the sandbox that runs untrusted
+samples (`sandbox`).
+"""

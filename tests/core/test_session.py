@@ -1,0 +1,232 @@
+"""The Session over a real IPython kernel; a scripted decoder stands in for the model except
+in the end-to-end test, which uses a tiny real checkpoint."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from codegen_repl.core.context import MTPB_PREFIX
+from codegen_repl.core.executor import Executor, ExecutorConfig
+from codegen_repl.core.session import Session, SessionSettings
+from codegen_repl.errors import ConfigError
+from codegen_repl.model.sample_params import SampleParams
+from tests.conftest import local_decoder
+
+
+class ScriptedDecoder:
+    """Answers each step with the next scripted snippet, and records the prompts it saw."""
+
+    max_context = 2048
+
+    def __init__(self, *codes: str) -> None:
+        self.codes = list(codes)
+        self.prompts: list[str] = []
+
+    def count_tokens(self, text: str) -> int:
+        return len(text.split())
+
+    def generate(self, prompt: str, sample: SampleParams) -> Iterator[str]:
+        self.prompts.append(prompt)
+        code = self.codes.pop(0)
+        yield from (code[: len(code) // 2], code[len(code) // 2 :])
+
+    def complete(self, prompt: str, sample: SampleParams) -> list[str]:
+        return ["".join(self.generate(prompt, sample))]
+
+
+@pytest.fixture
+def executor(tmp_path: Path) -> Iterator[Executor]:
+    with Executor(ExecutorConfig(cwd=tmp_path)) as running:
+        running.start()
+        yield running
+
+
+def peek(executor: Executor, expression: str) -> str:
+    """The kernel's repr of an expression, without making a turn."""
+    result = executor.run(expression)
+    assert result.status == "ok", result.outputs
+    return result.outputs[-1]["data"]["text/plain"]
+
+
+def test_turns_build_the_mtpb_context_and_keep_kernel_state(tmp_path, executor) -> None:
+    decoder = ScriptedDecoder("a = 1", "b = a + 1\nprint(b)")
+    session = Session(decoder, executor, tmp_path / "s.ipynb")
+    streamed: list[str] = []
+    first = session.step("Assign 1 to a.", on_text=streamed.append)
+    second = session.step("Add one to a and print it.")
+    assert "".join(streamed) == "a = 1"
+    assert (
+        decoder.prompts[1]
+        == MTPB_PREFIX + "# Assign 1 to a.\na = 1\n\n# Add one to a and print it.\n"
+    )
+    assert first.status == second.status == "ok"
+    assert second.outputs == [{"output_type": "stream", "name": "stdout", "text": "2\n"}]
+    user = session.run_code("c = b * 10")
+    assert user.step is None and peek(executor, "c") == "20"
+    assert session.program().endswith("print(b)\n\nc = b * 10\n\n")
+
+
+def test_the_notebook_is_saved_after_every_turn_and_validates(tmp_path, executor) -> None:
+    path = tmp_path / "s.ipynb"
+    session = Session(ScriptedDecoder("x = [1]", "x.append(2)\nx"), executor, path)
+    session.step("Make a list.")
+    saved = nbformat.read(str(path), as_version=4)
+    nbformat.validate(saved)
+    assert [c.cell_type for c in saved.cells] == ["markdown", "code"]
+    session.step("Append 2.")
+    saved = nbformat.read(str(path), as_version=4)
+    assert saved.cells[-1].outputs[0]["data"]["text/plain"] == "[1, 2]"
+    assert saved.metadata["codegen"]["settings"]["prefix"] == MTPB_PREFIX
+    assert not list(tmp_path.glob(".s.ipynb.*"))  # no temp files left behind
+
+
+def test_undo_restores_the_kernel_to_before_the_turn(tmp_path, executor) -> None:
+    session = Session(ScriptedDecoder("items = []", "items.append(1)"), executor)
+    session.step("Make a list.")
+    session.step("Append one.")
+    assert peek(executor, "items") == "[1]"
+    dropped = session.undo()
+    assert dropped is not None and dropped.code == "items.append(1)"
+    assert peek(executor, "items") == "[]"
+    assert len(session.turns) == 1
+
+
+def test_retry_resamples_from_the_state_before(tmp_path, executor) -> None:
+    decoder = ScriptedDecoder("items = []", "items.append(1)", "items.append(2)")
+    session = Session(decoder, executor)
+    session.step("Make a list.")
+    session.step("Append something.")
+    again = session.retry()
+    assert again.code == "items.append(2)"
+    assert peek(executor, "items") == "[2]"
+    assert decoder.prompts[2] == decoder.prompts[1]
+
+
+def test_edit_reruns_the_turn_and_those_after(tmp_path, executor) -> None:
+    decoder = ScriptedDecoder("items = [0]", "items.append(1)", "total = sum(items)")
+    session = Session(decoder, executor)
+    for step in ("Make a list.", "Append one.", "Sum it."):
+        session.step(step)
+    session.edit(0, "items = [10]")
+    assert peek(executor, "items") == "[10, 1]"
+    assert peek(executor, "total") == "11"
+    with pytest.raises(ConfigError, match=r"there is no turn 7; turns are 0..2"):
+        session.edit(7, "x")
+
+
+def test_a_failing_turn_is_kept_but_not_replayed(tmp_path, executor) -> None:
+    session = Session(ScriptedDecoder("n = 1", "n += 1\n1 / 0", "m = n"), executor)
+    session.step("One.")
+    failed = session.step("Break.")
+    assert failed.status == "error"
+    assert failed.outputs[-1]["ename"] == "ZeroDivisionError"
+    session.step("Copy.")
+    session.undo()  # replays turn 0 only: the failed turn's side effects are gone
+    assert peek(executor, "n") == "1"
+
+
+OWNER = textwrap.dedent(
+    """
+    import os, signal, sys
+    from pathlib import Path
+    from codegen_repl.core.executor import Executor, ExecutorConfig
+    from codegen_repl.core.session import Session
+    from tests.core.test_session import ScriptedDecoder
+
+    path = Path(sys.argv[1])
+    executor = Executor(ExecutorConfig(cwd=path.parent))
+    executor.start()
+    decoder = ScriptedDecoder("log = ['one']", "log.append('two')")
+    session = Session(decoder, executor, path)
+    session.step("Start a log.")
+    session.step("Log two.")
+    os.kill(os.getpid(), signal.SIGKILL)
+    """
+)
+
+
+def test_resume_after_the_owner_is_killed(tmp_path) -> None:
+    path = tmp_path / "crash.ipynb"
+    done = subprocess.run(
+        [sys.executable, "-c", OWNER, str(path)], capture_output=True, text=True, timeout=120,
+        cwd=Path(__file__).parent.parent,
+    )  # fmt: skip
+    assert done.returncode == -9, done.stderr
+    nbformat.validate(nbformat.read(str(path), as_version=4))
+    with Executor(ExecutorConfig(cwd=tmp_path)) as executor:
+        executor.start()
+        session = Session.open(path, ScriptedDecoder(), executor)
+        assert [t.step for t in session.turns] == ["Start a log.", "Log two."]
+        assert peek(executor, "log") == "['one', 'two']"
+
+
+def test_export_to_python(tmp_path, executor) -> None:
+    session = Session(ScriptedDecoder("a = 1"), executor, settings=SessionSettings(prefix=""))
+    session.step("Set a.")
+    session.save(tmp_path / "program.py")
+    assert (tmp_path / "program.py").read_text() == "# Set a.\na = 1\n\n"
+
+
+def test_open_a_missing_session(tmp_path, executor) -> None:
+    with pytest.raises(ConfigError, match=r"does not exist; start a new session"):
+        Session.open(tmp_path / "none.ipynb", ScriptedDecoder(), executor)
+
+
+def test_end_to_end_with_a_tiny_model(tmp_path, executor, chat_checkpoint, tokenizer_files):
+    decoder = local_decoder(chat_checkpoint, tokenizer_files)
+    settings = SessionSettings(sample=SampleParams(max_new_tokens=16))
+    session = Session(decoder, executor, tmp_path / "e2e.ipynb", settings)
+    turn = session.step("Print hello.")
+    assert turn.status in {"ok", "error"}  # random weights write random code; it must run
+    assert turn.timings["generate_s"] > 0
+    saved = nbformat.read(str(tmp_path / "e2e.ipynb"), as_version=4)
+    assert saved.cells[-1].source == turn.code
+
+
+def test_a_matplotlib_figure_is_a_png(tmp_path, executor) -> None:
+    pytest.importorskip("matplotlib", reason="matplotlib is in the test extra")
+    code = "import matplotlib.pyplot as plt\nplt.plot([1, 3, 2])\nplt.show()"
+    turn = Session(ScriptedDecoder(code), executor).step("Plot a line.")
+    images = [o for o in turn.outputs if "image/png" in o.get("data", {})]
+    assert turn.status == "ok" and len(images) == 1
+
+
+def test_a_segfault_restarts_and_replays(tmp_path, executor) -> None:
+    crash = "import ctypes\nctypes.string_at(0)"
+    session = Session(ScriptedDecoder("kept = 41", crash, "kept += 1"), executor)
+    session.step("Keep a number.")
+    died = session.step("Crash.")
+    assert died.status == "died" and "restarted" in died.message
+    session.step("Add one.")
+    assert peek(executor, "kept") == "42"
+
+
+def test_a_huge_allocation_under_a_memory_limit(tmp_path) -> None:
+    config = ExecutorConfig(cwd=tmp_path, memory_limit_mb=1024)
+    with Executor(config) as executor:
+        executor.start()
+        decoder = ScriptedDecoder("small = 1", "big = bytearray(16 * 2**30)", "small += 1")
+        session = Session(decoder, executor)
+        session.step("Small.")
+        failed = session.step("Allocate 16 GiB.")
+        assert failed.status in {"error", "died"}
+        session.step("Go on.")
+        assert peek(executor, "small") == "2"
+
+
+def test_an_infinite_loop_times_out_and_the_session_goes_on(tmp_path, executor) -> None:
+    settings = SessionSettings(timeout=1.0)
+    session = Session(ScriptedDecoder("kept = 7", "while True:\n    pass", "kept += 1"), executor,
+                      settings=settings)  # fmt: skip
+    session.step("Keep seven.")
+    looped = session.step("Loop forever.")
+    assert looped.status == "timeout"
+    session.step("Add one.")
+    assert peek(executor, "kept") == "8"
