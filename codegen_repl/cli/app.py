@@ -50,7 +50,8 @@ def generate(
     With -n above 1, the samples are printed one after another, each followed by a line
     `<|sample-end|>`.
     """
-    from codegen_repl.decoders.local import LocalDecoder, default_cache_dir
+    from codegen_repl.decoders.local import LocalDecoder
+    from codegen_repl.userconfig import default_cache_dir
     from codegen_repl.model.sample_params import SampleParams
 
     with user_errors():

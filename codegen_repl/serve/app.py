@@ -540,7 +540,8 @@ async def _wait_disconnect(request: HttpRequest, job: _Job) -> None:
 def load_engine(config: ServerConfig) -> Engine:
     """Load the checkpoint, shard it over the local devices when there are several (tensor
     parallel), and start the engine."""
-    from codegen_repl.decoders.local import LocalDecoder, default_cache_dir
+    from codegen_repl.decoders.local import LocalDecoder
+    from codegen_repl.userconfig import default_cache_dir
 
     decoder = LocalDecoder.load(
         config.model, dtype=config.dtype, int8=config.int8,
