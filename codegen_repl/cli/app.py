@@ -51,8 +51,8 @@ def generate(
     `<|sample-end|>`.
     """
     from codegen_repl.decoders.local import LocalDecoder
-    from codegen_repl.userconfig import default_cache_dir
     from codegen_repl.model.sample_params import SampleParams
+    from codegen_repl.userconfig import default_cache_dir
 
     with user_errors():
         sample = SampleParams(
