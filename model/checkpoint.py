@@ -2,9 +2,10 @@
 
 Reads a local folder or a hub repository (through `huggingface_hub`, into the standard HF cache)
 holding `config.json` and the weights as `model.safetensors`, a sharded safetensors index, or
-`pytorch_model.bin` (+ index, through the optional torch extra). Tensors are read one at a time
-and converted straight to the target dtype, so a 16B checkpoint loads with about one bf16 copy
-of memory. This is the only module that knows HF tensor names.
+`pytorch_model.bin` (+ index; read by `torch_bin`, without torch and without running the pickle's
+code). Tensors are read one at a time and converted straight to the target dtype, so a 16B
+checkpoint loads with about one bf16 copy of memory. This is the only module that knows HF tensor
+names.
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes  # importing it registers bfloat16 with numpy (bf16 safetensors)
+import ml_dtypes  # noqa: F401 (importing it registers bfloat16 with numpy: bf16 safetensors)
 import numpy as np
 
 from codegen_repl.errors import CheckpointError, ConfigError
+from codegen_repl.model import torch_bin
 from codegen_repl.model.config import MP_NUM, CodeGenConfig
 
 Params = dict[str, Any]  # the Flax params pytree of `modeling.CodeGen`
@@ -69,10 +71,11 @@ def load_model(
 
 
 def read_config(path: Path) -> CodeGenConfig:
+    """The checkpoint's config.json; any fault is a CheckpointError naming the file."""
     try:
         return CodeGenConfig.from_json_file(path / "config.json")
-    except ConfigError as bad:
-        raise CheckpointError(f"cannot use the checkpoint in {path}: {bad}") from None
+    except ConfigError as bad:  # its message names the file, the field and what is expected
+        raise CheckpointError(str(bad)) from None
 
 
 # --------------------------------------------------------------------------------- finding files
@@ -199,20 +202,9 @@ def _read_safetensors(file: Path) -> Iterator[tuple[str, np.ndarray]]:
 
 
 def _read_torch_bin(file: Path) -> Iterator[tuple[str, np.ndarray]]:
-    try:
-        import torch
-    except ImportError:
-        raise CheckpointError(
-            f"{file.name} is a PyTorch checkpoint and torch is not installed; "
-            "install it with `pip install 'codegen-repl[torch]'`"
-        ) from None
-    state = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+    state = torch_bin.load_state_dict(file)  # views of the file: nothing is read yet
     for name in list(state):
-        tensor = state.pop(name)
-        if tensor.dtype == torch.bfloat16:  # torch cannot export bf16 to numpy; go by its bits
-            yield name, tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-        else:
-            yield name, tensor.numpy()
+        yield name, state.pop(name)
 
 
 # --------------------------------------------------------------------------------- name mapping
@@ -320,8 +312,10 @@ def load_params(path: Path, config: CodeGenConfig, dtype: jnp.dtype = jnp.float3
                 f"tensor {name!r} has shape {tuple(array.shape)}, expected {spec.hf_shape} "
                 f"from config.json; the weights and config.json in {path} do not match"
             )
-        value = spec.to_flax(np.asarray(array).astype(dtype, copy=False))
-        _set(params, spec.path, jax.device_put(np.ascontiguousarray(value)))
+        value = np.ascontiguousarray(spec.to_flax(np.asarray(array).astype(dtype, copy=False)))
+        if not value.flags.writeable:  # a view of a mapped file: JAX on CPU would alias it
+            value = value.copy()
+        _set(params, spec.path, jax.device_put(value))
     if mapping:
         missing = sorted(mapping, key=_natural)
         shown = ", ".join(missing[:5]) + (

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from codegen_repl.errors import ConfigError
 
@@ -17,6 +18,35 @@ MP_NUM = 4  # CodeGen-1 was trained on 4 model-parallel shards; its fused qkv ke
 SIZES = ("350M", "2B", "6B", "16B")
 VARIANTS = ("nl", "multi", "mono")
 ACTIVATIONS = ("gelu_new",)
+
+FieldKind = Literal["int", "int or null", "number", "bool", "str or null", "names", "activation"]
+_REQUIRED = object()  # the default of a config.json key that must be present
+# Every config.json key that is read, with the JSON type it must have and its default when absent.
+HF_FIELDS: dict[str, tuple[FieldKind, object]] = {
+    "model_type": ("str or null", None),
+    "architectures": ("names", None),
+    "tie_word_embeddings": ("bool", False),
+    "vocab_size": ("int", _REQUIRED),
+    "n_positions": ("int", 2048),
+    "n_embd": ("int", _REQUIRED),
+    "n_layer": ("int", _REQUIRED),
+    "n_head": ("int", _REQUIRED),
+    "rotary_dim": ("int or null", _REQUIRED),
+    "n_inner": ("int or null", None),
+    "layer_norm_epsilon": ("number", 1e-5),
+    "activation_function": ("activation", "gelu_new"),
+    "bos_token_id": ("int or null", 50256),
+    "eos_token_id": ("int", 50256),
+}
+_EXPECTED: dict[FieldKind, str] = {
+    "int": "an integer",
+    "int or null": "an integer or null",
+    "number": "a finite number",
+    "bool": "true or false",
+    "str or null": "a string",
+    "names": "a list of class names",
+    "activation": f"one of {', '.join(ACTIVATIONS)}",
+}
 
 # size -> (num_layers, hidden_size, num_heads, rotary_dim), from the published config.json files.
 _SHAPES: dict[str, tuple[int, int, int, int]] = {
@@ -63,6 +93,10 @@ class CodeGenConfig:
         for name in (*positive, "intermediate_size"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if not self.layer_norm_epsilon > 0:
+            raise ConfigError(
+                f"layer_norm_epsilon must be a positive number, got {self.layer_norm_epsilon}"
+            )
         if self.num_heads % MP_NUM:
             raise ConfigError(
                 f"num_heads must be a multiple of {MP_NUM} (CodeGen's fused qkv layout), "
@@ -135,40 +169,53 @@ class CodeGenConfig:
     # ----------------------------------------------------------------------------- HF config.json
 
     @classmethod
-    def from_hf_dict(cls, hf: dict[str, Any], hub_id: str | None = None) -> CodeGenConfig:
-        """Read the fields of an HF CodeGen `config.json` (already parsed)."""
+    def from_hf_dict(
+        cls, hf: dict[str, Any], hub_id: str | None = None, source: str = "config.json"
+    ) -> CodeGenConfig:
+        """Read the fields of an HF CodeGen `config.json` (already parsed), each type-checked.
+
+        Raises:
+            ConfigError: one line naming `source`, the field, its value and what is expected.
+        """
+        for key, (kind, default) in HF_FIELDS.items():
+            value = hf.get(key, default)
+            if value is _REQUIRED:
+                raise ConfigError(f"{source} lacks the required key '{key}'")
+            if not _is_kind(value, kind):
+                raise ConfigError(
+                    f"{source}: {key} is {_shown(value)}, expected {_EXPECTED[kind]}; "
+                    "fix that field or download the checkpoint again"
+                )
         model_type = hf.get("model_type")
         architectures = hf.get("architectures") or ["CodeGenForCausalLM"]
         if model_type != "codegen" or "CodeGenForCausalLM" not in architectures:
             raise ConfigError(
-                f"unsupported architecture: model_type={model_type!r}, "
+                f"{source}: unsupported architecture: model_type={model_type!r}, "
                 f"architectures={architectures}; only CodeGen-1 checkpoints "
                 "(model_type 'codegen', CodeGenForCausalLM) can be loaded"
             )
         if hf.get("tie_word_embeddings", False):
-            raise ConfigError("tie_word_embeddings=true is not CodeGen-1 (lm_head is untied)")
+            raise ConfigError(
+                f"{source}: tie_word_embeddings=true is not CodeGen-1 (lm_head is untied)"
+            )
+        hidden_size, num_heads = hf["n_embd"], hf["n_head"]
         try:
-            hidden_size = int(hf["n_embd"])
             return cls(
-                vocab_size=int(hf["vocab_size"]),
-                max_positions=int(hf.get("n_positions", 2048)),
+                vocab_size=hf["vocab_size"],
+                max_positions=hf.get("n_positions", 2048),
                 hidden_size=hidden_size,
-                num_layers=int(hf["n_layer"]),
-                num_heads=int(hf["n_head"]),
-                rotary_dim=int(hf["rotary_dim"] or hidden_size // int(hf["n_head"])),
-                intermediate_size=int(hf.get("n_inner") or 4 * hidden_size),
+                num_layers=hf["n_layer"],
+                num_heads=num_heads,
+                rotary_dim=hf["rotary_dim"] or max(hidden_size // max(num_heads, 1), 1),
+                intermediate_size=hf.get("n_inner") or 4 * hidden_size,
                 layer_norm_epsilon=float(hf.get("layer_norm_epsilon", 1e-5)),
-                activation=str(hf.get("activation_function", "gelu_new")),
-                bos_token_id=int(hf.get("bos_token_id", 50256) or 0),
-                eos_token_id=int(hf.get("eos_token_id", 50256)),
+                activation=hf.get("activation_function", "gelu_new"),
+                bos_token_id=hf.get("bos_token_id", 50256) or 0,
+                eos_token_id=hf.get("eos_token_id", 50256),
                 hub_id=hub_id,
             )
-        except KeyError as missing:
-            raise ConfigError(f"config.json lacks the required key {missing}") from None
-        except (TypeError, ValueError) as bad:
-            if isinstance(bad, ConfigError):
-                raise
-            raise ConfigError(f"config.json has a value of the wrong type: {bad}") from None
+        except ConfigError as bad:
+            raise ConfigError(f"{source}: {bad}") from None
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The `config.json` transformers' `CodeGenForCausalLM` loads."""
@@ -197,19 +244,55 @@ class CodeGenConfig:
 
     @classmethod
     def from_json_file(cls, path: Path, hub_id: str | None = None) -> CodeGenConfig:
+        """Read an HF `config.json`; every failure is one ConfigError line naming `path`."""
         try:
             hf = json.loads(Path(path).read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ConfigError(
                 f"{path} does not exist; a checkpoint folder needs config.json"
             ) from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as bad:
+        except IsADirectoryError:
+            raise ConfigError(
+                f"{path} is a folder; a checkpoint's config.json must be a JSON file"
+            ) from None
+        except OSError as bad:
+            raise ConfigError(f"{path} cannot be read: {bad.strerror or bad}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as bad:
             raise ConfigError(
                 f"{path} is not valid JSON ({bad}); re-download the checkpoint"
             ) from None
         if not isinstance(hf, dict):
             raise ConfigError(f"{path} must hold a JSON object, got {type(hf).__name__}")
-        return cls.from_hf_dict(hf, hub_id=hub_id)
+        return cls.from_hf_dict(hf, hub_id=hub_id, source=str(path))
 
     def to_json_file(self, path: Path) -> None:
         Path(path).write_text(json.dumps(self.to_hf_dict(), indent=2) + "\n", encoding="utf-8")
+
+
+def _is_kind(value: object, kind: FieldKind) -> bool:
+    """Whether a parsed JSON value has the type `kind` (JSON true/false are not integers)."""
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    match kind:
+        case "int":
+            return is_int
+        case "int or null":
+            return is_int or value is None
+        case "number":
+            return is_int or (isinstance(value, float) and math.isfinite(value))
+        case "bool":
+            return isinstance(value, bool)
+        case "str or null":
+            return isinstance(value, str) or value is None
+        case "names":
+            return value is None or (
+                isinstance(value, list) and all(isinstance(name, str) for name in value)
+            )
+        case "activation":
+            return value in ACTIVATIONS
+    return False
+
+
+def _shown(value: object) -> str:
+    """A JSON value as config.json spells it, cut to one short line."""
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."

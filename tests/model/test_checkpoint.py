@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -166,6 +169,37 @@ def test_missing_weights(tmp_path: Path, tiny_checkpoint) -> None:
     (folder / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match=r"holds no weights: expected model.safetensors"):
         load_model(folder)
+
+
+@pytest.mark.parametrize("fault", ["folder", "float", "string"])
+def test_bad_config_json_is_one_line_and_exit_status_2(tmp_path, tiny_checkpoint, fault) -> None:
+    """A config.json that is a folder used to give a 52-line traceback; `"n_embd": 64.5` or
+    `"64"` loaded silently as 64."""
+    folder = copy_checkpoint(tiny_checkpoint, tmp_path / "c")
+    config = folder / "config.json"
+    if fault == "folder":
+        config.unlink()
+        config.mkdir()
+        expected = f"{config} is a folder; a checkpoint's config.json must be a JSON file"
+    else:
+        value = 64.5 if fault == "float" else "64"
+        config.write_text(json.dumps(json.loads(config.read_text()) | {"n_embd": value}))
+        expected = (
+            f"{config}: n_embd is {json.dumps(value)}, expected an integer; "
+            "fix that field or download the checkpoint again"
+        )
+    with pytest.raises(CheckpointError) as error:
+        load_model(folder)
+    assert str(error.value) == expected
+    script = str(Path(sys.executable).with_name("codegen-repl"))
+    result = subprocess.run(
+        [script, "generate", "--model", str(folder), "x"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
+    assert (result.returncode, result.stdout, result.stderr) == (2, "", f"error: {expected}\n")
 
 
 def test_unknown_architecture(tmp_path: Path, tiny_checkpoint) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 import pytest
 import transformers
@@ -91,5 +92,75 @@ def test_config_json_errors(tmp_path) -> None:
         CodeGenConfig.from_json_file(tmp_path / "config.json")
     broken = CodeGenConfig.tiny().to_hf_dict() | {"vocab_size": "many"}
     (tmp_path / "config.json").write_text(json.dumps(broken))
-    with pytest.raises(ConfigError, match=r"wrong type"):
+    with pytest.raises(ConfigError, match=r'vocab_size is "many", expected an integer'):
         CodeGenConfig.from_json_file(tmp_path / "config.json")
+
+
+INTEGER_FIELDS = ["vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "eos_token_id"]
+NULLABLE_INTEGER_FIELDS = ["rotary_dim", "n_inner", "bos_token_id"]
+WRONG_TYPES = [
+    *[(key, value, "an integer") for key in INTEGER_FIELDS for value in (64.5, "64", True, None)],
+    *[(key, 64.0, "an integer") for key in INTEGER_FIELDS],
+    *[
+        (key, value, "an integer or null")
+        for key in NULLABLE_INTEGER_FIELDS
+        for value in (8.5, "8", False, [8])
+    ],
+    ("layer_norm_epsilon", "1e-5", "a finite number"),
+    ("layer_norm_epsilon", float("nan"), "a finite number"),
+    ("layer_norm_epsilon", float("inf"), "a finite number"),
+    ("layer_norm_epsilon", True, "a finite number"),
+    ("activation_function", "relu", "one of gelu_new"),
+    ("activation_function", 1, "one of gelu_new"),
+    ("tie_word_embeddings", "false", "true or false"),
+    ("tie_word_embeddings", 0, "true or false"),
+    ("architectures", "CodeGenForCausalLM", "a list of class names"),
+    ("architectures", [1], "a list of class names"),
+    ("model_type", 7, "a string"),
+]
+
+
+@pytest.mark.parametrize(("key", "value", "expected"), WRONG_TYPES)
+def test_every_config_json_field_is_type_checked(tmp_path, key, value, expected) -> None:
+    """`"n_embd": 64.5` or `"64"` used to load as 64; now each is one line naming all of it."""
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(CodeGenConfig.tiny().to_hf_dict() | {key: value}))
+    with pytest.raises(ConfigError) as error:
+        CodeGenConfig.from_json_file(path)
+    assert str(error.value) == (
+        f"{path}: {key} is {json.dumps(value)}, expected {expected}; "
+        "fix that field or download the checkpoint again"
+    )
+
+
+def test_nulls_and_defaults_that_are_allowed(tmp_path) -> None:
+    hf = CodeGenConfig.tiny().to_hf_dict() | {"n_inner": None, "rotary_dim": None}
+    hf |= {"bos_token_id": None, "layer_norm_epsilon": 1, "architectures": None}
+    for key in ("n_positions", "activation_function", "tie_word_embeddings", "model_type"):
+        hf.pop(key)
+    hf["model_type"] = "codegen"
+    config = CodeGenConfig.from_hf_dict(hf)
+    assert (config.intermediate_size, config.rotary_dim, config.bos_token_id) == (256, 16, 0)
+    assert (config.max_positions, config.layer_norm_epsilon) == (2048, 1.0)
+
+
+def test_validation_errors_name_the_file(tmp_path) -> None:
+    path = tmp_path / "config.json"
+    hf = CodeGenConfig.tiny().to_hf_dict()
+    for change, message in [
+        ({"n_head": 6, "n_embd": 96}, "num_heads must be a multiple of 4"),
+        ({"n_layer": -1}, "num_layers must be a positive integer, got -1"),
+        ({"layer_norm_epsilon": -1e-5}, "layer_norm_epsilon must be a positive number"),
+    ]:
+        path.write_text(json.dumps(hf | change))
+        with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}: {re.escape(message)}"):
+            CodeGenConfig.from_json_file(path)
+
+
+def test_config_json_that_is_a_folder(tmp_path) -> None:
+    (tmp_path / "config.json").mkdir()
+    with pytest.raises(ConfigError) as error:
+        CodeGenConfig.from_json_file(tmp_path / "config.json")
+    assert str(error.value) == (
+        f"{tmp_path / 'config.json'} is a folder; a checkpoint's config.json must be a JSON file"
+    )
