@@ -2,6 +2,7 @@
 
     python bench/decode.py cpu        # 350M shape, prompt 128, 64 new, batch 1 greedy
     python bench/decode.py gpu        # 350M b1 greedy and b8 sampled, 2B and 16B b1
+    python bench/decode.py gpu --sizes tiny --peer-sizes none   # the same code path, in seconds
     python bench/decode.py multiturn  # time to first token at turn 10 / turn 1
     python bench/decode.py coldstart  # process start to first token, warm compilation cache
 
@@ -45,7 +46,13 @@ from codegen_repl.decoders.local import LocalDecoder
 from codegen_repl.model.config import CodeGenConfig
 from codegen_repl.model.modeling import CodeGen, init_cache
 from codegen_repl.model.sample_params import SampleParams
-from codegen_repl.model.sampling import bucket, prefill
+from codegen_repl.model.sampling import (
+    bucket,
+    decode_chunk,
+    empty_state,
+    prefill_prompt,
+    request_knobs,
+)
 from codegen_repl.model.tokenizer import CodeGenTokenizer
 
 LABEL = os.environ.get("BENCH_LABEL", "")
@@ -81,7 +88,7 @@ def bench_project(
     """Whole generations of exactly max_new_tokens (stop rules and EOS are not applied)."""
 
     def generate(new_tokens: int) -> None:
-        decoder._cache = None  # every run starts cold, as the peers do
+        decoder.forget()  # every run starts cold, as the peers do
         run = dataclasses.replace(sample, max_new_tokens=new_tokens)
         for _ in decoder.stream_tokens(prompt, run):
             pass
@@ -157,11 +164,22 @@ def gpu(args: argparse.Namespace) -> None:
         setup = {"size": size, "prompt": args.prompt, "new_tokens": args.new, "batch": batch,
                  "sampled": sampled}  # fmt: skip
         config = bench_config(size)
-        decoder = LocalDecoder(config, random_params(config, jnp.bfloat16), tokenizer)
-        impl = f"codegen-repl {decoder.dtype.name}"
-        emit(setup | bench_project(decoder, impl, prompt, sample, args.repeats))
-        emit(setup | prefill_time(decoder, prompt))
-        del decoder
+        params = random_params(config, jnp.bfloat16)
+        variants = [(chunk, args.attention[0]) for chunk in args.chunks]
+        variants += [(args.chunks[0], attention) for attention in args.attention[1:]]
+        for chunk_size, attention in variants if batch == 1 else variants[:1]:
+            decoder = LocalDecoder.create(
+                config, params, tokenizer, chunk_size=chunk_size, decode_attention=attention
+            )
+            impl = f"codegen-repl {decoder.dtype.name} chunk {chunk_size} attention {attention}"
+            emit(setup | bench_project(decoder, impl, prompt, sample, args.repeats))
+            if not args.quick:
+                emit(setup | {"impl": impl, **step_kernels(decoder, sample)})
+        if not args.quick:
+            emit(setup | prefill_time(decoder, prompt))
+        if args.trace and size == args.trace_size and batch == 1 and not args.quick:
+            emit(setup | trace(decoder, prompt, sample, Path(args.trace)))
+        del decoder, params
         if size in args.peer_sizes:
             run = functools.partial(
                 bench_transformers, None, prompt, args.new, batch=batch, sample=sampled,
@@ -171,21 +189,78 @@ def gpu(args: argparse.Namespace) -> None:
 
 
 def prefill_time(decoder: LocalDecoder, prompt: list[int], repeats: int = 10) -> dict:
-    """Milliseconds of the jitted prefill of the whole prompt into an empty cache."""
-    width, slots = bucket(len(prompt), smallest=1), bucket(len(prompt) + decoder.chunk_size)
-    tokens = jnp.asarray([prompt + [0] * (width - len(prompt))], jnp.int32)
+    """Milliseconds of the jitted prefill of the whole prompt into an empty cache (the path a
+    cold request takes: one fused causal attention, then one write into the cache)."""
+    length = bucket(len(prompt) + decoder.chunk_size)
     runs = []
     for attempt in range(repeats + 1):
-        cache = init_cache(decoder.config, 1, slots, decoder.dtype)
-        jax.block_until_ready(cache)
+        cache = init_cache(decoder.config, 1, length, decoder.dtype)
+        state = empty_state(cache, decoder.config.vocab_size)
+        jax.block_until_ready(state)
         start = time.perf_counter()
-        logits, cache = prefill(
-            decoder.logits_fn, decoder.params, tokens, jnp.int32(len(prompt)), cache, jnp.int32(0)
-        )
-        logits.block_until_ready()
+        state = prefill_prompt(decoder.logits_fn, decoder.params, state, prompt, 0, [0])
+        state.logits.block_until_ready()
         if attempt:
             runs.append(time.perf_counter() - start)
     return {"impl": "codegen-repl prefill", "prefill_ms": 1000 * min(runs)}
+
+
+def step_kernels(decoder: LocalDecoder, sample: SampleParams) -> dict:
+    """What one decode step launches: the instructions of the compiled decode loop's body that
+    are not free (parameters, tuples, constants, bitcasts), and per layer. On a GPU each is a
+    kernel (a fusion, a library call, a copy); the step's time is bound by them at small batch.
+    """
+    try:
+        length = bucket(512)
+        cache = init_cache(decoder.config, sample.n, length, decoder.dtype)
+        state = empty_state(cache, decoder.config.vocab_size)
+        compiled = decode_chunk.lower(
+            decoder.logits_fn, decoder.params, state, request_knobs(sample), decoder.chunk_size,
+            sample.mode,
+        ).compile()  # fmt: skip
+        ops = loop_body_ops(compiled.as_text())
+    except Exception as error:  # a measurement aid: never fail the benchmark for it
+        return {"step_kernels_error": f"{type(error).__name__}: {str(error)[:200]}"}
+    counts: dict[str, int] = {}
+    for op in ops:
+        counts[op] = counts.get(op, 0) + 1
+    layers = decoder.config.num_layers
+    return {"step_kernels": len(ops), "per_layer": round(len(ops) / layers, 1), "ops": counts}
+
+
+FREE_OPS = {"parameter", "get-tuple-element", "tuple", "constant", "bitcast", "copy-start",
+            "copy-done", "partition-id", "replica-id", "after-all", "opt-barrier"}  # fmt: skip
+
+
+def loop_body_ops(hlo: str) -> list[str]:
+    """Opcodes of the largest while-loop body of an HLO module's text, free ones left out."""
+    import re
+
+    bodies = set(re.findall(r"body=%?([\w.\-]+)", hlo))
+    computations = re.split(r"\n(?=\S)", hlo)
+    best: list[str] = []
+    for computation in computations:
+        name = re.match(r"%?([\w.\-]+)", computation.strip())
+        if name is None or name.group(1) not in bodies:
+            continue
+        ops = re.findall(r"=\s*\S+\s+([a-z][\w\-]*)\(", computation)
+        ops = [op for op in ops if op not in FREE_OPS]
+        best = max(best, ops, key=len)
+    return best
+
+
+def trace(decoder: LocalDecoder, prompt: list[int], sample: SampleParams, folder: Path) -> dict:
+    """A profiler trace of one warm generation of 32 tokens (TensorBoard/Perfetto): the
+    kernels of a decode step and their times."""
+    sample = dataclasses.replace(sample, max_new_tokens=min(32, sample.max_new_tokens))
+    try:
+        list(decoder.stream_tokens(prompt, sample))
+        decoder.forget()
+        with jax.profiler.trace(str(folder)):
+            list(decoder.stream_tokens(prompt, sample))
+        return {"impl": "trace", "folder": str(folder)}
+    except Exception as error:
+        return {"impl": "trace", "error": f"{type(error).__name__}: {str(error)[:200]}"}
 
 
 def bench_tokenizer() -> CodeGenTokenizer:
@@ -208,14 +283,14 @@ def multiturn(args: argparse.Namespace) -> None:
     and the second pass is timed, so no prefill bucket compiles while being timed."""
     config = bench_config(args.size)
     dtype = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
-    decoder = LocalDecoder(config, random_params(config, dtype), bench_tokenizer())
+    decoder = LocalDecoder.create(config, random_params(config, dtype), bench_tokenizer())
     for _ in range(2):
-        decoder._cache = None
+        decoder.forget()
         first_token_ms, context = session_first_tokens(decoder, args.new)
     ids = decoder.tokenizer.encode(context)
     cold_ms = []
     for _ in range(2):  # turn 10 without reuse: what a decoder that re-encodes history pays
-        decoder._cache = None
+        decoder.forget()
         start = time.perf_counter()
         next(decoder.stream_tokens(ids, SampleParams(args.new)))
         cold_ms.append(1000 * (time.perf_counter() - start))
@@ -285,7 +360,16 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=None)
     parser.add_argument("--new", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--chunks", default="16", help="gpu: decode chunk sizes to time (b1)")
+    parser.add_argument("--trace", default="", help="gpu: write a profiler trace here")
+    parser.add_argument("--trace-size", default="350M")
+    parser.add_argument("--quick", action="store_true", help="gpu: decode speed only")
+    parser.add_argument(
+        "--attention", default="auto", help="gpu: decode attentions to time (b1): auto,dot,sum"
+    )
     args = parser.parse_args()
+    args.chunks = [int(size) for size in args.chunks.split(",")]
+    args.attention = args.attention.split(",")
     gpu_run = args.what == "gpu"
     args.prompt = args.prompt or (512 if gpu_run else 128)
     args.new = args.new or (128 if gpu_run else 64)

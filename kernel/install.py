@@ -8,6 +8,7 @@ import json
 import re
 import sys
 import tempfile
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,14 @@ from codegen_repl.errors import ConfigError
 DEFAULT_NAME = "codegen"
 _NAME = re.compile(r"^[a-z0-9._-]+$", re.IGNORECASE)  # what jupyter_client accepts
 PLACES = ("user", "sys-prefix", "prefix")
+_HUB_ID = re.compile(r"^[\w-][\w.-]*/[\w.-]+$")  # owner/name, as the hub spells repository ids
+_HUB_CACHE = re.compile(r"models--[\w.-]+?--([\w.-]+)")  # the HF cache's folder of a repo
+# Folder names that say nothing about the model: look at the folder above instead.
+_GENERIC = re.compile(
+    r"(checkpoints?|exports?|exported|hf|model|final|latest|best|snapshots|[0-9a-f]{40}"
+    r"|(step|checkpoint|ckpt)?[-_]?\d+)",
+    re.IGNORECASE,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,10 +69,10 @@ class KernelInstall:
         return argv
 
     def spec(self) -> dict[str, Any]:
-        shown = self.model or self.server or "default model"
         spec = {
             "argv": self.argv(),
-            "display_name": self.display_name or f"CodeGen ({Path(shown).name or shown})",
+            "display_name": self.display_name
+            or f"CodeGen ({shown_model(self.model, self.server)})",
             "language": "codegen",
             "interrupt_mode": "signal",
             "metadata": {"debugger": False},
@@ -71,6 +80,49 @@ class KernelInstall:
         if self.api_key:
             spec["env"] = {"CODEGEN_API_KEY": self.api_key}
         return spec
+
+
+def check_model(model: str) -> None:
+    """A model the kernel can load: a checkpoint folder (with config.json) or a hub id.
+
+    Raises:
+        ConfigError: neither; the message says what to give instead.
+    """
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"{model} holds no config.json; give the checkpoint's folder")
+        return
+    if path.exists() or not _HUB_ID.match(model):
+        raise ConfigError(
+            f"{model} is neither a checkpoint folder nor a hub id like "
+            "'Salesforce/codegen-350M-mono'; check the path"
+        )
+
+
+def shown_model(model: str | None, server: str | None) -> str:
+    """What the kernel's display name says it runs: `codegen-350M-mono`, `server host:port`,
+    `codegen-350M-mono on host:port`."""
+    name = _model_name(model) if model else None
+    if server:
+        where = urllib.parse.urlsplit(server).netloc or server
+        return f"{name} on {where}" if name else f"server {where}"
+    return name or "configured model"
+
+
+def _model_name(model: str) -> str:
+    """A model's name: a hub id's repository, or the folder's name, skipping the folder names
+    that do not say which model (`checkpoint`, `export`, step numbers, hub snapshot hashes)."""
+    path = Path(model).expanduser()
+    if not path.exists() and _HUB_ID.match(model):
+        return model.split("/")[1]
+    for part in reversed(path.resolve().parts):
+        hub_cache = _HUB_CACHE.fullmatch(part)
+        if hub_cache:
+            return hub_cache.group(1)
+        if not _GENERIC.fullmatch(part):
+            return part
+    return model
 
 
 def _model_argument(model: str) -> str:

@@ -14,7 +14,6 @@ import asyncio
 import concurrent.futures
 import contextlib
 import contextvars
-import dataclasses
 import functools
 import os
 import signal
@@ -28,17 +27,17 @@ from ipykernel.kernelbase import Kernel
 from traitlets import Bool, Float, Unicode
 
 from codegen_repl import __version__
-from codegen_repl.core.context import MTPB_PREFIX
-from codegen_repl.core.session import DEFAULT_SAMPLE, SessionSettings
+from codegen_repl.core.executor import ShellRequest
+from codegen_repl.core.session import SessionSettings, new_session_path
 from codegen_repl.errors import CodeGenError, ConfigError
 from codegen_repl.kernel.cells import Cell, CodeView, magic_completions, parse_cell
 from codegen_repl.kernel.display import CODE_METADATA, code_bundle
-from codegen_repl.kernel.forward import ChildRequests
 from codegen_repl.kernel.options import ModelOptions
 from codegen_repl.kernel.runner import CellOutcome, KernelRunner, RunnerOptions
 
 SESSION_SUFFIX = ".codegen.ipynb"
 CHILD_START_WAIT_S = 60.0  # a completion request waits this long for the child to be up
+REQUEST_TIMEOUT_S = 15.0  # IPython's first completion imports jedi: seconds on a busy CPU
 T = TypeVar("T")
 _PLACEHOLDER = {"text/plain": "", "text/html": "<pre style='opacity: 0.6'>writing code…</pre>"}
 
@@ -62,7 +61,9 @@ class CodeGenKernel(Kernel, ModelOptions):
     run = Unicode(None, allow_none=True, help="auto: run each step; never: show it only.").tag(
         config=True
     )
-    timeout = Float(60.0, help="Seconds a turn may run (0: no limit).").tag(config=True)
+    timeout = Float(
+        None, allow_none=True, help="Seconds a turn may run (0: no limit; default 60)."
+    ).tag(config=True)
     session_path = Unicode(
         "", help=f"Autosave notebook; default: <notebook>{SESSION_SUFFIX} beside the notebook."
     ).tag(config=True)
@@ -79,7 +80,6 @@ class CodeGenKernel(Kernel, ModelOptions):
         except CodeGenError as error:
             self._startup_error = f"the kernel's options are invalid: {error}"
         else:
-            self._child = ChildRequests(self.runner.executor)
             # The child kernel starts while the user types the first cell.
             self._prestarted = self._worker.submit(self._prestart)
         self._cells_running = 0
@@ -88,29 +88,15 @@ class CodeGenKernel(Kernel, ModelOptions):
         signal.signal(signal.SIGINT, self._on_sigint)
 
     def runner_options(self) -> RunnerOptions:
-        """The kernel's options: its config (kernelspec argv), then config.toml, then defaults."""
-        from codegen_repl.userconfig import DEFAULT_MODEL, UserConfig
-
-        user = UserConfig.load()
-        sample = dataclasses.replace(
-            DEFAULT_SAMPLE,
-            temperature=_first(self.temperature, user.temperature, DEFAULT_SAMPLE.temperature),
-            top_p=_first(self.top_p, user.top_p, DEFAULT_SAMPLE.top_p),
-            max_new_tokens=_first(
-                self.max_new_tokens, user.max_new_tokens, DEFAULT_SAMPLE.max_new_tokens
-            ),
-        )
-        prefix = _first(self.prefix, user.prefix, MTPB_PREFIX)
-        settings = SessionSettings(prefix=prefix, sample=sample, timeout=self.timeout or None)
-        server = _first(self.server, user.server, "") or None
-        model = _first(self.model, user.model, "" if server else DEFAULT_MODEL)
-        run = _first(self.run, user.run, "auto")
+        """The kernel's options: its config (kernelspec argv) over config.toml over the
+        defaults. No one can answer "run it?" here, so run=ask (config.toml's) means auto."""
+        resolved = self.settings(can_ask=False)
+        settings = SessionSettings(resolved.prefix, resolved.sample, resolved.timeout)
         cwd = Path.cwd()
         return RunnerOptions(
-            model=model, cwd=cwd, server=server, api_key=self.api_key,
-            dtype=_first(self.dtype, user.dtype, "") or None,
-            session_path=self._session_file(cwd), settings=settings,
-            run_mode="auto" if run == "ask" else run,  # a kernel cannot ask: cells run
+            model=resolved.model, cwd=cwd, server=resolved.server, api_key=resolved.api_key,
+            dtype=resolved.dtype, session_path=self._session_file(cwd), settings=settings,
+            run_mode=resolved.run, context_window=resolved.context_window,
         )  # fmt: skip
 
     def _session_file(self, cwd: Path) -> Path | None:
@@ -121,8 +107,6 @@ class CodeGenKernel(Kernel, ModelOptions):
         notebook = os.environ.get("JPY_SESSION_NAME")  # set by jupyter_server for its kernels
         if notebook:
             return cwd / (Path(notebook).stem + SESSION_SUFFIX)
-        from codegen_repl.repl.chat import new_session_path
-
         return new_session_path(cwd)
 
     def _prestart(self) -> None:
@@ -198,7 +182,7 @@ class CodeGenKernel(Kernel, ModelOptions):
             matches, start = magic_completions(code, cursor)
             return answer | {"matches": matches, "cursor_start": start}
         view = cell.view
-        reply = await self._forward("complete", view.code, view.to_code(cursor))
+        reply = await self._forward("complete", code=view.code, cursor_pos=view.to_code(cursor))
         if reply is None or reply.get("status") != "ok":
             return answer
         return _mapped_completion(reply, view)
@@ -210,7 +194,10 @@ class CodeGenKernel(Kernel, ModelOptions):
         cell = _parsed(code)
         if cell is not None and cell.kind == "code" and cell.view is not None:
             view = cell.view
-            reply = await self._forward("inspect", view.code, view.to_code(cursor), detail_level)
+            position = view.to_code(cursor)
+            reply = await self._forward(
+                "inspect", code=view.code, cursor_pos=position, detail_level=detail_level
+            )
             if reply is not None:
                 return reply
         return {"status": "ok", "found": False, "data": {}, "metadata": {}}
@@ -224,25 +211,26 @@ class CodeGenKernel(Kernel, ModelOptions):
             return {"status": "complete"}
         if not cell.code.strip():
             return {"status": "incomplete", "indent": ""}  # `%%python` waits for its code
-        reply = await self._forward("is_complete", cell.code)
+        reply = await self._forward("is_complete", code=cell.code)
         return reply if reply is not None else {"status": "unknown"}
 
-    async def _forward(self, request: str, *args: Any) -> dict[str, Any] | None:
-        """The child's answer; None (at once) while a cell runs, since the child answers only
-        between cells, or when it does not run."""
+    async def _forward(self, request: ShellRequest, **content: Any) -> dict[str, Any] | None:
+        """The child's answer, asked through the session's Executor; None (at once) while a
+        cell runs, since the child answers only between cells, or when it does not run."""
         if self.runner is None or self._cells_running:
             return None
         with contextlib.suppress(TimeoutError):  # still starting: answer without it
             await asyncio.wait_for(asyncio.wrap_future(self._prestarted), CHILD_START_WAIT_S)
-        method = getattr(self._child, request)
-        return await self._in_thread(self._requests, method, *args)
+        executor = self.runner.executor
+        return await self._in_thread(
+            self._requests, executor.request, request, content, REQUEST_TIMEOUT_S
+        )
 
     # ------------------------------------------------------------------------- shutdown
 
     async def do_shutdown(self, restart: bool) -> dict[str, Any]:  # type: ignore[override]
         if self.runner is not None:
             self.runner.interrupt()
-            await self._in_thread(self._requests, self._child.close)
             await asyncio.get_running_loop().run_in_executor(None, self.runner.shutdown)
         self._worker.shutdown(wait=False, cancel_futures=True)
         self._requests.shutdown(wait=False, cancel_futures=True)
@@ -301,11 +289,6 @@ class IOPubFrontend:
 
     def error(self, ename: str, evalue: str, traceback: list[str]) -> None:
         self.send("error", {"ename": ename, "evalue": evalue, "traceback": traceback})
-
-
-def _first(*values: T | None) -> T:
-    """The first value that is not None (the last is the built-in default)."""
-    return next(value for value in values if value is not None)  # type: ignore[misc]
 
 
 def _parsed(code: str) -> Cell | None:

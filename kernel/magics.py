@@ -10,38 +10,38 @@ system (`c.CodeGenMagics.model = ...`) and `%codegen_config key=value`.
 
 from __future__ import annotations
 
+import argparse
 import ast
 import contextlib
 import dataclasses
 import re
 import sys
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from IPython.core.error import UsageError
-from IPython.core.magic import Magics, line_cell_magic, line_magic, magics_class
+from IPython.core.magic import (
+    Magics,
+    line_cell_magic,
+    line_magic,
+    magics_class,
+    no_var_expand,
+)
 from IPython.display import display
 from traitlets import Bool, Integer, TraitError
 
-from codegen_repl.core.context import MTPB_PREFIX, TurnText, fit_context, step_line
+from codegen_repl.core.context import TurnText, fit_context, step_line
+from codegen_repl.core.settings import Settings
 from codegen_repl.errors import CodeGenError
 from codegen_repl.kernel.display import CODE_METADATA, code_bundle
 from codegen_repl.kernel.options import ModelOptions
-from codegen_repl.userconfig import DEFAULT_MODEL, UserConfig
 
 if TYPE_CHECKING:
     from codegen_repl.core.decoding import Decoder
+    from codegen_repl.model.sample_params import SampleParams
 
-# What applies when neither IPython's config nor config.toml sets an option.
-BUILT_IN: dict[str, object] = {
-    "model": DEFAULT_MODEL, "server": "", "dtype": "", "temperature": 0.2, "top_p": 0.95,
-    "max_new_tokens": 128, "prefix": MTPB_PREFIX,
-}  # fmt: skip
 _SHOW_EVERY_S = 0.1
-_OPTION = re.compile(
-    r"\s*(?:(?P<insert>--insert)|(?:--model|-m)\s+(?P<model>\S+)"
-    r"|(?:--temperature|-t)\s+(?P<temperature>\S+))(?=\s|$)"
-)
+_RESOLVED = {field.name for field in dataclasses.fields(Settings)}  # the rest: this class's own
 _PLACEHOLDER = {"text/plain": "", "text/html": "<pre style='opacity: 0.6'>writing code…</pre>"}
 
 
@@ -54,24 +54,65 @@ class StepOptions:
     temperature: float | None = None
 
 
-def parse_options(line: str) -> tuple[StepOptions, str]:
+class _Parser(argparse.ArgumentParser):
+    """argparse whose every complaint is one UsageError line (never a SystemExit)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"%%codegen: {message} (options: --insert, --model M, -t T)")
+
+
+def _temperature(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"-t takes a number (0 = greedy), got {text!r}") from None
+
+
+_PARSER = _Parser(prog="%%codegen", add_help=False, allow_abbrev=False)
+_PARSER.add_argument("--insert", action="store_true")
+_PARSER.add_argument("--model", "-m")
+_PARSER.add_argument("--temperature", "-t", type=_temperature)
+_TAKES_VALUE = {"--model", "-m", "--temperature", "-t"}
+_WORD = re.compile(r"\S+")
+
+
+def parse_options(line: str, cell_form: bool = False) -> tuple[StepOptions, str]:
     """Leading `--insert`, `--model M` (`-m M`) and `-t T` (`--temperature T`); the rest of the
-    line is returned untouched (for `%codegen STEP` it is the step)."""
-    found: dict[str, Any] = {}
-    position = 0
-    while match := _OPTION.match(line, position):
-        for key, value in match.groupdict().items():
+    line is returned verbatim (for `%codegen STEP` it is the step; `--` ends the options).
+
+    Raises:
+        UsageError: an unknown option, an option without its value, a temperature that is not
+            a number, or (`cell_form`: the step is the cell's body) anything after the options.
+    """
+    words: list[str] = []
+    rest = len(line)
+    matches = _WORD.finditer(line)
+    for match in matches:
+        word = match.group()
+        if word == "--":
+            rest = match.end()
+            break
+        if not word.startswith("-") or _is_number(word):
+            rest = match.start()
+            break
+        words.append(word)
+        if word in _TAKES_VALUE:
+            value = next(matches, None)
             if value is not None:
-                found[key] = value
-        position = match.end()
-    temperature = found.get("temperature")
-    if temperature is not None:
-        try:
-            temperature = float(temperature)
-        except ValueError:
-            raise UsageError(f"-t takes a number (0 = greedy), got {temperature!r}") from None
-    options = StepOptions("insert" in found, found.get("model"), temperature)
-    return options, line[position:].strip()
+                words.append(value.group())
+    parsed = _PARSER.parse_args(words)
+    step = line[rest:].strip()
+    if cell_form and step:
+        raise UsageError(f"%%codegen: unexpected {step!r}; the step goes in the cell below")
+    return StepOptions(parsed.insert, parsed.model, parsed.temperature), step
+
+
+def _is_number(word: str) -> bool:
+    try:
+        float(word)
+    except ValueError:
+        return False
+    return True
 
 
 class NotebookHistory:
@@ -97,8 +138,8 @@ class NotebookHistory:
 class CodeGenMagics(Magics, ModelOptions):
     """`%%codegen`, `%codegen` and `%codegen_config`; configurable as `c.CodeGenMagics.*`."""
 
-    # model, server, api_key and the sampling options (None: config.toml, else BUILT_IN): see
-    # ModelOptions
+    # model, server, api_key and the sampling options (None: config.toml, else the default):
+    # see ModelOptions
     top_k = Integer(0, help="Keep the k likeliest tokens (0 = off).").tag(config=True)
     seed = Integer(0, help="Sampling seed.").tag(config=True)
     insert = Bool(False, help="Put code in the next cell instead of running it.").tag(config=True)
@@ -106,7 +147,7 @@ class CodeGenMagics(Magics, ModelOptions):
     def __init__(self, shell: Any, **kwargs: Any) -> None:
         super().__init__(shell=shell, **kwargs)
         self.history = NotebookHistory()
-        self._decoders: dict[tuple[str, str, str], Decoder] = {}
+        self._decoders: dict[tuple[str, str, str, str], Decoder] = {}
         self.ipython = shell  # Magics.shell is typed Optional; ours always has one
         shell.events.register("post_run_cell", self._after_cell)
 
@@ -116,6 +157,7 @@ class CodeGenMagics(Magics, ModelOptions):
     # ------------------------------------------------------------------------- magics
 
     @line_cell_magic
+    @no_var_expand  # the step is text for the model: `{d}` and `$cost` reach it as written
     def codegen(self, line: str, cell: str | None = None) -> None:
         """Write code for a step and run it here.
 
@@ -125,8 +167,7 @@ class CodeGenMagics(Magics, ModelOptions):
         --insert puts the code into the next cell instead of running it; --model (-m) uses
         another checkpoint folder or hub id for this step; -t sets the temperature (0 greedy).
         """
-        __tracebackhide__ = True  # errors of the generated code show its frames, not ours
-        options, rest = parse_options(line)
+        options, rest = parse_options(line, cell_form=cell is not None)
         step = (cell if cell is not None else rest).strip()
         if not step:
             raise UsageError("write the step: `%codegen STEP`, or `%%codegen` with the step below")
@@ -149,8 +190,9 @@ class CodeGenMagics(Magics, ModelOptions):
         """
         words = line.split()
         if not words:
+            resolved = self.resolved()
             for name in sorted(self.trait_names(config=True)):
-                value = self.option(name)
+                value = getattr(resolved if name in _RESOLVED else self, name)
                 shown = "(set)" if name == "api_key" and value else repr(value)
                 print(f"{name} = {shown}")
             return
@@ -167,19 +209,21 @@ class CodeGenMagics(Magics, ModelOptions):
     # ------------------------------------------------------------------------- helpers
 
     def option(self, name: str) -> Any:
-        """An option's value: IPython's config or %codegen_config, else config.toml, else
-        BUILT_IN."""
-        value = getattr(self, name)
-        if value is None and name in BUILT_IN:
-            try:
-                value = getattr(UserConfig.load(), name)
-            except CodeGenError as error:
-                raise UsageError(str(error)) from None
-        return BUILT_IN.get(name) if value is None else value
+        """An option's value: IPython's config or %codegen_config, else config.toml, else the
+        default (codegen_repl.core.settings)."""
+        return getattr(self.resolved(), name) if name in _RESOLVED else getattr(self, name)
 
-    def context_text(self, step: str | None = None) -> str:
-        text = self.option("prefix") + "".join(turn.render() for turn in self.history.turns)
-        return text + (step_line(step) if step is not None else "")
+    def resolved(self) -> Settings:
+        """The model and sampling options, resolved; a bad value is one UsageError line."""
+        try:
+            return self.settings(can_ask=False)
+        except CodeGenError as error:
+            raise UsageError(str(error)) from None
+
+    def context_text(self) -> str:
+        """The prefix and the turns so far, as the model sees them before the next step."""
+        prefix = self.resolved().prefix
+        return prefix + "".join(turn.render() for turn in self.history.turns)
 
     def _set(self, assignment: str) -> None:
         key, equals, value = assignment.partition("=")
@@ -195,35 +239,32 @@ class CodeGenMagics(Magics, ModelOptions):
 
     def _generate(self, step: str, options: StepOptions) -> str:
         """Stream the step's code into a display; the code, truncated by CodeGen's rules."""
-        from codegen_repl.model.sample_params import SampleParams
-
-        decoder = self._decoder(options.model or self.option("model"))
-        temperature = options.temperature
+        resolved = self.resolved()
+        decoder = self._decoder(options.model or resolved.model, resolved)
+        chosen = {} if options.temperature is None else {"temperature": options.temperature}
         try:
-            sample = SampleParams(
-                max_new_tokens=self.option("max_new_tokens"), top_p=self.option("top_p"),
-                temperature=self.option("temperature") if temperature is None else temperature,
-                top_k=self.top_k, seed=self.seed, codegen_rules=True,
-            )  # fmt: skip
+            sample = dataclasses.replace(
+                resolved.sample, top_k=self.top_k, seed=self.seed, codegen_rules=True, **chosen
+            )
             budget = decoder.max_context - sample.max_new_tokens
-            prefix, turns = self.option("prefix"), self.history.turns
-            fitted = fit_context(prefix, turns, step, budget, decoder.count_tokens)
+            turns = self.history.turns
+            fitted = fit_context(resolved.prefix, turns, step, budget, decoder.count_tokens)
         except CodeGenError as error:
             raise UsageError(str(error)) from None
         if fitted.warning:
             print(fitted.warning, file=sys.stderr)
         return stream_code(decoder, fitted.text, sample)
 
-    def _decoder(self, model: str) -> Decoder:
-        server, dtype = self.option("server"), self.option("dtype")
-        key = (model, server, dtype)
+    def _decoder(self, model: str, resolved: Settings) -> Decoder:
+        key = (model, resolved.server or "", resolved.dtype or "", str(resolved.context_window))
         if key not in self._decoders:
             from codegen_repl.core.decoding import open_decoder
 
             try:
                 self._decoders[key] = open_decoder(
-                    model, server=server or None, api_key=self.api_key, dtype=dtype or None
-                )
+                    model, server=resolved.server, api_key=resolved.api_key,
+                    dtype=resolved.dtype, context_window=resolved.context_window,
+                )  # fmt: skip
             except CodeGenError as error:
                 raise UsageError(f"{error} (set another with %codegen_config model=NAME)") from None
         return self._decoders[key]
@@ -236,7 +277,7 @@ class CodeGenMagics(Magics, ModelOptions):
             self.history.add_cell(info.raw_cell)
 
 
-def stream_code(decoder: Decoder, prompt: str, sample: Any) -> str:
+def stream_code(decoder: Decoder, prompt: str, sample: SampleParams) -> str:
     """Generate into a display that is updated as pieces arrive; Ctrl-C stops it (and stops
     the cell)."""
     handle = display(_PLACEHOLDER, raw=True, metadata=CODE_METADATA, display_id=True)
@@ -258,18 +299,34 @@ def stream_code(decoder: Decoder, prompt: str, sample: Any) -> str:
 
 def run_in_shell(shell: Any, code: str) -> None:
     """Run code as the body of the current cell: shown in tracebacks like a cell, its last
-    expression displayed, its exceptions left to IPython (which shows them and fails the cell)."""
-    __tracebackhide__ = True
+    expression displayed. Its exception fails the cell with a traceback of the generated code's
+    frames only (raised on, it would also show the `%%codegen` call and IPython's magic frames).
+    """
     filename = shell.compile.cache(code, shell.execution_count)
-    tree = ast.parse(code, filename)
-    last = tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
-    assert last is None or isinstance(last, ast.Expr)
     namespace = (shell.user_global_ns, shell.user_ns)
-    exec(compile(tree, filename, "exec"), *namespace)
-    if last is not None:
-        value = eval(compile(ast.Expression(last.value), filename, "eval"), *namespace)
-        if value is not None:
-            shell.displayhook(value)
+    try:
+        tree = ast.parse(code, filename)
+        last = tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
+        exec(compile(tree, filename, "exec"), *namespace)
+        value = None
+        if isinstance(last, ast.Expr):
+            value = eval(compile(ast.Expression(last.value), filename, "eval"), *namespace)
+    except (Exception, KeyboardInterrupt) as error:
+        _fail_cell(shell, error)
+        return
+    if value is not None:
+        shell.displayhook(value)
+
+
+def _fail_cell(shell: Any, error: BaseException) -> None:
+    """Show `error` as IPython shows a cell's own exception, from the generated code's first
+    frame on, and mark the running cell as failed."""
+    traceback = error.__traceback__
+    own = traceback.tb_next if traceback is not None else None  # skip run_in_shell's frame
+    shell.showtraceback((type(error), error, own or traceback), tb_offset=0)
+    result = getattr(shell.displayhook, "exec_result", None)  # the running cell's result
+    if result is not None:
+        result.error_in_exec = error
 
 
 def load_ipython_extension(ipython: Any) -> None:

@@ -1,10 +1,13 @@
 """The model and sampling options the kernel and the magics share, as traitlets: the
 kernelspec's argv (`--CodeGenKernel.model=...`), IPython's config (`c.CodeGenMagics.top_p`) and
-`%codegen_config` set them. None leaves the option to the user's config.toml, then the default."""
+`%codegen_config` set them. None leaves the option to the user's config.toml, then the default
+(codegen_repl.core.settings.resolve decides)."""
 
 from __future__ import annotations
 
 from traitlets import Float, HasTraits, Integer, Unicode
+
+from codegen_repl.core.settings import Overrides, Settings, resolve
 
 
 class ModelOptions(HasTraits):
@@ -20,3 +23,18 @@ class ModelOptions(HasTraits):
     top_p = Float(None, allow_none=True, help="Nucleus sampling mass.").tag(config=True)
     max_new_tokens = Integer(None, allow_none=True, help="Most tokens per step.").tag(config=True)
     prefix = Unicode(None, allow_none=True, help="Text before the first turn.").tag(config=True)
+    context_window = Integer(
+        None, allow_none=True, help="A decoder server's context window, if it does not say."
+    ).tag(config=True)
+
+    def settings(self, can_ask: bool) -> Settings:
+        """These options over config.toml over the defaults.
+
+        Raises:
+            ConfigError: an option or config.toml has a bad value (the message says which).
+        """
+        from codegen_repl.userconfig import UserConfig
+
+        names = self.trait_names(config=True)
+        given = Overrides.of({name: getattr(self, name) for name in names})
+        return resolve(given, UserConfig.load().overrides(), can_ask=can_ask)

@@ -12,54 +12,59 @@ Read top to bottom: rotary embeddings, attention, MLP, block, model. What must b
   `x + attn(ln(x)) + mlp(ln(x))`.
 - The MLP uses `gelu_new` (the tanh approximation); `lm_head` is untied and has a bias.
 
-The model never writes a cache: it attends to read-only `Segment`s of earlier tokens' keys
-and values (none for training; a KV cache, and the current decode chunk, for sampling) and
-returns the new tokens' keys and values for the caller to store (see sampling.py).
+Without a cache (training, scoring, a cold prefill) the tokens attend to each other through
+one fused causal attention (attention.py) and the model returns their keys and values for the
+caller to store. With a cache (decoding, a prefill after cached tokens) each layer first writes
+the new tokens' keys and values into the cache at their positions, then runs one attention of
+the new tokens over the whole cache, and the model returns the updated cache: one write and one
+attention per layer, whatever the number of new tokens (see sampling.py).
 """
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from codegen_repl.model.attention import causal_attention
 from codegen_repl.model.config import CodeGenConfig
 
 
 class LayerCache(NamedTuple):
-    # Heads before slots, so attention reads the cache as it lies (no per-step transpose).
-    keys: jax.Array  # [batch, heads, slots, head_dim]
-    values: jax.Array  # [batch, heads, slots, head_dim]
+    # Heads before positions, so attention reads the cache as it lies (no per-step transpose).
+    # Index p along the third axis holds the token at position p.
+    keys: jax.Array  # [batch, heads, length, head_dim]
+    values: jax.Array  # [batch, heads, length, head_dim]
 
 
 KVCache = tuple[LayerCache, ...]  # one entry per layer
-NO_POSITION = 2**30  # the position of an empty slot: later than any query, so never attended
+# How a decode step (one query per row) attends over the cache: "dot" as matmuls, "sum" as
+# products and sums that XLA fuses with the mask and softmax (fewer kernels on a GPU; slower
+# on XLA's CPU backend, measured 1.5x per 350M step), "auto" = "sum" on GPUs, "dot" elsewhere.
+DecodeAttention = Literal["auto", "dot", "sum"]
 
 
-class Segment(NamedTuple):
-    """Keys/values of earlier tokens that the new tokens attend to (read-only in the model).
-
-    Slot s holds the token at `positions[:, s]`; empty slots hold NO_POSITION.
-    """
-
-    cache: KVCache
-    positions: jax.Array  # [batch, slots] int32
-
-
-def init_cache(config: CodeGenConfig, batch: int, slots: int, dtype: jnp.dtype) -> KVCache:
-    """An empty cache for `batch` sequences of up to `slots` tokens."""
-    shape = (batch, config.num_heads, slots, config.head_dim)
+def init_cache(config: CodeGenConfig, batch: int, length: int, dtype: jnp.dtype) -> KVCache:
+    """An empty cache for `batch` sequences of up to `length` tokens."""
+    shape = (batch, config.num_heads, length, config.head_dim)
     return tuple(
         LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
         for _ in range(config.num_layers)
     )
 
 
-def write_cache(cache: KVCache, new: KVCache, start: jax.Array) -> KVCache:
-    """Store keys/values [batch, heads, seq, head_dim] at slots start..start+seq-1."""
+def cache_length(cache: KVCache) -> int:
+    """How many positions the cache holds per row."""
+    return cache[0].keys.shape[2]
+
+
+def write_cache(cache: KVCache, new: KVCache, start: jax.Array | int) -> KVCache:
+    """Store keys/values [batch, heads, seq, head_dim] at positions start..start+seq-1 of every
+    row (the caller makes them fit: a write past the end would be moved back onto earlier
+    positions)."""
     at = (0, 0, start, 0)
     return tuple(
         LayerCache(
@@ -70,14 +75,62 @@ def write_cache(cache: KVCache, new: KVCache, start: jax.Array) -> KVCache:
     )
 
 
-def slot_positions(
-    batch: int, slots: int, filled: jax.Array | int, start: jax.Array | int = 0
+def store(cache: LayerCache, key: jax.Array, value: jax.Array, starts: jax.Array) -> LayerCache:
+    """Write one layer's new keys/values [batch, seq, heads, head_dim] at positions
+    starts[b].. of each row b (rows may be at different positions)."""
+
+    def one(old: jax.Array, fresh: jax.Array, start: jax.Array) -> jax.Array:
+        fresh = fresh.transpose(1, 0, 2).astype(old.dtype)  # [heads, seq, head_dim]
+        return jax.lax.dynamic_update_slice(old, fresh, (0, start, 0))
+
+    write = jax.vmap(one)
+    return LayerCache(write(cache.keys, key, starts), write(cache.values, value, starts))
+
+
+def cached_attention(
+    query: jax.Array,
+    cache: LayerCache,
+    positions: jax.Array,
+    dtype: jnp.dtype,
+    decode: DecodeAttention = "auto",
 ) -> jax.Array:
-    """[batch, slots] positions of a segment whose slot i holds position start + i, for the
-    first `filled` slots; the rest are empty."""
-    index = jnp.arange(slots, dtype=jnp.int32)
-    positions = jnp.where(index < filled, start + index, NO_POSITION)
-    return jnp.broadcast_to(positions, (batch, slots))
+    """The new tokens' attention over a cache that already holds them: fp32 scores and softmax,
+    each query seeing the cached positions up to its own.
+
+    Args:
+        query: [batch, seq, heads, head_dim] (rotated).
+        cache: keys/values [batch, heads, length, head_dim].
+        positions: [batch, seq] the queries' positions.
+        decode: how a single query attends (see DecodeAttention).
+    Returns:
+        [batch, seq, heads, head_dim] in `dtype`.
+    """
+    keys, values = cache.keys.astype(query.dtype), cache.values.astype(dtype)
+    if decode == "auto":
+        decode = "sum" if jax.default_backend() == "gpu" else "dot"
+    single = query.shape[1] == 1 and decode == "sum"
+    if single:
+        # One query (a decode step): products and sums over the cache, which XLA fuses with
+        # the mask and softmax around them. fp32 products of bf16 values are exact: the same
+        # scores as the upcast matmul.
+        scores = jnp.sum(
+            query[:, 0, :, None, :].astype(jnp.float32) * keys.astype(jnp.float32), axis=-1
+        )[:, :, None, :]  # [batch, heads, 1, length]
+    else:
+        dot = (
+            dict(precision=jax.lax.Precision.HIGHEST)  # fp32 means fp32: no TF32 passes
+            if dtype == jnp.float32
+            else dict(preferred_element_type=jnp.float32)  # exact bf16 products, fp32 sums
+        )
+        scores = jnp.einsum("bqhd,bhkd->bhqk", query, keys, **dot).astype(jnp.float32)
+    scores = scores / np.sqrt(query.shape[-1]).astype(np.float32)
+    seen = jnp.arange(keys.shape[2], dtype=jnp.int32)
+    mask = seen[None, None, None, :] <= positions[:, None, :, None]  # [batch, 1, seq, length]
+    weights = jax.nn.softmax(jnp.where(mask, scores, jnp.finfo(jnp.float32).min), axis=-1)
+    if single:
+        mixed = jnp.sum(weights[:, :, 0, :, None] * values.astype(jnp.float32), axis=2)
+        return mixed[:, None].astype(dtype)  # [batch, 1, heads, head_dim]
+    return jnp.einsum("bhqk,bhkd->bqhd", weights.astype(dtype), values, precision=precision(dtype))
 
 
 def rotary_angles(positions: jax.Array, rotary_dim: int) -> tuple[jax.Array, jax.Array]:
@@ -93,17 +146,27 @@ def rotary_angles(positions: jax.Array, rotary_dim: int) -> tuple[jax.Array, jax
     return jnp.sin(angles), jnp.cos(angles)
 
 
+class Rotary(NamedTuple):
+    """The tokens' positions and rotary angles, computed once for all layers."""
+
+    positions: jax.Array  # [batch, seq] int32
+    sin: jax.Array  # [batch, seq, rotary_dim // 2] fp32
+    cos: jax.Array
+
+
 def apply_rotary(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
     """Rotate the interleaved pairs of the first `rotary_dim` dims, in fp32.
 
     Args:
-        x: [batch, seq, heads, head_dim].
+        x: [batch, seq, ..., head_dim] (e.g. [batch, seq, heads, head_dim]).
         sin, cos: [batch, seq, rotary_dim // 2].
     """
     rotary_dim = 2 * sin.shape[-1]
     x_rot = x[..., :rotary_dim].astype(jnp.float32)
-    even, odd = x_rot[..., 0::2], x_rot[..., 1::2]  # [batch, seq, heads, rotary_dim // 2]
-    sin, cos = sin[:, :, None, :], cos[:, :, None, :]
+    even, odd = x_rot[..., 0::2], x_rot[..., 1::2]  # [batch, seq, ..., rotary_dim // 2]
+    middle = (1,) * (x.ndim - 3)
+    sin = sin.reshape(*sin.shape[:2], *middle, sin.shape[-1])
+    cos = cos.reshape(*cos.shape[:2], *middle, cos.shape[-1])
     rotated = jnp.stack([even * cos - odd * sin, odd * cos + even * sin], axis=-1)
     rotated = rotated.reshape(x_rot.shape).astype(x.dtype)
     return jnp.concatenate([rotated, x[..., rotary_dim:]], axis=-1)
@@ -112,11 +175,6 @@ def apply_rotary(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
 def precision(dtype: jnp.dtype) -> jax.lax.Precision:
     """fp32 means fp32: without HIGHEST, GPUs and TPUs run fp32 matmuls in TF32 or bf16."""
     return jax.lax.Precision.HIGHEST if dtype == jnp.float32 else jax.lax.Precision.DEFAULT
-
-
-def attention_mask(query_positions: jax.Array, key_positions: jax.Array) -> jax.Array:
-    """[batch, 1, q, k] True where a query may attend to a key (causal on absolute positions)."""
-    return key_positions[:, None, None, :] <= query_positions[:, None, :, None]
 
 
 class Linear(nn.Module):
@@ -191,6 +249,7 @@ class Layer(nn.Module):
     int8: bool = False
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    decode_attention: DecodeAttention = "auto"
 
 
 def linear(
@@ -212,59 +271,30 @@ def layer_norm(layer: Layer, name: str) -> nn.LayerNorm:
 
 
 class Attention(Layer):
-    """Causal self-attention of the new tokens, plus attention to earlier tokens' segments.
-
-    Earlier tokens are never written here: the layer returns the new tokens' keys and values
-    and the caller stores them. (Reading a buffer and updating it in place in one XLA program
-    costs a copy of the whole buffer on CPU; keeping reads and writes apart avoids it.)
-    """
+    """Causal self-attention: over the new tokens alone, or over a KV cache holding them."""
 
     @nn.compact
     def __call__(
-        self, x: jax.Array, positions: jax.Array, memory: tuple[tuple[LayerCache, jax.Array], ...]
+        self, x: jax.Array, rotary: Rotary, cache: LayerCache | None
     ) -> tuple[jax.Array, LayerCache]:
-        """x: [batch, seq, hidden]; positions: [batch, seq]; memory: (cache, slot positions)
-        pairs of this layer. Returns [batch, seq, hidden] and the new keys/values."""
+        """x: [batch, seq, hidden]. Returns [batch, seq, hidden], and the new tokens' keys and
+        values ([batch, heads, seq, head_dim]) without a cache, else the updated cache."""
         cfg = self.config
         qkv = linear(self, (3, cfg.num_heads, cfg.head_dim), "qkv", use_bias=False)(
             x
         )  # [batch, seq, 3, heads, head_dim]
-        query, key, value = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        sin, cos = rotary_angles(positions, cfg.rotary_dim)
-        query, key = apply_rotary(query, sin, cos), apply_rotary(key, sin, cos)
-        # [batch, heads, seq, head_dim] from here on
-        query, key, value = (t.transpose(0, 2, 1, 3) for t in (query, key, value))
-
-        parts = [*memory, (LayerCache(key, value), positions)]
-        scores = jnp.concatenate(
-            [self._scores(query, positions, cache.keys, keys_at) for cache, keys_at in parts],
-            axis=-1,
-        )  # [batch, heads, seq, all slots], fp32
-        weights = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        bounds = np.cumsum([cache.values.shape[2] for cache, _ in parts])[:-1]
-        pieces = [
-            jnp.einsum(
-                "bhqk,bhkd->bqhd", part, cache.values.astype(self.dtype),
-                precision=precision(self.dtype),
+        rotated = apply_rotary(qkv[:, :, :2], rotary.sin, rotary.cos)  # query and key at once
+        query, key, value = rotated[:, :, 0], rotated[:, :, 1], qkv[:, :, 2]
+        if cache is None:  # training/scoring, tokens in position order: one fused attention
+            mixed = causal_attention(query, key, value)  # [batch, seq, heads, head_dim]
+            cache = LayerCache(key.transpose(0, 2, 1, 3), value.transpose(0, 2, 1, 3))
+        else:
+            cache = store(cache, key, value, rotary.positions[:, 0])
+            mixed = cached_attention(
+                query, cache, rotary.positions, self.dtype, self.decode_attention
             )
-            for part, (cache, _) in zip(jnp.split(weights, bounds, axis=-1), parts, strict=True)
-        ]  # fmt: skip
-        mixed = sum(pieces[1:], start=pieces[0])  # [batch, seq, heads, head_dim]
         out = linear(self, (cfg.hidden_size,), "out", in_axes=2, use_bias=False)(mixed)
-        return out, LayerCache(key, value)
-
-    def _scores(
-        self, query: jax.Array, positions: jax.Array, keys: jax.Array, keys_at: jax.Array
-    ) -> jax.Array:
-        """Masked, scaled fp32 scores [batch, heads, seq, slots]."""
-        scores = jnp.einsum(
-            "bhqd,bhkd->bhqk",
-            query.astype(jnp.float32),
-            keys.astype(jnp.float32),
-            precision=jax.lax.Precision.HIGHEST,
-        ) / jnp.sqrt(jnp.float32(self.config.head_dim))
-        mask = attention_mask(positions, keys_at)
-        return jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+        return out, cache
 
 
 class MLP(Layer):
@@ -278,19 +308,22 @@ class MLP(Layer):
 class Block(Layer):
     @nn.compact
     def __call__(
-        self, x: jax.Array, positions: jax.Array, memory: tuple[tuple[LayerCache, jax.Array], ...]
+        self, x: jax.Array, rotary: Rotary, cache: LayerCache | None
     ) -> tuple[jax.Array, LayerCache]:
-        parts = dict(config=self.config, int8=self.int8, dtype=self.dtype)
+        parts = dict(
+            config=self.config, int8=self.int8, dtype=self.dtype,
+            decode_attention=self.decode_attention,
+        )  # fmt: skip
         h = layer_norm(self, "ln")(x)
-        attn_out, new_kv = Attention(**parts, param_dtype=self.param_dtype, name="attn")(
-            h, positions, memory
+        attn_out, cache = Attention(**parts, param_dtype=self.param_dtype, name="attn")(
+            h, rotary, cache
         )
         mlp_out = MLP(**parts, param_dtype=self.param_dtype, name="mlp")(h)
-        return x + attn_out + mlp_out, new_kv
+        return x + attn_out + mlp_out, cache
 
 
 class CodeGen(Layer):
-    """CodeGenForCausalLM: fp32 logits, and the new tokens' keys/values for a cache.
+    """CodeGenForCausalLM: fp32 logits, and the keys/values for a cache.
 
     `remat=True` recomputes each block's activations in the backward pass instead of keeping
     them (training long sequences in less memory); the forward result is the same.
@@ -303,15 +336,20 @@ class CodeGen(Layer):
         self,
         tokens: jax.Array,
         positions: jax.Array | None = None,
-        memory: tuple[Segment, ...] = (),
+        cache: KVCache | None = None,
+        logits_at: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache]:
         """Args:
         tokens: [batch, seq] int32 token ids.
-        positions: [batch, seq] absolute positions; default 0..seq-1.
-        memory: segments of earlier tokens' keys/values to attend to (e.g. a KV cache).
+        positions: [batch, seq] absolute positions; default 0..seq-1. With a cache, each
+            row's positions are consecutive (the new tokens go to cache positions
+            positions[b, 0]..) and the cache holds that row's earlier positions.
+        cache: earlier tokens' keys/values, or None (the tokens attend to each other only).
+        logits_at: [batch] the one token per row whose logits are wanted (a prefill needs
+            only its last real token's); default all.
         Returns:
-            logits [batch, seq, vocab] fp32, and per layer the keys/values of `tokens`
-            ([batch, heads, seq, head_dim] each).
+            logits [batch, seq or 1, vocab] fp32, and per layer the keys/values of `tokens`
+            ([batch, heads, seq, head_dim] each) without a cache, else the updated cache.
         """
         cfg = self.config
         if positions is None:
@@ -320,13 +358,18 @@ class CodeGen(Layer):
             cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
             name="wte",
         )(tokens)  # fmt: skip
-        new_kv = []
+        rotary = Rotary(positions, *rotary_angles(positions, cfg.rotary_dim))  # once, not per layer
+        kv = []
         for i in range(cfg.num_layers):
-            layer_memory = tuple((segment.cache[i], segment.positions) for segment in memory)
             block_class = nn.remat(Block) if self.remat else Block
-            block = block_class(cfg, self.int8, self.dtype, self.param_dtype, name=f"block_{i}")
-            x, layer_kv = block(x, positions, layer_memory)
-            new_kv.append(layer_kv)
+            block = block_class(
+                cfg, self.int8, self.dtype, self.param_dtype, self.decode_attention,
+                name=f"block_{i}",
+            )  # fmt: skip
+            x, layer_kv = block(x, rotary, None if cache is None else cache[i])
+            kv.append(layer_kv)
+        if logits_at is not None:
+            x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)  # [batch, 1, hidden]
         x = layer_norm(self, "ln_f")(x)
         logits = linear(self, (cfg.vocab_size,), "lm_head")(x)
-        return logits.astype(jnp.float32), tuple(new_kv)
+        return logits.astype(jnp.float32), tuple(kv)

@@ -1,64 +1,58 @@
 """Sampling over a params pytree: pure, jitted prefill and chunked decode with a KV cache.
 
-- `prefill` runs a prompt suffix (right-padded to a shape bucket, so prompt lengths inside a
-  bucket share one compilation) after `start` cached tokens, stores its keys/values at slots
-  start.., and returns the logits of its last real token. Slots past the real tokens receive
-  padding, but a slot counts as filled only up to the current position, and each decode chunk
-  overwrites its slots before any later query can see them, so padding never leaks.
-- `decode_chunk` runs `num_steps` sampling steps on the device (one `lax.scan`) and returns the
-  tokens; the host streams them and decides whether to run another chunk.
+The one decode path of the local decoder and of the server's engine. Both keep a `DecodeState`
+of `rows` sequences (a request's n samples; the server's slots), each row with its own
+position, step count, random key and sampling knobs, so the server's requests can join and
+leave between chunks and a local request is simply the rows of one request.
 
-Both take a `logits_fn(params, tokens, positions, memory) -> (logits, new_kv)`, so tests can
-drive them with a fake model. Keys are explicit: step `t` of a request uses
-`fold_in(key, t)`, so results do not depend on the chunk size.
+- `prefill_rows` runs a prompt suffix (right-padded to a shape bucket, so prompt lengths inside
+  a bucket share one compilation) after the `start` tokens one row's cache already holds
+  (prefix reuse), writes its keys/values at positions start.., and copies that row's cache and
+  next-token logits into every row of the request. A cache position counts only up to a row's
+  current position, and each decode step writes its position before any query can see it, so
+  the padding never leaks. A prefill with nothing cached (`start == 0`) runs the model without a
+  cache: one fused causal attention over the new tokens, then one write into the cache.
+- `decode_chunk` runs `num_steps` sampling steps on the device (one `lax.scan`: each step writes
+  the new token's keys/values into the cache and attends over it) and returns the tokens; the
+  host streams them and decides whether to run another chunk.
+
+Both take a `logits_fn(params, tokens, positions, cache, logits_at) -> (logits, kv)`, so tests
+can drive them with a fake model. Keys are explicit: step `t` of a row uses
+`fold_in(key, t)`, so results do not depend on the chunk size or on the other rows.
+
+The host-side helpers (prefix reuse, chunk rounding, the padded prefill, the chunk size) are
+here too, so the local decoder and the engine cannot drift apart.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from codegen_repl.model.modeling import (
-    NO_POSITION,
-    CodeGen,
-    KVCache,
-    LayerCache,
-    Segment,
-    slot_positions,
-    write_cache,
-)
+from codegen_repl.model.modeling import CodeGen, KVCache, cache_length, write_cache
 from codegen_repl.model.sample_params import SampleMode, SampleParams
 
 Params = Any  # a params pytree (see checkpoint.Params); a fake model may use anything
-# (params, tokens [batch, seq], positions [batch, seq], memory) -> (logits, new keys/values)
-LogitsFn = Callable[[Params, jax.Array, jax.Array, tuple[Segment, ...]], tuple[jax.Array, KVCache]]
+# (params, tokens [batch, seq], positions [batch, seq], cache or None, logits_at [batch] or None)
+#   -> (logits [batch, seq or 1, vocab], the tokens' keys/values or the updated cache)
+LogitsFn = Callable[
+    [Params, jax.Array, jax.Array, KVCache | None, jax.Array | None], tuple[jax.Array, KVCache]
+]
 MIN_CACHE = 64  # the smallest cache; prefill widths go down to 1 (a new turn is often short)
 
 
-class Knobs(NamedTuple):
-    """The traced part: changing these does not recompile."""
-
-    temperature: jax.Array  # scalar f32
-    top_p: jax.Array  # scalar f32
-    top_k: jax.Array  # scalar i32
+def default_chunk_size() -> int:
+    """Tokens per decode chunk: small on CPU (a chunk is slow there, and streams should flow),
+    larger on accelerators (each chunk costs one return to the host)."""
+    return 4 if jax.default_backend() == "cpu" else 16
 
 
-def knobs(sample: SampleParams) -> Knobs:
-    """The traced sampling settings of `sample` (changing them does not recompile)."""
-    return Knobs(
-        jnp.float32(sample.temperature or 1.0), jnp.float32(sample.top_p), jnp.int32(sample.top_k)
-    )
-
-
-class DecodeState(NamedTuple):
-    cache: KVCache
-    logits: jax.Array  # [batch, vocab] fp32: the distribution of the next token
-    position: jax.Array  # scalar i32: the position (= cache slot) of the next token
-    step: jax.Array  # scalar i32: tokens sampled so far in this request
+# ----------------------------------------------------------------------------- host helpers
 
 
 def bucket(length: int, smallest: int = MIN_CACHE) -> int:
@@ -75,108 +69,36 @@ def bucket(length: int, smallest: int = MIN_CACHE) -> int:
     raise AssertionError("unreachable")
 
 
-def choose_tokens(logits: jax.Array, key: jax.Array, knobs: Knobs, mode: SampleMode) -> jax.Array:
-    """One token per row. logits: [batch, vocab] fp32 -> [batch] int32."""
-    if mode.greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits / knobs.temperature
-    if mode.top_k or mode.top_p:
-        descending = -jnp.sort(-logits, axis=-1)  # [batch, vocab]
-        threshold = jnp.full((logits.shape[0], 1), -jnp.inf)
-        if mode.top_k:
-            k = jnp.clip(knobs.top_k, 1, logits.shape[-1])
-            threshold = jax.lax.dynamic_slice_in_dim(descending, k - 1, 1, axis=-1)
-            # as transformers does: top-p is taken over the top-k renormalised
-            descending = jnp.where(descending < threshold, -jnp.inf, descending)
-        if mode.top_p:
-            probs = jax.nn.softmax(descending, axis=-1)
-            # keep a token while the mass before it is below top_p: the top token always stays
-            before = jnp.cumsum(probs, axis=-1) - probs
-            kept = jnp.where(before < knobs.top_p, descending, jnp.inf)
-            threshold = jnp.maximum(threshold, jnp.min(kept, axis=-1, keepdims=True))
-        logits = jnp.where(logits < threshold, -jnp.inf, logits)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+def common_prefix(cached: Sequence[int], prompt: Sequence[int]) -> int:
+    """How many leading tokens of `prompt` a cache holding `cached` can reuse: the common
+    prefix, leaving at least one token to prefill (the prefill gives the next logits)."""
+    same, limit = 0, min(len(cached), len(prompt) - 1)
+    while same < limit and cached[same] == prompt[same]:
+        same += 1
+    return same
 
 
-@functools.partial(jax.jit, static_argnames=("logits_fn",), donate_argnames=("cache",))
-def prefill(
-    logits_fn: LogitsFn,
-    params: Params,
-    tokens: jax.Array,
-    length: jax.Array,
-    cache: KVCache,
-    start: jax.Array,
-) -> tuple[jax.Array, KVCache]:
-    """Run tokens [batch, width] (the first `length` real) after the `start` cached tokens,
-    store them at slots start.., and return the logits [batch, vocab] of token `length - 1`."""
-    batch, width = tokens.shape
-    positions = jnp.broadcast_to(start + jnp.arange(width, dtype=jnp.int32), tokens.shape)
-    cached = Segment(cache, slot_positions(batch, _slots(cache), filled=start))
-    logits, new = logits_fn(params, tokens, positions, (cached,))
-    cache = write_cache(cache, new, start)
-    return jax.lax.dynamic_index_in_dim(logits, length - 1, axis=1, keepdims=False), cache
+def decode_steps(max_new_tokens: int, chunk_size: int) -> int:
+    """Decode steps a request runs: whole chunks (the tokens past max_new_tokens are dropped)."""
+    return -(-max_new_tokens // chunk_size) * chunk_size
 
 
-@functools.partial(
-    jax.jit, static_argnames=("logits_fn", "num_steps", "mode"), donate_argnames=("state",)
-)
-def decode_chunk(
-    logits_fn: LogitsFn,
-    params: Params,
-    state: DecodeState,
-    key: jax.Array,
-    knobs: Knobs,
-    num_steps: int,
-    mode: SampleMode,
-) -> tuple[DecodeState, jax.Array]:
-    """Sample `num_steps` tokens per row on the device. Returns the state and [batch, steps].
-
-    The big cache is only read during the chunk; the chunk's own keys/values go to a small
-    buffer that is written into the cache once at the end (see modeling.Attention).
-    """
-    batch, start = state.logits.shape[0], state.position
-    cached = Segment(state.cache, slot_positions(batch, _slots(state.cache), filled=start))
-    recent = tuple(
-        LayerCache(*(jnp.zeros((*x.shape[:2], num_steps, x.shape[3]), x.dtype) for x in layer))
-        for layer in state.cache
-    )
-
-    def step(carry: tuple[KVCache, jax.Array], j: jax.Array) -> tuple[tuple, jax.Array]:
-        recent, logits = carry
-        token = choose_tokens(logits, jax.random.fold_in(key, state.step + j), knobs, mode)
-        chunk = Segment(recent, slot_positions(batch, num_steps, filled=j, start=start))
-        positions = jnp.full((batch, 1), start + j, jnp.int32)
-        logits, new = logits_fn(params, token[:, None], positions, (cached, chunk))
-        return (write_cache(recent, new, j), logits[:, 0]), token
-
-    steps = jnp.arange(num_steps, dtype=jnp.int32)
-    (recent, logits), tokens = jax.lax.scan(step, (recent, state.logits), steps)
-    cache = write_cache(state.cache, recent, start)
-    return DecodeState(cache, logits, start + num_steps, state.step + num_steps), tokens.T
+def padded_suffix(
+    prompt_ids: Sequence[int], reuse: int, cache_len: int, smallest: int
+) -> np.ndarray:
+    """The tokens to prefill after `reuse` cached ones, right-padded to a bucket width (at
+    least `smallest`) that still fits in the cache: [1, width] int32."""
+    suffix = prompt_ids[reuse:]
+    width = min(bucket(len(suffix), smallest=smallest), cache_len - reuse)
+    padded = np.zeros((1, width), np.int32)
+    padded[0, : len(suffix)] = suffix
+    return padded
 
 
-def _slots(cache: KVCache) -> int:
-    return cache[0].keys.shape[2]
+# ----------------------------------------------------------------------------- the state
 
 
-@functools.cache
-def model_logits_fn(model: CodeGen) -> LogitsFn:
-    """The logits_fn of a Flax CodeGen module (one object per module, so jit caches hit)."""
-
-    def logits_fn(
-        params: Params, tokens: jax.Array, positions: jax.Array, memory: tuple[Segment, ...]
-    ) -> tuple[jax.Array, KVCache]:
-        return model.apply({"params": params}, tokens, positions, memory)
-
-    return logits_fn
-
-
-# ----------------------------------------------------------------------------- slots (server)
-# The decoder server decodes many requests as one batch of "slots": every row has its own
-# position, step count, key and sampling knobs, so requests can join and leave between chunks.
-
-
-class RowKnobs(NamedTuple):
+class Knobs(NamedTuple):
     """Per-row sampling settings (traced: a new mix of requests does not recompile)."""
 
     temperature: jax.Array  # [rows] f32; 0 = greedy
@@ -185,16 +107,48 @@ class RowKnobs(NamedTuple):
     keys: jax.Array  # [rows] typed PRNG keys; step t of a row uses fold_in(key, t)
 
 
-class SlotState(NamedTuple):
-    cache: KVCache  # [rows, heads, slots, head_dim] per layer
+class DecodeState(NamedTuple):
+    cache: KVCache  # [rows, heads, length, head_dim] per layer
     logits: jax.Array  # [rows, vocab] fp32: each row's next-token distribution
-    position: jax.Array  # [rows] i32: the position (= cache slot) of each row's next token
+    position: jax.Array  # [rows] i32: the position (= cache index) of each row's next token
     step: jax.Array  # [rows] i32: tokens sampled so far in each row's request
 
 
-def row_knobs(samples: list[tuple[SampleParams, jax.Array]]) -> RowKnobs:
-    """RowKnobs for (sample, key) pairs, one per row."""
-    return RowKnobs(
+def empty_state(cache: KVCache, vocab_size: int) -> DecodeState:
+    """A state over `cache` whose rows hold nothing yet."""
+    rows = cache[0].keys.shape[0]
+    logits = jnp.zeros((rows, vocab_size), jnp.float32)
+    # two arrays, not one twice: the state is donated, and a buffer is donated only once
+    return DecodeState(cache, logits, jnp.zeros((rows,), jnp.int32), jnp.zeros((rows,), jnp.int32))
+
+
+def resize_state(state: DecodeState, rows: int, length: int) -> DecodeState:
+    """The state with `rows` rows and a cache of `length` positions (padded with zeros or cut:
+    a cut row or position is forgotten)."""
+
+    def fit(x: jax.Array, axis: int, size: int) -> jax.Array:
+        if x.shape[axis] >= size:
+            return jax.lax.slice_in_dim(x, 0, size, axis=axis)
+        pad = [(0, 0)] * x.ndim
+        pad[axis] = (0, size - x.shape[axis])
+        return jnp.pad(x, pad)
+
+    cache: KVCache = jax.tree.map(lambda x: fit(fit(x, 0, rows), 2, length), state.cache)
+    return DecodeState(
+        cache, fit(state.logits, 0, rows), fit(state.position, 0, rows), fit(state.step, 0, rows)
+    )
+
+
+def sample_key(sample: SampleParams, index: int) -> jax.Array:
+    """The key of sample `index` of a request: sample 0 uses key(seed), sample j > 0 folds j
+    in, so each sample has its own stream (the same locally and on the server)."""
+    key = jax.random.key(sample.seed)
+    return key if index == 0 else jax.random.fold_in(key, index)
+
+
+def knobs(samples: Sequence[tuple[SampleParams, jax.Array]]) -> Knobs:
+    """Knobs for (sample, key) pairs, one per row."""
+    return Knobs(
         jnp.asarray([s.temperature for s, _ in samples], jnp.float32),
         jnp.asarray([s.top_p for s, _ in samples], jnp.float32),
         jnp.asarray([s.top_k for s, _ in samples], jnp.int32),
@@ -202,7 +156,12 @@ def row_knobs(samples: list[tuple[SampleParams, jax.Array]]) -> RowKnobs:
     )
 
 
-def union_mode(samples: list[SampleParams]) -> SampleMode:
+def request_knobs(sample: SampleParams) -> Knobs:
+    """The knobs of the n rows of one request."""
+    return knobs([(sample, sample_key(sample, index)) for index in range(sample.n)])
+
+
+def union_mode(samples: Sequence[SampleParams]) -> SampleMode:
     """The code paths a batch of rows needs: each row still gets exactly its own settings."""
     return SampleMode(
         all(s.temperature == 0 for s in samples),
@@ -211,12 +170,17 @@ def union_mode(samples: list[SampleParams]) -> SampleMode:
     )
 
 
-def choose_row(
+# ----------------------------------------------------------------------------- the sampler
+
+
+def choose_token(
     logits: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax.Array,
     top_k: jax.Array, mode: SampleMode,
 ) -> jax.Array:  # fmt: skip
-    """One row's token, exactly as `choose_tokens` picks it for a batch of one with that row's
-    settings (same masks, same random numbers). logits: [vocab] fp32 -> scalar int32."""
+    """One row's token. logits: [vocab] fp32 -> scalar int32.
+
+    Temperature 0 is greedy; top-k then top-p (over the top-k renormalised, as transformers
+    does); `mode` leaves out the code paths no row needs."""
     greedy = jnp.argmax(logits).astype(jnp.int32)
     if mode.greedy:
         return greedy
@@ -231,6 +195,7 @@ def choose_row(
             descending = jnp.where(descending < threshold, -jnp.inf, descending)
         if mode.top_p:
             probs = jax.nn.softmax(descending)
+            # keep a token while the mass before it is below top_p: the top token always stays
             before = jnp.cumsum(probs) - probs
             kept = jnp.where(before < top_p, descending, jnp.inf)
             threshold = jnp.where(top_p < 1, jnp.maximum(threshold, jnp.min(kept)), threshold)
@@ -239,83 +204,114 @@ def choose_row(
     return jnp.where(temperature == 0, greedy, sampled)
 
 
-def _row_positions(start: jax.Array, slots: int, filled: jax.Array) -> jax.Array:
-    """[rows, slots]: slot i of row r holds position start[r] + i for i < filled[r]."""
-    index = jnp.arange(slots, dtype=jnp.int32)[None, :]
-    return jnp.where(index < filled[:, None], start[:, None] + index, NO_POSITION)
+def choose_tokens(logits: jax.Array, knobs: Knobs, steps: jax.Array, mode: SampleMode) -> jax.Array:
+    """One token per row, row r with its own knobs and key fold_in(keys[r], steps[r]).
+    logits: [rows, vocab] fp32; steps: [rows] -> [rows] int32."""
+    if mode.greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    keys = jax.vmap(jax.random.fold_in)(knobs.keys, steps)
+    choose = jax.vmap(choose_token, in_axes=(0, 0, 0, 0, 0, None))
+    return choose(logits, keys, knobs.temperature, knobs.top_p, knobs.top_k, mode)
 
 
-def write_rows(cache: KVCache, new: KVCache, starts: jax.Array) -> KVCache:
-    """Store new [rows, heads, seq, head_dim] at slots starts[r].. of each row r."""
+# ----------------------------------------------------------------------------- device programs
 
-    def one(old: jax.Array, fresh: jax.Array, start: jax.Array) -> jax.Array:
-        return jax.lax.dynamic_update_slice(old, fresh.astype(old.dtype), (0, start, 0))
 
-    write = jax.vmap(one)
-    return tuple(
-        LayerCache(write(old.keys, fresh.keys, starts), write(old.values, fresh.values, starts))
-        for old, fresh in zip(cache, new, strict=True)
+@functools.partial(jax.jit, static_argnames=("logits_fn", "cold"), donate_argnames=("state",))
+def prefill_rows(
+    logits_fn: LogitsFn,
+    params: Params,
+    state: DecodeState,
+    tokens: jax.Array,
+    length: jax.Array,
+    start: jax.Array,
+    rows: jax.Array,
+    cold: bool,
+) -> DecodeState:
+    """Prefill one prompt suffix (tokens [1, width], `length` real) after the `start` tokens
+    that row rows[0] holds, and copy the result into every row of `rows` ([n] i32, the n
+    samples of one request), which then stand at position start + length, step 0.
+    `cold` (start == 0): no cache to read, the model attends over the new tokens only."""
+    source = rows[0]
+    cache = jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, source, 0), state.cache)
+    width = tokens.shape[1]
+    positions = start + jnp.arange(width, dtype=jnp.int32)[None, :]
+    last = jnp.reshape(length - 1, (1,))
+    if cold:
+        logits, new = logits_fn(params, tokens, positions, None, last)
+        cache = write_cache(cache, new, 0)
+    else:
+        logits, cache = logits_fn(params, tokens, positions, cache, last)
+    n = rows.shape[0]
+
+    def spread(x: jax.Array, row: jax.Array) -> jax.Array:
+        return x.at[rows].set(jnp.broadcast_to(row, (n, *row.shape[1:])))
+
+    return DecodeState(
+        jax.tree.map(spread, state.cache, cache),
+        spread(state.logits, logits[:, 0]),
+        state.position.at[rows].set(start + length),
+        state.step.at[rows].set(0),
     )
+
+
+def prefill_prompt(
+    logits_fn: LogitsFn,
+    params: Params,
+    state: DecodeState,
+    prompt_ids: Sequence[int],
+    reuse: int,
+    rows: Sequence[int],
+    smallest: int = 1,
+) -> DecodeState:
+    """Prefill what row rows[0] lacks of `prompt_ids` (it holds the first `reuse` tokens) and
+    start every row of `rows` on the prompt (see prefill_rows; `smallest` is the narrowest
+    prefill width, a bucket)."""
+    padded = padded_suffix(prompt_ids, reuse, cache_length(state.cache), smallest)
+    return prefill_rows(
+        logits_fn, params, state, jnp.asarray(padded), jnp.int32(len(prompt_ids) - reuse),
+        jnp.int32(reuse), jnp.asarray(rows, jnp.int32), cold=reuse == 0,
+    )  # fmt: skip
 
 
 @functools.partial(
     jax.jit, static_argnames=("logits_fn", "num_steps", "mode"), donate_argnames=("state",)
 )
-def decode_slots(
+def decode_chunk(
     logits_fn: LogitsFn,
     params: Params,
-    state: SlotState,
-    knobs: RowKnobs,
+    state: DecodeState,
+    knobs: Knobs,
     num_steps: int,
     mode: SampleMode,
-) -> tuple[SlotState, jax.Array]:
-    """`decode_chunk` with a position, step, key and knobs per row. Returns the state and the
-    tokens [rows, steps]. A row's tokens equal those `decode_chunk` gives it alone."""
-    rows, slots = state.logits.shape[0], _slots(state.cache)
-    start = state.position
-    cached = Segment(state.cache, _row_positions(jnp.zeros_like(start), slots, start))
-    recent = tuple(
-        LayerCache(*(jnp.zeros((*x.shape[:2], num_steps, x.shape[3]), x.dtype) for x in layer))
-        for layer in state.cache
-    )
-    choose = jax.vmap(choose_row, in_axes=(0, 0, 0, 0, 0, None))
+) -> tuple[DecodeState, jax.Array]:
+    """Sample `num_steps` tokens per row on the device. Returns the state and the tokens
+    [rows, num_steps]. A row's tokens do not depend on the other rows."""
 
     def step(carry: tuple[KVCache, jax.Array], j: jax.Array) -> tuple[tuple, jax.Array]:
-        recent, logits = carry
-        keys = jax.vmap(jax.random.fold_in)(knobs.keys, state.step + j)
-        token = choose(logits, keys, knobs.temperature, knobs.top_p, knobs.top_k, mode)
-        filled = jnp.full((rows,), j, jnp.int32)
-        chunk = Segment(recent, _row_positions(start, num_steps, filled))
-        logits, new = logits_fn(params, token[:, None], (start + j)[:, None], (cached, chunk))
-        return (write_cache(recent, new, j), logits[:, 0]), token
+        cache, logits = carry
+        token = choose_tokens(logits, knobs, state.step + j, mode)
+        positions = (state.position + j)[:, None]
+        logits, cache = logits_fn(params, token[:, None], positions, cache, None)
+        return (cache, logits[:, 0]), token
 
     steps = jnp.arange(num_steps, dtype=jnp.int32)
-    (recent, logits), tokens = jax.lax.scan(step, (recent, state.logits), steps)
-    cache = write_rows(state.cache, recent, start)
-    return SlotState(cache, logits, start + num_steps, state.step + num_steps), tokens.T
+    (cache, logits), tokens = jax.lax.scan(step, (state.cache, state.logits), steps)
+    after = DecodeState(cache, logits, state.position + num_steps, state.step + num_steps)
+    return after, tokens.T
 
 
-@functools.partial(jax.jit, static_argnames=("logits_fn",), donate_argnames=("cache", "logits"))
-def prefill_rows(
-    logits_fn: LogitsFn,
-    params: Params,
-    tokens: jax.Array,
-    length: jax.Array,
-    cache: KVCache,
-    logits: jax.Array,
-    start: jax.Array,
-    rows: jax.Array,
-) -> tuple[jax.Array, KVCache]:
-    """Prefill one prompt suffix (tokens [1, width], `length` real) after the `start` tokens
-    that row rows[0] of the slot cache holds, and copy the result into every row of `rows`
-    ([n] i32, n samples of one request). Returns the slot logits [all rows, vocab] and cache."""
-    source = rows[0]
-    row_cache = jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, source, 0), cache)
-    row_logits, row_cache = prefill(logits_fn, params, tokens, length, row_cache, start)
-    n = rows.shape[0]
-    cache = jax.tree.map(
-        lambda x, row: x.at[rows].set(jnp.broadcast_to(row, (n, *row.shape[1:]))),
-        cache,
-        row_cache,
-    )
-    return logits.at[rows].set(jnp.broadcast_to(row_logits, (n, row_logits.shape[-1]))), cache
+@functools.cache
+def model_logits_fn(model: CodeGen) -> LogitsFn:
+    """The logits_fn of a Flax CodeGen module (one object per module, so jit caches hit)."""
+
+    def logits_fn(
+        params: Params,
+        tokens: jax.Array,
+        positions: jax.Array,
+        cache: KVCache | None,
+        logits_at: jax.Array | None,
+    ) -> tuple[jax.Array, KVCache]:
+        return model.apply({"params": params}, tokens, positions, cache, logits_at)
+
+    return logits_fn

@@ -103,3 +103,14 @@ def shard_params(params: dict, mesh: Mesh) -> dict:
 def batch_spec() -> PartitionSpec:
     """Batches [batch, seq] are split over the data and fsdp axes together."""
     return PartitionSpec((DATA, FSDP), None)
+
+
+def shard_for_decoding(params: dict, num_heads: int) -> tuple[dict, NamedSharding | None]:
+    """Tensor-parallel params over all local devices, and the sharding of a KV cache
+    [batch, heads, length, head_dim] (heads split as the attention weights are); unchanged,
+    and no cache sharding, on one device."""
+    if jax.local_device_count() == 1:
+        return params, None
+    mesh = make_mesh(tensor=-1, devices=jax.local_devices())
+    heads = TENSOR if num_heads % mesh.shape[TENSOR] == 0 else None
+    return shard_params(params, mesh), NamedSharding(mesh, PartitionSpec(None, heads, None, None))

@@ -200,7 +200,7 @@ def local_decoder(checkpoint: Path, tokenizer_folder: Path, **options: object):
 
     loaded = load_model(checkpoint, dtype=str(options.pop("dtype", "float32")))
     tokenizer = CodeGenTokenizer.from_dir(tokenizer_folder)
-    return LocalDecoder(loaded.config, loaded.params, tokenizer, **options)  # type: ignore[arg-type]
+    return LocalDecoder.create(loaded.config, loaded.params, tokenizer, **options)  # type: ignore[arg-type]
 
 
 def decoded_ids(decoder, prompt: list[int], sample) -> list[list[int]]:

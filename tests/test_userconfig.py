@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from codegen_repl.core.settings import resolve
 from codegen_repl.errors import ConfigError
 from codegen_repl.userconfig import UserConfig, config_path, template
 
@@ -60,6 +61,9 @@ def test_the_template_documents_every_key_and_parses_when_uncommented() -> None:
     assert set(values) == {"model", "server", "dtype", "run", "temperature", "top_p",
                            "max_new_tokens", "prefix", "theme", "images"}  # fmt: skip
     UserConfig(**values)  # and every example value is valid
+    defaults = resolve()  # and the examples of keys with a default show that default
+    for key in ("model", "run", "temperature", "top_p", "max_new_tokens", "prefix", "theme"):
+        assert values[key] == getattr(defaults, key), key
 
 
 def test_the_environment_variable_moves_the_file(tmp_path: Path, monkeypatch) -> None:
@@ -84,7 +88,9 @@ def test_config_commands(tmp_path: Path) -> None:
     assert again.returncode == 2 and "--force" in again.stderr
     config.write_text("run = 'auto'\n")
     shown = run("config", "show", config=config).stdout
-    assert "run = 'auto'" in shown and "model: not set" in shown
+    assert "run = 'auto'  # config.toml" in shown
+    assert "model = 'Salesforce/codegen-350M-mono'  # default" in shown
+    assert "temperature = 0.2  # default" in shown and "dtype = None  # default" in shown
     config.write_text("run = 'often'\n")
     broken = run("config", "show", config=config)
     assert broken.returncode == 2 and "run must be one of" in broken.stderr
@@ -98,6 +104,6 @@ def test_chat_takes_its_defaults_from_the_config(tmp_path: Path, chat_checkpoint
                input="Say something.\n!print(6 * 7)\n")  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert str(chat_checkpoint) in done.stdout  # the banner names the configured model
-    assert "(not run)" in done.stdout and "42\n" in done.stdout
+    assert "(not run: run=never" in done.stdout and "42\n" in done.stdout
     overridden = run("chat", "--run", "sometimes", config=config)
     assert overridden.returncode == 2 and "run must be one of" in overridden.stderr

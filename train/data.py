@@ -33,6 +33,7 @@ import numpy as np
 
 from codegen_repl.errors import ConfigError
 from codegen_repl.model.tokenizer import EOS_TOKEN, WHITESPACE_TOKENS, CodeGenTokenizer
+from codegen_repl.train.sources import source_files
 
 PAD = -1  # a slot after the last token of a split; never a target
 MANIFEST = "manifest.json"
@@ -96,12 +97,14 @@ class Document:
 
 
 def collect_files(sources: Iterable[str]) -> list[Path]:
-    """Every .py / .ipynb file under the sources, sorted and without repeats."""
+    """Every .py / .ipynb file under the sources, sorted and without repeats. A folder is
+    walked as git sees it: not into what its `.gitignore` files ignore, `.git`, or virtual
+    environments (train/sources.py); a file or a glob is taken as given."""
     found: set[Path] = set()
     for source in sources:
         path = Path(source).expanduser()
         if path.is_dir():
-            found.update(p for p in path.rglob("*") if p.suffix in (".py", ".ipynb"))
+            found.update(source_files(path))
         elif path.is_file():
             found.add(path)
         else:

@@ -6,9 +6,11 @@ once with the state's NamedShardings (params and the matching optimizer moments 
 on one CPU, one GPU, or a pod slice; XLA inserts the collectives.
 
 Numerics: fp32 master weights and optimizer state; activations in `compute_dtype` (bf16 on
-accelerators); logits, softmax and the loss in fp32. Gradient accumulation sums per-token losses
-over micro-batches and divides once by the batch's target count, so any `grad_accum` gives the
-gradient of the same mean loss.
+accelerators); logits, softmax and the loss in fp32. Attention is the model's no-cache path,
+one fused causal attention per layer (model/attention.py: cuDNN flash attention on NVIDIA GPUs
+in bf16, so no [batch, heads, seq, seq] scores are kept for the backward pass). Gradient
+accumulation sums per-token losses over micro-batches and divides once by the batch's target
+count, so any `grad_accum` gives the gradient of the same mean loss.
 """
 
 from __future__ import annotations
@@ -198,18 +200,7 @@ def make_train_step(
             return total, (total, count)
 
         grad_fn = jax.grad(summed_loss, has_aux=True)
-
-        def accumulate(carry: tuple, rows: jax.Array) -> tuple[tuple, None]:
-            grads, loss_sum, count = carry
-            # One forward and backward pass gives the gradient and the (loss sum, count) aux.
-            step_grads, (step_loss, step_count) = grad_fn(state.params, rows)
-            grads = jax.tree.map(jnp.add, grads, step_grads)
-            return (grads, loss_sum + step_loss, count + step_count), None
-
-        zeros = jax.tree.map(jnp.zeros_like, state.params)
-        zeros = jax.lax.with_sharding_constraint(zeros, shardings.params)
-        start = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
-        (grads, loss_sum, count), _ = jax.lax.scan(accumulate, start, batch)
+        grads, loss_sum, count = _summed_gradients(grad_fn, state.params, batch, shardings)
         denominator = jnp.maximum(count, 1).astype(jnp.float32)
         grads = jax.tree.map(lambda g: g / denominator, grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -233,6 +224,29 @@ def make_train_step(
         out_shardings=(shardings, None),
         donate_argnums=0,
     )
+
+
+def _summed_gradients(
+    grad_fn: Any, params: Params, batch: jax.Array, shardings: TrainState
+) -> tuple[Params, jax.Array, jax.Array]:
+    """Gradient, loss and target count summed over the micro-batches of `batch`
+    [grad_accum, micro_batch, seq]; `grad_fn(params, rows) -> (grads, (loss sum, count))`."""
+    if batch.shape[0] == 1:  # no accumulation: no loop and no zero-filled sum to add into
+        grads, (loss_sum, count) = grad_fn(params, batch[0])
+        return grads, loss_sum, count
+
+    def accumulate(carry: tuple, rows: jax.Array) -> tuple[tuple, None]:
+        grads, loss_sum, count = carry
+        # One forward and backward pass gives the gradient and the (loss sum, count) aux.
+        step_grads, (step_loss, step_count) = grad_fn(params, rows)
+        grads = jax.tree.map(jnp.add, grads, step_grads)
+        return (grads, loss_sum + step_loss, count + step_count), None
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    zeros = jax.lax.with_sharding_constraint(zeros, shardings.params)
+    start = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
+    (grads, loss_sum, count), _ = jax.lax.scan(accumulate, start, batch)
+    return grads, loss_sum, count
 
 
 def make_eval_step(config: TrainConfig, shardings: TrainState) -> Any:

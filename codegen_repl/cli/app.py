@@ -1,70 +1,101 @@
-"""The `codegen-repl` command line (typer)."""
+"""The `codegen-repl` command line (typer): the app, `generate`, `config` and `version`; the
+other command groups register themselves from their modules (chat, serve, benchmarks, kernel,
+train). With no command, or with options only, it runs `chat`."""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import Annotated, Any
 
 import typer
+from typer.core import TyperGroup
 
 from codegen_repl.cli import benchmarks as cli_benchmarks
+from codegen_repl.cli import chat as cli_chat
 from codegen_repl.cli import kernel as cli_kernel
 from codegen_repl.cli import serve as cli_serve
 from codegen_repl.cli import train as cli_train
 from codegen_repl.cli.common import default_dtype, user_errors
-from codegen_repl.userconfig import DEFAULT_MODEL
+from codegen_repl.core.settings import DEFAULT_MODEL, GENERATE_SAMPLE
 
-T = TypeVar("T")
+_MODEL_HELP = f"A checkpoint folder or a hub id [default: config.toml's, else {DEFAULT_MODEL}]"
+
+
+class ChatByDefault(TyperGroup):
+    """`codegen-repl [OPTIONS]` is `codegen-repl chat [OPTIONS]`: with no command named (only
+    options, or nothing), `chat` runs, and takes every option it has."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:  # ctx: typer's click Context
+        chat_options = not args or (args[0].startswith("-") and args[0] not in ("--help", "-h"))
+        return super().parse_args(ctx, ["chat", *args] if chat_options else args)
+
 
 app = typer.Typer(
     name="codegen-repl",
-    help="A local-first, multi-turn programming assistant for CodeGen models.",
+    cls=ChatByDefault,
+    help="A local-first, multi-turn programming assistant for CodeGen models. With no command "
+    "(only options, or nothing) it runs `chat`: `codegen-repl --model PATH` is `codegen-repl "
+    "chat --model PATH`.",
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+cli_chat.register(app)
 
 
 @app.command()
 def generate(
     prompt: Annotated[str, typer.Argument(help="The text to complete.")],
-    model: Annotated[str, typer.Option(help="A checkpoint folder or a hub id.")] = DEFAULT_MODEL,
-    max_new_tokens: Annotated[int, typer.Option(help="Most tokens to generate.")] = 128,
-    temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
-    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass (1 = off).")] = 0.95,
-    top_k: Annotated[int, typer.Option(help="Keep the k likeliest tokens (0 = off).")] = 0,
+    model: Annotated[str | None, typer.Option(help=_MODEL_HELP)] = None,
+    max_new_tokens: Annotated[
+        int, typer.Option(help="Most tokens to generate.")
+    ] = GENERATE_SAMPLE.max_new_tokens,
+    temperature: Annotated[float, typer.Option(help="0 = greedy.")] = GENERATE_SAMPLE.temperature,
+    top_p: Annotated[
+        float, typer.Option(help="Nucleus sampling mass (1 = off).")
+    ] = GENERATE_SAMPLE.top_p,
+    top_k: Annotated[
+        int, typer.Option(help="Keep the k likeliest tokens (0 = off).")
+    ] = GENERATE_SAMPLE.top_k,
     n: Annotated[int, typer.Option("-n", "--n", help="Number of samples.")] = 1,
     seed: Annotated[int, typer.Option(help="Random seed for sampling.")] = 0,
     stop: Annotated[list[str] | None, typer.Option(help="A string that ends a sample.")] = None,
     truncate: Annotated[bool, typer.Option(help="Apply CodeGen's truncation rules.")] = False,
     stream: Annotated[bool, typer.Option(help="Print text as it is generated.")] = False,
     int8: Annotated[bool, typer.Option(help="Weight-only int8 quantization.")] = False,
-    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16; default: auto.")] = "",
+    dtype: Annotated[
+        str | None,
+        typer.Option(help="float32, bfloat16 or float16 [default: config.toml's, else auto]"),
+    ] = None,
     revision: Annotated[
         str | None, typer.Option(help="Hub revision (branch, tag, commit).")
     ] = None,
     cache_dir: Annotated[Path | None, typer.Option(help="HF cache folder.")] = None,
 ) -> None:
-    """Complete PROMPT with a CodeGen model and print only the completion.
+    """Complete PROMPT with a CodeGen model, in this process, and print only the completion.
 
-    With -n above 1, the samples are printed one after another, each followed by a line
-    `<|sample-end|>`.
+    The model and dtype default to config.toml's; sampling is greedy unless asked (config.toml's
+    sampling is the REPL's). With -n above 1, the samples are printed one after another, each
+    followed by a line `<|sample-end|>`. On a terminal the output ends with a newline; into a
+    pipe or a file it is exactly the completion.
     """
+    from codegen_repl.core.settings import Overrides, resolve
     from codegen_repl.decoders.local import LocalDecoder
     from codegen_repl.model.sample_params import SampleParams
-    from codegen_repl.userconfig import default_cache_dir
+    from codegen_repl.paths import default_cache_dir
+    from codegen_repl.userconfig import UserConfig
 
     with user_errors():
-        sample = SampleParams(
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            n=n,
-            seed=seed,
-            stop=tuple(stop or ()),
-            codegen_rules=truncate,
+        _check_prompt(prompt)
+        config = UserConfig.load()
+        chosen = resolve(
+            Overrides.of({"model": model, "dtype": dtype}),
+            Overrides(model=config.model, dtype=config.dtype),
         )
+        sample = SampleParams(
+            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+            n=n, seed=seed, stop=tuple(stop or ()), codegen_rules=truncate,
+        )  # fmt: skip
         if int8 and default_dtype() == "float32":
             typer.echo(
                 "note: --int8 on CPU saves memory but decodes slower than fp32 (XLA's CPU "
@@ -72,84 +103,37 @@ def generate(
                 err=True,
             )
         decoder = LocalDecoder.load(
-            model,
-            dtype=dtype or None,
-            int8=int8,
-            revision=revision,
-            cache_dir=cache_dir,
+            chosen.model, dtype=chosen.dtype, int8=int8, revision=revision, cache_dir=cache_dir,
             compilation_cache=default_cache_dir() / "jax",
-        )
+        )  # fmt: skip
+        written = ""
         if stream and n == 1:
             for piece in decoder.generate(prompt, sample):
                 sys.stdout.write(piece)
                 sys.stdout.flush()
+                written = (written + piece)[-1:]
         else:
             texts = decoder.complete(prompt, sample)
             ends = "\n<|sample-end|>\n" if n > 1 else ""
-            sys.stdout.write("".join(text + ends for text in texts))
+            written = "".join(text + ends for text in texts)
+            sys.stdout.write(written)
+        if sys.stdout.isatty() and not written.endswith("\n"):
+            sys.stdout.write("\n")  # the shell's prompt on its own line; a pipe gets the text only
         sys.stdout.flush()
 
 
-RunMode = Annotated[str | None, typer.Option("--run", help="ask, auto or never.")]
-ApiKey = Annotated[
-    str | None, typer.Option(envvar="CODEGEN_API_KEY", help="The decoder server's API key.")
-]
+def _check_prompt(prompt: str) -> None:
+    """An argument that is not valid UTF-8 reaches us with lone surrogates (Python's
+    surrogateescape): say so in one line, before loading a model."""
+    from codegen_repl.errors import ConfigError
 
-
-@app.callback(invoke_without_command=True)
-def start(ctx: typer.Context) -> None:
-    """With no command, start the chat REPL with its defaults."""
-    if ctx.invoked_subcommand is None:
-        chat()
-
-
-@app.command()
-def chat(
-    model: Annotated[
-        str | None, typer.Option(help="A checkpoint folder or a hub id (with --server: its name).")
-    ] = None,
-    server: Annotated[str | None, typer.Option(help="A decoder server's URL.")] = None,
-    api_key: ApiKey = None,
-    session: Annotated[
-        Path | None, typer.Option(help="The session notebook: resumed if it exists.")
-    ] = None,
-    yes: Annotated[bool, typer.Option("--yes", help="Run every snippet (--run auto).")] = False,
-    run: RunMode = None,
-    temperature: Annotated[float | None, typer.Option(help="0 = greedy.")] = None,
-    top_p: Annotated[float | None, typer.Option(help="Nucleus sampling mass.")] = None,
-    max_new_tokens: Annotated[int | None, typer.Option(help="Most tokens per step.")] = None,
-    prefix: Annotated[str | None, typer.Option(help="Text before the first turn.")] = None,
-    no_prefix: Annotated[bool, typer.Option("--no-prefix", help="No import prefix.")] = False,
-    dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16.")] = None,
-) -> None:
-    """The multi-turn REPL: write a step, the model writes the code, the kernel runs it.
-
-    Defaults come from config.toml (see `codegen-repl config path`); options override it."""
-    from codegen_repl.repl.chat import ChatOptions, run_chat
-    from codegen_repl.userconfig import UserConfig
-
-    with user_errors():
-        config = UserConfig.load()
-        options = ChatOptions(
-            model=model or config.model or ("" if server or config.server else DEFAULT_MODEL),
-            server=server or config.server,
-            api_key=api_key,
-            session=session,
-            run_mode="auto" if yes else run or config.run,
-            temperature=_first(temperature, config.temperature),
-            top_p=_first(top_p, config.top_p),
-            max_new_tokens=_first(max_new_tokens, config.max_new_tokens),
-            prefix="" if no_prefix else _first(prefix, config.prefix),
-            dtype=dtype or config.dtype,
-            theme=config.theme,
-            images=config.images,
-        )
-        code = run_chat(options)
-    raise typer.Exit(code)
-
-
-def _first(given: T | None, configured: T | None) -> T | None:
-    return configured if given is None else given
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ConfigError(
+            f"the prompt is not valid UTF-8 text (byte or character {error.start}); pass text "
+            "in UTF-8 (check the terminal's or the file's encoding)"
+        ) from None
 
 
 config_app = typer.Typer(help="The user's config.toml: defaults for the REPL and the kernel.")
@@ -159,23 +143,25 @@ app.add_typer(config_app, name="config")
 @config_app.command("path")
 def config_path() -> None:
     """Print where config.toml is read from."""
-    from codegen_repl.userconfig import config_path
+    from codegen_repl.paths import config_path
 
     typer.echo(str(config_path()))
 
 
 @config_app.command("show")
 def config_show() -> None:
-    """Print the settings in effect (config.toml over the defaults)."""
+    """Print the settings in effect, each with where it comes from (config.toml or default)."""
     import dataclasses
 
+    from codegen_repl.core.settings import resolve
     from codegen_repl.userconfig import UserConfig
 
     with user_errors():
         config = UserConfig.load()
+    settings = resolve(config.overrides())
     for field in dataclasses.fields(config):
-        value = getattr(config, field.name)
-        typer.echo(f"{field.name} = {value!r}" if value is not None else f"{field.name}: not set")
+        source = "default" if getattr(config, field.name) is None else "config.toml"
+        typer.echo(f"{field.name} = {getattr(settings, field.name)!r}  # {source}")
 
 
 @config_app.command("init")
@@ -184,8 +170,9 @@ def config_init(
 ) -> None:
     """Write a config.toml with every key documented (commented out)."""
     from codegen_repl import userconfig
+    from codegen_repl.paths import config_path
 
-    path = userconfig.config_path()
+    path = config_path()
     if path.exists() and not force:
         typer.echo(f"error: {path} exists; edit it, or pass --force to overwrite it", err=True)
         raise typer.Exit(2)

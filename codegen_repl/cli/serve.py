@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-DEFAULT_MODEL = "Salesforce/codegen-350M-mono"
+from codegen_repl.core.settings import DEFAULT_MODEL
 
 
 def register(app: typer.Typer) -> None:

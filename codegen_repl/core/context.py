@@ -20,20 +20,25 @@ class TurnText:
 
     step: str | None
     code: str
+    verbatim: bool = False  # the step is written as given (see `step_line`)
 
     def render(self) -> str:
-        comment = "" if self.step is None else step_line(self.step)
+        comment = "" if self.step is None else step_line(self.step, self.verbatim)
         return f"{comment}{self.code}\n\n"
 
 
-def step_line(step: str) -> str:
-    """`# step` (a step of several lines becomes several comment lines)."""
+def step_line(step: str, verbatim: bool = False) -> str:
+    """`# step` (a step of several lines becomes several comment lines). `verbatim`: exactly
+    `# {step}\\n`, MTPB's reference format (its prompts carry their own `# ` on continuation
+    lines, and some end in a space that is part of the benchmark's prompt)."""
+    if verbatim:
+        return f"# {step}\n"
     return "".join(f"# {line}\n" for line in step.strip().splitlines() or [""])
 
 
-def build_context(prefix: str, turns: Sequence[TurnText], step: str) -> str:
-    """The prompt for generating the code of `step` after `turns`."""
-    return prefix + "".join(turn.render() for turn in turns) + step_line(step)
+def build_context(prefix: str, turns: Sequence[TurnText], step: str, verbatim: bool = False) -> str:
+    """The prompt for generating the code of `step` after `turns` (`verbatim`: see step_line)."""
+    return prefix + "".join(turn.render() for turn in turns) + step_line(step, verbatim)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +67,9 @@ def fit_context(
         text = build_context(prefix, turns[dropped:], step)
         if count_tokens(text) <= budget:
             return FittedContext(text, dropped)
+    alone = count_tokens(build_context(prefix, [], step))
     raise ConfigError(
-        f"the prefix and the step alone take more than {budget} tokens of the model's window; "
+        f"the prefix and the step alone take {alone} tokens ({count_tokens(step_line(step))} "
+        f"of them the step's); at most {budget} fit in the model's window beside max_new_tokens: "
         "shorten the step or the prefix, or lower max_new_tokens"
     )

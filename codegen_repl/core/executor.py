@@ -4,58 +4,36 @@
 jupyter_client). `run` sends one cell and waits for it; a Ctrl-C in the caller or a timeout
 interrupts the kernel instead of escaping, and a kernel that dies (or ignores the interrupt)
 is restarted with the successful cells replayed, so the user's variables come back.
+
+Starting and stopping the kernel process is `kernel_process.py`; turning its iopub messages
+into a cell's outputs is `outputs.py`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import os
-import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from queue import Empty
 from types import TracebackType
-from typing import IO, Any
+from typing import IO, Any, Literal
 
 from jupyter_client.blocking import BlockingKernelClient
-from jupyter_client.kernelspec import KernelSpec, KernelSpecManager
 from jupyter_client.manager import KernelManager
 
+from codegen_repl.core.interrupts import held_interrupts
+from codegen_repl.core.kernel_process import discard, exit_description, kernel_popen, start_kernel
+from codegen_repl.core.outputs import Cell, InputCallback, Output, OutputCallback
 from codegen_repl.errors import ConfigError, KernelError
 
-Output = dict[str, Any]
-OutputCallback = Callable[[Output], None]
-
 STATUSES = ("ok", "error", "interrupted", "timeout", "died")
-KERNEL_NAME = "python3"
+ShellRequest = Literal["complete", "inspect", "is_complete"]  # what `request` may ask
 _POLL_S = 0.1  # how often a waiting run checks that the kernel process is still there
 _REPLY_WAIT_S = 5.0  # the execute_reply is sent before idle, so this is only a safety net
-_SHUTDOWN_WAIT_S = 3.0  # a polite shutdown is given this long before the kill
-_LOG_TAIL_CHARS = 2000
-
-# Run by the kernel's Python before ipykernel: the limits then bind the kernel (and what it
-# spawns) but never this process. argv: -c LAUNCHER MEMORY_MB CPU_S -f CONNECTION_FILE.
-_LIMITED_LAUNCHER = """\
-import resource, runpy, sys
-memory_mb, cpu_s = sys.argv[1:3]
-del sys.argv[1:3]
-def limit(kind, soft, hard):
-    _, ceiling = resource.getrlimit(kind)
-    if ceiling != resource.RLIM_INFINITY:
-        soft, hard = min(soft, ceiling), min(hard, ceiling)
-    resource.setrlimit(kind, (soft, hard))
-if memory_mb != "-":
-    limit(resource.RLIMIT_AS, int(memory_mb) << 20, int(memory_mb) << 20)
-if cpu_s != "-":  # SIGXCPU at the soft limit names the cause; SIGKILL would look like OOM
-    limit(resource.RLIMIT_CPU, int(cpu_s), int(cpu_s) + 2)
-runpy.run_module("ipykernel_launcher", run_name="__main__", alter_sys=True)
-"""
 
 # Silent, so it neither counts as a cell nor shows anything; a missing matplotlib is fine.
 _MATPLOTLIB_SETUP = """\
@@ -67,12 +45,6 @@ else:
     get_ipython().run_line_magic("matplotlib", "inline")
     del matplotlib
 """
-
-_SIGNAL_HINTS = {
-    "SIGKILL": "usually the system's out-of-memory killer",
-    "SIGXCPU": "the CPU time limit",
-    "SIGSEGV": "a crash in native code",
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,6 +119,10 @@ class Executor:
         self._log: IO[bytes] | None = None
         self._history: list[str] = []
         self._interrupt_requested = threading.Event()
+        self._shell = threading.Lock()  # the client's shell channel: a run or a request
+        # Told what takes a while (a restart, waiting out an ignored interrupt), as it begins.
+        self.on_progress: Callable[[str], None] | None = None
+        self._on_input: InputCallback | None = None
 
     # ------------------------------------------------------------------------------ lifecycle
 
@@ -166,8 +142,9 @@ class Executor:
         Replay stops at the first cell that does not succeed; its result says so and is the
         last in the returned list.
         """
-        self._stop(now=True)  # its state is being thrown away, so no polite shutdown
-        self._launch()
+        with held_interrupts():  # a Ctrl-C here must not leave no kernel at all
+            self._stop(now=True)  # its state is being thrown away, so no polite shutdown
+            self._launch()
         results: list[RunResult] = []
         for index, code in enumerate(replay, start=1):
             result, healthy = self._execute(code, timeout=None, on_output=None)
@@ -176,8 +153,9 @@ class Executor:
                 self._history.append(code)
                 continue
             if not healthy:  # leave a usable kernel behind, even without the replayed state
-                self._stop(now=True)
-                self._launch()
+                with held_interrupts():
+                    self._stop(now=True)
+                    self._launch()
             note = f"replay stopped at cell {index} of {len(replay)} ({result.status})"
             results[-1] = dataclasses.replace(result, message=_join(note, result.message))
             break
@@ -187,13 +165,6 @@ class Executor:
     def alive(self) -> bool:
         process = self._process()
         return process is not None and process.poll() is None
-
-    @property
-    def connection_info(self) -> dict[str, Any] | None:
-        """The running kernel's ports and key, for a second client of its own (completion and
-        inspection requests beside a run); None when no kernel runs. A restart changes it."""
-        manager = self._manager
-        return None if manager is None else dict(manager.get_connection_info())
 
     @property
     def history(self) -> tuple[str, ...]:
@@ -219,6 +190,7 @@ class Executor:
         code: str,
         timeout: float | None = None,
         on_output: OutputCallback | None = None,
+        on_input: InputCallback | None = None,
     ) -> RunResult:
         """Run one cell and wait for it to finish, stop, or kill the kernel.
 
@@ -227,18 +199,43 @@ class Executor:
             timeout: seconds after which the cell is interrupted (status "timeout"); None waits.
             on_output: called with each output dict as it arrives (stream chunks unmerged).
                 Display updates and clear_output change only the collected outputs.
+            on_input: answers the code's `input()` and `getpass()` (prompt, password) -> line;
+                None: the code gets a StdinNotImplementedError, shown as one line.
         """
         if timeout is not None and not timeout > 0:
             raise ConfigError(f"timeout must be None or a positive number of seconds: {timeout!r}")
         self._require_started()
         revived = None if self.alive else self._recover("died", self.history)
         history = self.history
-        result, healthy = self._execute(code, timeout, on_output)
+        result, healthy = self._execute(code, timeout, on_output, on_input=on_input)
         if result.status == "ok":
             self._history.append(code)
         if not healthy:
             return self._with_recovery(result, self._recover(result.status, history))
         return result if revived is None else self._with_recovery(result, revived, before=True)
+
+    def request(
+        self, kind: ShellRequest, content: dict[str, Any], timeout: float
+    ) -> dict[str, Any] | None:
+        """Ask the kernel for a completion, an inspection or an is-complete answer (the
+        message's `content`); the reply's content. None at once while a cell runs (the kernel
+        answers only between cells) or no kernel runs, and None after `timeout` seconds."""
+        client = self._client
+        if client is None or not self._shell.acquire(blocking=False):
+            return None
+        try:
+            msg_id = getattr(client, kind)(**content)
+            deadline = time.monotonic() + timeout
+            while (remaining := deadline - time.monotonic()) > 0:
+                try:
+                    reply = client.get_shell_msg(timeout=remaining)
+                except Empty:
+                    break
+                if reply["parent_header"].get("msg_id") == msg_id:
+                    return dict(reply["content"])
+            return None  # a late reply is skipped by the msg_id check of the next reader
+        finally:
+            self._shell.release()
 
     def interrupt(self) -> None:
         """Interrupt the running cell, like Ctrl-C in Jupyter; the waiting `run` returns
@@ -254,15 +251,22 @@ class Executor:
         timeout: float | None,
         on_output: OutputCallback | None,
         silent: bool = False,
+        on_input: InputCallback | None = None,
     ) -> tuple[RunResult, bool]:
         """Run one cell without any recovery. Returns the result and whether the kernel is
         still usable (False: it died or ignored the interrupt)."""
         client = self._require_started()
         self._interrupt_requested.clear()
         started = time.monotonic()
-        msg_id = client.execute(code, silent=silent, store_history=not silent, allow_stdin=False)
-        cell = _Cell(msg_id, on_output)
-        status, healthy = self._follow(cell, timeout)
+        with self._shell:
+            msg_id = client.execute(code, silent=silent, store_history=not silent,
+                                    allow_stdin=on_input is not None)  # fmt: skip
+            cell = Cell(msg_id, on_output)
+            self._on_input = on_input
+            try:
+                status, healthy = self._follow(cell, timeout)
+            finally:
+                self._on_input = None
         result = RunResult(
             outputs=tuple(cell.outputs),
             status=status,
@@ -272,7 +276,7 @@ class Executor:
         )
         return result, healthy
 
-    def _follow(self, cell: _Cell, timeout: float | None) -> tuple[str, bool]:
+    def _follow(self, cell: Cell, timeout: float | None) -> tuple[str, bool]:
         """Wait for the cell; on Ctrl-C or timeout interrupt it and wait out the grace."""
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
@@ -289,6 +293,8 @@ class Executor:
         try:
             assert self._manager is not None
             self._manager.interrupt_kernel()
+            self._progress(f"interrupting the kernel; waiting up to "
+                           f"{self.config.interrupt_grace:g} s for the code to stop")  # fmt: skip
             answer = self._wait(cell, time.monotonic() + self.config.interrupt_grace)
             if answer == "idle":
                 self._reply_status(cell)
@@ -297,13 +303,15 @@ class Executor:
             answer = "timeout"
         return ("died" if answer == "died" else ending), False
 
-    def _wait(self, cell: _Cell, deadline: float | None) -> str:
+    def _wait(self, cell: Cell, deadline: float | None) -> str:
         """Feed iopub messages to the cell until it is idle: "idle", "timeout" or "died"."""
         client = self._require_started()
         while not cell.idle:
             remaining = _POLL_S if deadline is None else min(_POLL_S, deadline - time.monotonic())
             if remaining <= 0:
                 return "timeout"
+            if self._on_input is not None and client.stdin_channel.msg_ready():
+                self._answer_input(cell, client)
             try:
                 cell.handle(client.get_iopub_msg(timeout=remaining))
             except Empty:
@@ -311,7 +319,25 @@ class Executor:
                     return "died"
         return "idle"
 
-    def _reply_status(self, cell: _Cell) -> str:
+    def _answer_input(self, cell: Cell, client: BlockingKernelClient) -> None:
+        """Answer the kernel's input_request (after the outputs sent before it are shown).
+        Ctrl-C or the end of input while the user is asked interrupts the cell."""
+        request = client.get_stdin_msg(timeout=1)
+        if request["msg_type"] != "input_request" or self._on_input is None:
+            return
+        while True:  # the outputs printed before input() come first
+            try:
+                cell.handle(client.get_iopub_msg(timeout=0.05))
+            except Empty:
+                break
+        content = request["content"]
+        try:
+            answer = self._on_input(content.get("prompt", ""), bool(content.get("password")))
+        except EOFError:
+            raise KeyboardInterrupt from None
+        client.input(answer)
+
+    def _reply_status(self, cell: Cell) -> str:
         """Read the cell's execute_reply (also draining it from the shell channel)."""
         client = self._require_started()
         deadline = time.monotonic() + _REPLY_WAIT_S
@@ -343,6 +369,8 @@ class Executor:
         else:
             grace = self.config.interrupt_grace
             cause = f"the kernel did not stop within {grace:g} s of the interrupt"
+        cells = "1 cell" if len(history) == 1 else f"{len(history)} cells"
+        self._progress(f"{cause}; restarting it and replaying {cells}")
         return cause, self.restart(history), len(history)
 
     @staticmethod
@@ -361,72 +389,27 @@ class Executor:
         )
 
     def _exit_description(self) -> str:
-        process = self._process()
-        code = None if process is None else process.poll()
-        if code is None:
-            return "no exit code"
-        if code >= 0:
-            return f"exit code {code}"
-        name = signal.Signals(-code).name if -code in signal.valid_signals() else str(-code)
-        hint = _SIGNAL_HINTS.get(name)
-        return f"killed by {name}" + (f", {hint}" if hint else "")
+        return exit_description(self._process())
 
     # ------------------------------------------------------------------------------ the process
 
     def _launch(self) -> None:
-        spec = KernelSpec(
-            argv=self._kernel_argv(),
-            display_name="Python 3 (codegen-repl)",
-            language="python",
-            interrupt_mode="signal",
+        config = self.config
+        self._manager, self._client, self._log = start_kernel(
+            config.cwd, config.startup_timeout, config.memory_limit_mb, config.cpu_limit_s
         )
-        manager = KernelManager(kernel_name=KERNEL_NAME, kernel_spec_manager=_OneSpec(spec))
-        manager.shutdown_wait_time = _SHUTDOWN_WAIT_S
-        # The kernel's own stdout/stderr: quoted when it fails to start, closed with it.
-        log = tempfile.TemporaryFile()  # noqa: SIM115
-        client: BlockingKernelClient | None = None
-        try:
-            manager.start_kernel(cwd=str(self.config.cwd), stdout=log, stderr=log, env=self._env())
-            client = manager.client()
-            client.start_channels()
-            client.wait_for_ready(timeout=self.config.startup_timeout)
-        except BaseException as error:
-            tail = _tail(log)
-            _discard(manager, client, log, now=True)
-            if not isinstance(error, Exception):
-                raise
-            raise KernelError(
-                f"could not start the Python kernel: {error}{tail}; check that ipykernel is "
-                f"installed in {sys.executable} (`{sys.executable} -m pip install ipykernel`)"
-            ) from error
-        self._manager, self._client, self._log = manager, client, log
         self._history = []
-        if self.config.inline_matplotlib:
-            self._execute(_MATPLOTLIB_SETUP, self.config.startup_timeout, None, silent=True)
-
-    def _kernel_argv(self) -> list[str]:
-        memory, cpu = self.config.memory_limit_mb, self.config.cpu_limit_s
-        if memory is None and cpu is None:
-            return [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
-        limits = ["-" if value is None else str(value) for value in (memory, cpu)]
-        return [sys.executable, "-c", _LIMITED_LAUNCHER, *limits, "-f", "{connection_file}"]
-
-    def _env(self) -> dict[str, str]:
-        env = dict(os.environ)
-        if self.config.memory_limit_mb is not None:
-            # glibc reserves 64 MiB of address space per thread arena, and RLIMIT_AS counts it
-            env.setdefault("MALLOC_ARENA_MAX", "2")
-        return env
+        if config.inline_matplotlib:
+            self._execute(_MATPLOTLIB_SETUP, config.startup_timeout, None, silent=True)
 
     def _stop(self, now: bool) -> None:
         manager, client, log = self._manager, self._client, self._log
         self._manager = self._client = self._log = None
         if manager is not None:
-            _discard(manager, client, log, now=now)
+            discard(manager, client, log, now=now)
 
     def _process(self) -> subprocess.Popen[bytes] | None:
-        provisioner = None if self._manager is None else self._manager.provisioner
-        return getattr(provisioner, "process", None)
+        return kernel_popen(self._manager)
 
     def _require_started(self) -> BlockingKernelClient:
         if self._client is None:
@@ -436,124 +419,9 @@ class Executor:
             )
         return self._client
 
-
-class _Cell:
-    """The outputs of one execute_request, built up from its iopub messages."""
-
-    def __init__(self, msg_id: str, on_output: OutputCallback | None) -> None:
-        self.msg_id = msg_id
-        self.outputs: list[Output] = []
-        self.execution_count: int | None = None
-        self.idle = False
-        self.has_error = False
-        self._on_output = on_output
-        self._clear_on_next = False
-        self._displays: dict[str, list[int]] = {}  # display_id -> indices into outputs
-
-    def handle(self, msg: dict[str, Any]) -> None:
-        if msg["parent_header"].get("msg_id") != self.msg_id:
-            return  # left over from an earlier, interrupted cell
-        kind, content = msg["msg_type"], msg["content"]
-        if kind == "status":
-            self.idle = content.get("execution_state") == "idle"
-        elif kind == "execute_input":
-            self.execution_count = content.get("execution_count")
-        elif kind == "clear_output":
-            self._clear_on_next = True
-            if not content.get("wait", False):
-                self._clear()
-        elif kind == "update_display_data":
-            self._update_display(content)
-        elif kind in ("stream", "display_data", "execute_result", "error"):
-            self._add(_to_output(kind, content), content)
-
-    def _add(self, output: Output, content: dict[str, Any]) -> None:
-        if self._clear_on_next:
-            self._clear()
-        self.has_error = self.has_error or output["output_type"] == "error"
-        last = self.outputs[-1] if self.outputs else None
-        if output["output_type"] == "stream" and last and last.get("name") == output["name"]:
-            last["text"] += output["text"]  # one output per run of same-stream chunks, as Jupyter
-        else:
-            display_id = (content.get("transient") or {}).get("display_id")
-            if display_id:
-                self._displays.setdefault(display_id, []).append(len(self.outputs))
-            self.outputs.append(dict(output))
-        if self._on_output is not None:
-            self._on_output(output)
-
-    def _update_display(self, content: dict[str, Any]) -> None:
-        display_id = (content.get("transient") or {}).get("display_id", "")
-        for index in self._displays.get(display_id, []):
-            self.outputs[index]["data"] = dict(content.get("data", {}))
-            self.outputs[index]["metadata"] = dict(content.get("metadata", {}))
-
-    def _clear(self) -> None:
-        self.outputs.clear()
-        self._displays.clear()
-        self._clear_on_next = False
-
-
-class _OneSpec(KernelSpecManager):
-    """Serves the one kernelspec the executor builds, so the kernel runs on this process's
-    Python whatever kernelspecs are installed."""
-
-    def __init__(self, spec: KernelSpec) -> None:
-        super().__init__()
-        self._spec = spec
-
-    def get_kernel_spec(self, kernel_name: str) -> KernelSpec:
-        return self._spec
-
-
-def _to_output(kind: str, content: dict[str, Any]) -> Output:
-    """An iopub message's content as an nbformat v4 output dict."""
-    if kind == "stream":
-        return {"output_type": "stream", "name": content["name"], "text": content["text"]}
-    if kind == "error":
-        return {
-            "output_type": "error",
-            "ename": content.get("ename", ""),
-            "evalue": content.get("evalue", ""),
-            "traceback": list(content.get("traceback", [])),
-        }
-    output: Output = {
-        "output_type": kind,
-        "data": dict(content.get("data", {})),
-        "metadata": dict(content.get("metadata", {})),
-    }
-    if kind == "execute_result":
-        output["execution_count"] = content.get("execution_count")
-    return output
-
-
-def _discard(
-    manager: KernelManager, client: BlockingKernelClient | None, log: IO[bytes] | None, now: bool
-) -> None:
-    """Stop a kernel, its channels and every process in its process group."""
-    provisioner = manager.provisioner
-    pgid = getattr(provisioner, "pgid", None)  # read now: shutdown forgets the provisioner
-    if client is not None:
-        client.stop_channels()
-    # A half-started or already dead kernel makes shutdown complain; it is going away anyway.
-    with contextlib.suppress(Exception):
-        manager.shutdown_kernel(now=now)
-    # The kernel's own children (subprocesses of user code) share its group and would
-    # outlive a kernel that exited politely; never signal our own group.
-    if pgid and pgid != os.getpgrp():
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pgid, signal.SIGKILL)
-    if log is not None:
-        log.close()
-
-
-def _tail(log: IO[bytes]) -> str:
-    with contextlib.suppress(OSError, ValueError):
-        log.seek(0)
-        text = log.read().decode("utf-8", "replace").strip()
-        if text:
-            return f"\n--- kernel output ---\n{text[-_LOG_TAIL_CHARS:]}\n---"
-    return ""
+    def _progress(self, text: str) -> None:
+        if self.on_progress is not None:
+            self.on_progress(text)
 
 
 def _join(*parts: str) -> str:

@@ -5,30 +5,58 @@ per snippet with its outputs, settings in the notebook metadata. It is written a
 (temp file, fsync, rename) after every turn, before the next one begins, so a crash or a
 `kill -9` loses nothing that finished. `Session.open` resumes: the turns come back and the
 kernel state is rebuilt by replaying the turns that ran without error.
+
+Turns are numbered from 1 wherever a person sees or names them (`/undo`, `/edit N`, `/run N`,
+`/code`). Code that did not run is never run behind the user's back: every replay (undo, edit,
+resume) runs only turns whose status is "ok", each under the session's timeout. A declined
+turn (the user answered "no") is also left out of the program (context, `/code`, `.py`
+export); it stays in the notebook, marked, and `run_turn(N)` runs it on request.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import glob
 import os
+import re
+import stat
 import tempfile
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast, get_args
 
 import nbformat
 
-from codegen_repl.core.context import MTPB_PREFIX, TurnText, fit_context
+from codegen_repl.core.context import TurnText, fit_context
 from codegen_repl.core.decoding import Decoder
 from codegen_repl.core.executor import Executor, RunResult
+from codegen_repl.core.interrupts import held_interrupts, interrupts_call
+from codegen_repl.core.outputs import InputCallback
+from codegen_repl.core.settings import DEFAULT_PREFIX, DEFAULT_SAMPLE, DEFAULT_TIMEOUT_S
 from codegen_repl.errors import CodeGenError, ConfigError
 from codegen_repl.model.sample_params import SampleParams
 
 TextCallback = Callable[[str], None]
+ProgressCallback = Callable[[str], None]  # "replaying 3/11: turn 4", as long work goes on
 OutputCallback = Callable[[dict], None]
 NOTEBOOK_KEY = "codegen"  # our key in notebook and cell metadata
-DEFAULT_SAMPLE = SampleParams(max_new_tokens=128, temperature=0.2, top_p=0.95)
+# What became of a turn's code: the executor's statuses ("ok" ... "died"), "skipped" (shown only,
+# run=never: still part of the program), "declined" (the user said no: not part of the program),
+# "pending" (not decided yet).
+TurnStatus = Literal[
+    "ok", "error", "interrupted", "timeout", "died", "skipped", "declined", "pending"
+]
+TURN_STATUSES: tuple[TurnStatus, ...] = get_args(TurnStatus)
+# What to do with a new turn's code: run it, keep it without running it, or decline it.
+# (True and False, as older callers pass them, mean "run" and "skip".)
+RunChoice = Literal["run", "skip", "decline"]
+NOT_RUN: tuple[TurnStatus, ...] = ("skipped", "declined", "pending")
+DECLINED_TAG = "codegen-declined"  # the notebook tag of a declined turn's code cell
+DECLINED_NOTE = "(declined: this code was not run and is not part of the program)"
+SAVE_SUFFIXES = (".ipynb", ".py")  # a session as a notebook, or its program
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,9 +69,9 @@ class SessionSettings:
         timeout: seconds a turn's code may run before it is interrupted (None: no limit).
     """
 
-    prefix: str = MTPB_PREFIX
+    prefix: str = DEFAULT_PREFIX
     sample: SampleParams = dataclasses.field(default_factory=lambda: DEFAULT_SAMPLE)
-    timeout: float | None = 60.0
+    timeout: float | None = DEFAULT_TIMEOUT_S
 
     def __post_init__(self) -> None:
         if self.timeout is not None and self.timeout <= 0:
@@ -60,9 +88,9 @@ class SessionSettings:
         sample = dict(data.get("sample", {}))
         sample["stop"] = tuple(sample.get("stop", ()))
         return cls(
-            prefix=data.get("prefix", MTPB_PREFIX),
+            prefix=data.get("prefix", DEFAULT_PREFIX),
             sample=SampleParams(**sample),
-            timeout=data.get("timeout", 60.0),
+            timeout=data.get("timeout", DEFAULT_TIMEOUT_S),
         )
 
 
@@ -73,7 +101,7 @@ class Turn:
     step: str | None
     code: str
     outputs: list[dict] = dataclasses.field(default_factory=list)
-    status: str = "pending"  # ok | error | interrupted | timeout | died | skipped | pending
+    status: TurnStatus = "pending"
     execution_count: int | None = None
     sample: dict[str, Any] = dataclasses.field(default_factory=dict)
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
@@ -83,9 +111,18 @@ class Turn:
     def text(self) -> TurnText:
         return TurnText(self.step, self.code)
 
+    @property
+    def in_program(self) -> bool:
+        """Whether the turn is part of the program (every turn but a declined one)."""
+        return self.status != "declined"
+
+    @property
+    def title(self) -> str:
+        return self.step if self.step is not None else "your code"
+
     def record(self, result: RunResult) -> None:
         self.outputs = list(result.outputs)
-        self.status = result.status
+        self.status = _turn_status(result.status)
         self.execution_count = result.execution_count
         self.timings["run_s"] = round(result.duration_s, 4)
         self.message = result.message
@@ -106,7 +143,13 @@ class Session:
         self.settings = settings or SessionSettings()
         self.turns: list[Turn] = []
         self.warning: str | None = None  # set when the context had to drop turns
+        self.notice = ""  # set when a replay could not rebuild the whole kernel state
+        self.missing: tuple[int, ...] = ()  # the turns whose state the kernel lacks (notice)
+        self.on_progress: ProgressCallback | None = None  # told of replays as they go
+        self.on_input: InputCallback | None = None  # answers input() in turns (None: no one)
         self._clock = clock
+        self._stop = threading.Event()  # an interrupt asked a replay to stop
+        self._replaying = False
 
     # ------------------------------------------------------------------------- the model's view
 
@@ -114,15 +157,25 @@ class Session:
         """The prompt for `step`: prefix, every turn so far, then the step's comment line."""
         budget = self.decoder.max_context - self.settings.sample.max_new_tokens
         fitted = fit_context(
-            self.settings.prefix, [t.text for t in self.turns], step, budget,
+            self.settings.prefix, [t.text for t in self.turns if t.in_program], step, budget,
             self.decoder.count_tokens,
         )  # fmt: skip
         self.warning = fitted.warning
         return fitted.text
 
     def program(self) -> str:
-        """The whole program as the model sees it (also the `.py` export)."""
-        return self.settings.prefix + "".join(turn.text.render() for turn in self.turns)
+        """The whole program as the model sees it (also the `.py` export); declined turns are
+        left out."""
+        turns = "".join(turn.text.render() for turn in self.turns if turn.in_program)
+        return self.settings.prefix + turns
+
+    def turn(self, number: int) -> Turn:
+        """Turn `number`, counted from 1; a ConfigError names the turns there are."""
+        if not self.turns:
+            raise ConfigError("there is no turn yet")
+        if not 1 <= number <= len(self.turns):
+            raise ConfigError(f"there is no turn {number}; turns are 1..{len(self.turns)}")
+        return self.turns[number - 1]
 
     # ------------------------------------------------------------------------- turns
 
@@ -143,10 +196,10 @@ class Session:
         text: str,
         on_text: TextCallback | None = None,
         on_output: OutputCallback | None = None,
-        run: bool = True,
+        run: bool | RunChoice = True,
     ) -> Turn:
-        """Generate the code of a natural-language step, run it (unless `run` is False), record
-        and save the turn."""
+        """Generate the code of a natural-language step, run it (unless `run` says otherwise),
+        record and save the turn."""
         step = text.strip()
         if not step:
             raise ConfigError("the step is empty; describe what the next code should do")
@@ -159,10 +212,10 @@ class Session:
         code: str,
         seconds: float,
         on_output: OutputCallback | None = None,
-        run: bool = True,
+        run: bool | RunChoice = True,
     ) -> Turn:
-        """Record a step whose code was generated (and maybe edited) in `seconds`: run it
-        (unless `run` is False), record and save the turn."""
+        """Record a step whose code was generated (and maybe edited) in `seconds`: run it,
+        keep it unrun (`run` "skip" or False) or record it declined ("decline"); save."""
         turn = Turn(step, code, sample=dataclasses.asdict(self.settings.sample))
         turn.timings["generate_s"] = round(seconds, 4)
         return self.keep(turn, on_output, run)
@@ -172,12 +225,23 @@ class Session:
         return self.keep(Turn(None, code), on_output, run=True)
 
     def undo(self) -> Turn | None:
-        """Drop the last turn; the kernel is restored to the state before it."""
+        """Drop the last turn; the kernel is restored to the state before it (a turn whose code
+        never ran needs no restart).
+
+        Ctrl-C during an undo stops the replay, never the bookkeeping: the turn is dropped
+        (and the file saved) whatever happens once the undo has begun, the kernel is always a
+        live one, and `notice` and `missing` name the turns whose state it lacks."""
         if not self.turns:
             return None
-        dropped = self.turns.pop()
-        self._rebuild_kernel()
-        self.save()
+        with interrupts_call(self.request_stop):
+            dropped = self.turns[-1]
+            notice, missing = "", tuple[int, ...]()
+            if dropped.status not in NOT_RUN:
+                notice, missing = self._rebuild_kernel(self.turns[:-1])
+            with held_interrupts(reraise=False):
+                self.turns.pop()
+                self.notice, self.missing = notice, missing
+                self.save()
         return dropped
 
     def retry(
@@ -197,23 +261,38 @@ class Session:
         assert last.step is not None
         return last.step
 
-    def edit(self, index: int, code: str, on_output: OutputCallback | None = None) -> list[Turn]:
-        """Replace turn `index`'s code, then re-run it and every turn after it."""
-        if not 0 <= index < len(self.turns):
-            raise ConfigError(f"there is no turn {index}; turns are 0..{len(self.turns) - 1}")
+    def edit(self, number: int, code: str, on_output: OutputCallback | None = None) -> list[Turn]:
+        """Replace turn `number`'s code (from 1), rebuild the kernel from the "ok" turns before
+        it, then run it and the turns after it that ran to the end before ("ok" or "error").
+        Turns that did not run (declined, skipped) or did not finish (interrupted, timeout,
+        died) stay as they are; `run_turn` runs one on request. Returns the turns from
+        `number` on."""
+        index = self.turns.index(self.turn(number))
         self.turns[index].code = code
-        later = self.turns[index:]
-        self.turns = self.turns[:index]
-        self._rebuild_kernel()
-        for turn in later:
-            self.keep(turn, on_output, run=True)
-        return later
+        self.save()
+        self.notice, self.missing = self._rebuild_kernel(self.turns[:index])
+        reruns = [(position == 0 and turn.status not in NOT_RUN) or turn.status in ("ok", "error")
+                  for position, turn in enumerate(self.turns[index:])]  # fmt: skip
+        if self.notice:  # the kernel lacks earlier state: running later turns would mislead
+            wanted = [index + 1 + at for at, rerun in enumerate(reruns) if rerun]
+            self.missing = (*self.missing, *wanted)
+            self.notice = f"{self.notice}; turns {_numbers(wanted)} were not run again"
+            return self.turns[index:]
+        for turn, rerun in zip(self.turns[index:], reruns, strict=True):
+            if rerun:
+                turn.record(self._run(turn.code, on_output))
+                self.save()
+        return self.turns[index:]
 
-    def rerun_last(self, on_output: OutputCallback | None = None) -> Turn:
-        last = self.turns[-1] if self.turns else None
-        if last is None:
-            raise ConfigError("there is no turn to run yet")
-        return self.edit(len(self.turns) - 1, last.code, on_output)[0]
+    def run_turn(self, number: int, on_output: OutputCallback | None = None) -> Turn:
+        """Run turn `number`'s code again, now, in the live kernel (no restart, no replay):
+        its outputs and status are replaced. A declined or skipped turn runs on this request
+        and becomes part of the program."""
+        turn = self.turn(number)
+        turn.record(self._run(turn.code, on_output))
+        self.missing = tuple(missing for missing in self.missing if missing != number)
+        self.save()
+        return turn
 
     def fix_step(self) -> str:
         """A step that asks for a fix of the last error, quoting its last traceback line."""
@@ -228,23 +307,76 @@ class Session:
         for turn in reversed(self.turns):
             if turn.step is not None:
                 if turn is not self.turns[-1]:
-                    raise ConfigError("the last turn is your own code; /retry resamples a step")
+                    raise ConfigError(
+                        "the last turn is your own code; a retry resamples only a step"
+                    )
                 return turn
         raise ConfigError("there is no step to retry yet")
 
-    def keep(self, turn: Turn, on_output: OutputCallback | None = None, run: bool = True) -> Turn:
-        """Run (or, with `run` False, skip) a turn whose code is known, record it and save."""
-        if run:
-            turn.record(self.executor.run(turn.code, self.settings.timeout, on_output))
+    def keep(
+        self,
+        turn: Turn,
+        on_output: OutputCallback | None = None,
+        run: bool | RunChoice = True,
+        status: TurnStatus = "skipped",
+    ) -> Turn:
+        """Run a turn whose code is known (`run` True or "run"), or record it unrun: declined
+        ("decline"), or with `status` (False or "skip"); append it and save."""
+        choice = ("run" if run else "skip") if isinstance(run, bool) else run
+        if choice == "run":
+            turn.record(self._run(turn.code, on_output))
         else:
-            turn.status = "skipped"
+            turn.status = "declined" if choice == "decline" else status
         self.turns.append(turn)
         self.save()
         return turn
 
-    def _rebuild_kernel(self) -> None:
-        """A fresh kernel with the successful turns replayed, in order."""
-        self.executor.restart(replay=[t.code for t in self.turns if t.status == "ok"])
+    def _run(self, code: str, on_output: OutputCallback | None) -> RunResult:
+        return self.executor.run(code, self.settings.timeout, on_output, self.on_input)
+
+    @property
+    def replaying(self) -> bool:
+        """Whether a replayed turn runs now (`request_stop` interrupts it)."""
+        return self._replaying
+
+    def request_stop(self) -> None:
+        """Stop a replay (undo, edit, resume) after the turn it is replaying, which is
+        interrupted; the kernel stays, without the state of the turns not replayed. Any
+        thread; Ctrl-C during a replay in the main thread calls it."""
+        self._stop.set()
+        if self._replaying:
+            self.executor.interrupt()
+
+    def _rebuild_kernel(self, turns: list[Turn]) -> tuple[str, tuple[int, ...]]:
+        """A fresh kernel with the "ok" turns of `turns` (the first ones of the session)
+        replayed in order, each under the session's timeout and without input. Returns ("",
+        ()) or what went wrong and the numbers of the turns whose state the kernel lacks; an
+        interrupt (`request_stop`, Ctrl-C) stops the replay that way, never leaving no kernel."""
+        replay = [(number, turn) for number, turn in enumerate(turns, 1) if turn.status == "ok"]
+        self._stop.clear()
+        with interrupts_call(self.request_stop):
+            self._progress(f"restarting the kernel to replay {_count(len(replay), 'turn')}")
+            try:
+                self.executor.restart()
+            except KeyboardInterrupt:  # held until the new kernel was up
+                self._stop.set()
+            for position, (number, turn) in enumerate(replay):
+                self._progress(f"replaying {position + 1}/{len(replay)}: turn {number}")
+                if self._stop.is_set():
+                    return _lacking(replay[position:], "the replay was interrupted")
+                self._replaying = True
+                try:
+                    result = self.executor.run(turn.code, self.settings.timeout)
+                finally:
+                    self._replaying = False
+                if result.status != "ok":
+                    why = f"replaying turn {number} ended with {result.status}"
+                    return _lacking(replay[position:], why)
+        return "", ()
+
+    def _progress(self, text: str) -> None:
+        if self.on_progress is not None:
+            self.on_progress(text)
 
     # ------------------------------------------------------------------------- persistence
 
@@ -252,10 +384,13 @@ class Session:
         cells = []
         for turn in self.turns:
             if turn.step is not None:
-                cells.append(nbformat.v4.new_markdown_cell(turn.step))
+                cells.append(nbformat.v4.new_markdown_cell(_step_markdown(turn)))
             meta = {"step": turn.step, "status": turn.status, "sample": turn.sample,
                     "timings": turn.timings, "message": turn.message}  # fmt: skip
-            cell = nbformat.v4.new_code_cell(turn.code, metadata={NOTEBOOK_KEY: meta})
+            metadata: dict[str, Any] = {NOTEBOOK_KEY: meta}
+            if not turn.in_program:
+                metadata["tags"] = [DECLINED_TAG]
+            cell = nbformat.v4.new_code_cell(turn.code, metadata=metadata)
             cell.outputs = [nbformat.from_dict(output) for output in turn.outputs]
             cell.execution_count = turn.execution_count
             cells.append(cell)
@@ -267,10 +402,14 @@ class Session:
         return nbformat.v4.new_notebook(cells=cells, metadata=metadata)
 
     def save(self, path: Path | None = None) -> Path | None:
-        """Write the notebook atomically; `.py` paths get the program instead."""
+        """Write the notebook atomically; `.py` paths get the program instead. Any other suffix
+        is a ConfigError (nothing is written)."""
         path = path or self.path
         if path is None:
             return None
+        if path.suffix not in SAVE_SUFFIXES:
+            raise ConfigError(f"cannot save as {path.name}: use a .ipynb path (the session, "
+                              "as a notebook) or a .py path (the program)")  # fmt: skip
         if path.suffix == ".py":
             write_atomically(path, self.program())
         else:
@@ -280,8 +419,19 @@ class Session:
         return path
 
     @classmethod
-    def open(cls, path: Path, decoder: Decoder, executor: Executor) -> Session:
-        """Resume a saved session: turns back, kernel state rebuilt by replay."""
+    def open(
+        cls,
+        path: Path,
+        decoder: Decoder,
+        executor: Executor,
+        on_progress: ProgressCallback | None = None,
+        new_path: Path | None = None,
+    ) -> Session:
+        """Resume a saved session: turns back, kernel state rebuilt by replay (told to
+        `on_progress`; Ctrl-C stops it, see `notice`). With `new_path` the notebook's turns
+        begin a new session saved there (`path` is only read: a notebook this tool did not
+        write)."""
+        remove_stale_temps(path)
         try:
             notebook = nbformat.read(str(path), as_version=4)
         except FileNotFoundError:
@@ -291,10 +441,61 @@ class Session:
         except Exception as bad:  # nbformat raises several kinds for a broken file
             raise CodeGenError(f"{path} is not a readable notebook ({bad})") from None
         meta = notebook.metadata.get(NOTEBOOK_KEY, {})
-        session = cls(decoder, executor, path, SessionSettings.from_json(meta.get("settings", {})))
+        settings = SessionSettings.from_json(meta.get("settings", {}))
+        session = cls(decoder, executor, new_path or path, settings)
         session.turns = list(turns_from_cells(notebook.cells))
-        session._rebuild_kernel()
+        session.on_progress = on_progress
+        session.notice, session.missing = session._rebuild_kernel(session.turns)
+        if new_path is not None:
+            session.save()
         return session
+
+
+def written_here(path: Path) -> bool:
+    """Whether `path` is a session notebook this tool wrote (our metadata key); a missing or
+    unreadable file counts as ours (opening it says what is wrong)."""
+    try:
+        notebook = nbformat.read(str(path), as_version=4)
+    except Exception:
+        return True
+    return NOTEBOOK_KEY in notebook.metadata
+
+
+def _lacking(replay: list[tuple[int, Turn]], why: str) -> tuple[str, tuple[int, ...]]:
+    numbers = tuple(number for number, _ in replay)
+    return f"{why}: the kernel lacks the state of turns {_numbers(numbers)}", numbers
+
+
+def _numbers(numbers: Sequence[int]) -> str:
+    return ", ".join(str(number) for number in numbers)
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
+
+
+def new_session_path(folder: Path, now: Callable[[], datetime] = datetime.now) -> Path:
+    """A fresh `session-<date>-<time>.ipynb` in `folder` (never an existing file)."""
+    stem = now().strftime("session-%Y%m%d-%H%M%S")
+    path, number = folder / f"{stem}.ipynb", 1
+    while path.exists():
+        number += 1
+        path = folder / f"{stem}-{number}.ipynb"
+    return path
+
+
+def _step_markdown(turn: Turn) -> str:
+    """A step's markdown cell; a declined step says so (the code cell below it is not run)."""
+    assert turn.step is not None
+    if turn.in_program:
+        return turn.step
+    return f"{turn.step}\n\n*{DECLINED_NOTE}*"
+
+
+def _turn_status(value: str) -> TurnStatus:
+    if value not in TURN_STATUSES:
+        raise CodeGenError(f"unknown turn status {value!r}; expected one of {TURN_STATUSES}")
+    return cast(TurnStatus, value)
 
 
 def turns_from_cells(cells: list[Any]) -> Iterator[Turn]:
@@ -306,7 +507,7 @@ def turns_from_cells(cells: list[Any]) -> Iterator[Turn]:
             step=meta.get("step"),
             code=cell.source,
             outputs=[dict(output) for output in cell.outputs],
-            status=meta.get("status", "ok"),
+            status=_turn_status(meta.get("status", "ok")),
             execution_count=cell.execution_count,
             sample=dict(meta.get("sample", {})),
             timings=dict(meta.get("timings", {})),
@@ -314,11 +515,34 @@ def turns_from_cells(cells: list[Any]) -> Iterator[Turn]:
         )
 
 
+def remove_stale_temps(path: Path) -> None:
+    """Remove the temp files of `write_atomically` (`.<name>.XXXXXXXX`) that a writer killed
+    mid-save left beside `path`."""
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.[a-z0-9_]{{8}}")  # as tempfile names
+    for temp in path.parent.glob(f".{glob.escape(path.name)}.*"):
+        if pattern.fullmatch(temp.name):
+            temp.unlink(missing_ok=True)
+
+
+def file_mode(path: Path) -> int:
+    """The permission bits for writing `path`: an existing file's own, else what `open` would
+    give a new file (0666 less the umask), as for any other file the user writes."""
+    try:
+        return stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        pass
+    umask = os.umask(0o022)  # read it (it can only be read by setting it) ...
+    os.umask(umask)  # ... and put it back
+    return 0o666 & ~umask
+
+
 def write_atomically(path: Path, text: str) -> None:
-    """Temp file in the same folder, fsync, rename over the target, fsync the folder."""
+    """Temp file in the same folder (with the mode of `file_mode`), fsync, rename over the
+    target, fsync the folder."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        os.fchmod(handle, file_mode(path))  # mkstemp's 0600 would ignore the umask
         with os.fdopen(handle, "w", encoding="utf-8") as file:
             file.write(text)
             file.flush()

@@ -3,10 +3,15 @@
 `LocalDecoder` runs CodeGen in this process with JAX. It keeps the KV cache of its last
 context: when the next prompt starts with the same tokens (the next turn of a session), only the
 new tokens are prefilled; after an undo or an edit it falls back to the longest common prefix.
+
+`load_for_decoding` loads a checkpoint ready to decode (quantized when asked, split over the
+local devices when asked): the local decoder and the decoder server's engine both start from
+it, and both decode through model/sampling.py.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,16 +24,23 @@ from codegen_repl.core.truncation import Cutter
 from codegen_repl.errors import ConfigError
 from codegen_repl.model.checkpoint import Params, load_model
 from codegen_repl.model.config import CodeGenConfig
-from codegen_repl.model.modeling import CodeGen, KVCache, init_cache, quantize_int8
+from codegen_repl.model.modeling import CodeGen, DecodeAttention, init_cache, quantize_int8
 from codegen_repl.model.sample_params import SampleParams
 from codegen_repl.model.sampling import (
     DecodeState,
+    LogitsFn,
     bucket,
+    common_prefix,
     decode_chunk,
-    knobs,
+    decode_steps,
+    default_chunk_size,
+    empty_state,
     model_logits_fn,
-    prefill,
+    prefill_prompt,
+    request_knobs,
+    resize_state,
 )
+from codegen_repl.model.sharding import shard_for_decoding
 from codegen_repl.model.tokenizer import CodeGenTokenizer
 
 
@@ -39,25 +51,87 @@ def enable_compilation_cache(path: Path) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
+@dataclasses.dataclass(frozen=True)
+class DecodingModel:
+    """A checkpoint ready to decode: what the local decoder and the server's engine run."""
+
+    config: CodeGenConfig
+    params: Params  # int8 kernels and scales when int8; placed on the devices
+    tokenizer: CodeGenTokenizer
+    model: CodeGen
+    cache_sharding: jax.sharding.Sharding | None = None  # of a KV cache, when params are split
+
+    @classmethod
+    def create(
+        cls,
+        config: CodeGenConfig,
+        params: Params,
+        tokenizer: CodeGenTokenizer,
+        int8: bool = False,
+        decode_attention: DecodeAttention = "auto",
+    ) -> DecodingModel:
+        """Wrap loaded params (of one dtype, the compute dtype); int8 quantizes them."""
+        dtype = jax.tree_util.tree_leaves(params)[0].dtype
+        model = CodeGen(config, int8, dtype, dtype, decode_attention)
+        return cls(config, quantize_int8(params) if int8 else params, tokenizer, model)
+
+    @property
+    def dtype(self) -> jnp.dtype:
+        return self.model.dtype
+
+    @property
+    def logits_fn(self) -> LogitsFn:
+        return model_logits_fn(self.model)
+
+
+def load_for_decoding(
+    model: str | Path,
+    dtype: str | None = None,
+    int8: bool = False,
+    revision: str | None = None,
+    cache_dir: Path | None = None,
+    compilation_cache: Path | None = None,
+    shard: bool = False,
+) -> DecodingModel:
+    """A checkpoint folder or hub id, ready to decode; dtype defaults to fp32 on CPU, bf16
+    elsewhere. `shard` splits the params over all local devices (tensor parallel; the server
+    does this), which changes nothing on one device."""
+    if compilation_cache is not None:
+        enable_compilation_cache(compilation_cache)
+    dtype = dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
+    loaded = load_model(model, dtype=dtype, revision=revision, cache_dir=cache_dir)
+    tokenizer = CodeGenTokenizer.from_dir(loaded.path)
+    ready = DecodingModel.create(loaded.config, loaded.params, tokenizer, int8=int8)
+    if not shard:
+        return ready
+    params, cache_sharding = shard_for_decoding(ready.params, loaded.config.num_heads)
+    return dataclasses.replace(ready, params=params, cache_sharding=cache_sharding)
+
+
 class LocalDecoder:
     """CodeGen in this process: jitted prefill and chunked decode, with prefix reuse."""
 
-    def __init__(
-        self,
+    def __init__(self, ready: DecodingModel, chunk_size: int | None = None) -> None:
+        self.ready = ready
+        self.config, self.tokenizer, self.params = ready.config, ready.tokenizer, ready.params
+        self.model, self.dtype, self.logits_fn = ready.model, ready.dtype, ready.logits_fn
+        self.chunk_size = chunk_size or default_chunk_size()
+        self._tokens: list[int] = []  # the tokens whose keys/values are in _kept
+        self._kept: DecodeState | None = None  # row 0 of the last request
+
+    @classmethod
+    def create(
+        cls,
         config: CodeGenConfig,
         params: Params,
         tokenizer: CodeGenTokenizer,
         int8: bool = False,
         chunk_size: int | None = None,
-    ) -> None:
-        dtype = jax.tree_util.tree_leaves(params)[0].dtype
-        self.config, self.tokenizer, self.dtype = config, tokenizer, dtype
-        self.params = quantize_int8(params) if int8 else params
-        self.model = CodeGen(config, int8=int8, dtype=dtype, param_dtype=dtype)
-        self.logits_fn = model_logits_fn(self.model)
-        self.chunk_size = chunk_size or (4 if jax.default_backend() == "cpu" else 16)
-        self._tokens: list[int] = []  # the tokens whose keys/values are in _cache
-        self._cache: KVCache | None = None  # batch 1
+        decode_attention: DecodeAttention = "auto",
+    ) -> LocalDecoder:
+        """Over loaded params (of one dtype, the compute dtype); int8 quantizes them."""
+        ready = DecodingModel.create(config, params, tokenizer, int8, decode_attention)
+        return cls(ready, chunk_size)
 
     @classmethod
     def load(
@@ -69,13 +143,8 @@ class LocalDecoder:
         cache_dir: Path | None = None,
         compilation_cache: Path | None = None,
     ) -> LocalDecoder:
-        """A checkpoint folder or hub id; dtype defaults to fp32 on CPU, bf16 elsewhere."""
-        if compilation_cache is not None:
-            enable_compilation_cache(compilation_cache)
-        dtype = dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
-        loaded = load_model(model, dtype=dtype, revision=revision, cache_dir=cache_dir)
-        tokenizer = CodeGenTokenizer.from_dir(loaded.path)
-        return cls(loaded.config, loaded.params, tokenizer, int8=int8)
+        """A checkpoint folder or hub id (see load_for_decoding)."""
+        return cls(load_for_decoding(model, dtype, int8, revision, cache_dir, compilation_cache))
 
     @property
     def max_context(self) -> int:
@@ -84,33 +153,34 @@ class LocalDecoder:
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer.encode(text))
 
+    def describe(self) -> str:
+        """`350.0M parameters · GPU (NVIDIA H100) · bfloat16`: size, device, dtype."""
+        count = sum(int(leaf.size) for leaf in jax.tree_util.tree_leaves(self.params))
+        device = jax.devices()[0]
+        kind = getattr(device, "device_kind", "") or device.platform
+        return f"{count / 1e6:,.1f}M parameters · {device.platform.upper()} ({kind}) · {self.dtype}"
+
     def reused_tokens(self, prompt_ids: list[int]) -> int:
         """How many leading tokens of `prompt_ids` the cache already holds."""
-        if self._cache is None:
-            return 0
-        limit = min(len(self._tokens), len(prompt_ids) - 1)  # prefill needs >= 1 new token
-        same = 0
-        while same < limit and self._tokens[same] == prompt_ids[same]:
-            same += 1
-        return same
+        return 0 if self._kept is None else common_prefix(self._tokens, prompt_ids)
+
+    def forget(self) -> None:
+        """Drop the kept cache: the next request prefills its whole prompt."""
+        self._tokens, self._kept = [], None
 
     # ------------------------------------------------------------------------- text
 
     def generate(self, prompt: str, sample: SampleParams) -> Iterator[str]:
         """Stream the first sample's text as soon as it is settled (see Cutter.visible)."""
         rows = self._rows(sample)
-        shown = 0
         for tokens in self.stream_tokens(self.tokenizer.encode(prompt), sample):
             for row, row_tokens in zip(rows, tokens, strict=True):
                 row.add(row_tokens.tolist())
-            end = rows[0].shown()
-            if end > shown:
-                yield rows[0].text[shown:end]
-                shown = end
+            if piece := rows[0].take():
+                yield piece
             if rows[0].done:
                 break
-        rest = rows[0].result()[shown:]
-        if rest:
+        if rest := rows[0].take(finished=True):
             yield rest
 
     def complete(self, prompt: str, sample: SampleParams) -> list[str]:
@@ -133,12 +203,12 @@ class LocalDecoder:
         cut to it). Stop rules and EOS are the caller's: stop iterating to stop decoding."""
         self._check_fits(prompt_ids, sample)
         state = self._start(prompt_ids, sample)
-        key, traced, mode = jax.random.key(sample.seed), knobs(sample), sample.mode
+        traced, mode = request_knobs(sample), sample.mode
         new: list[np.ndarray] = []
         try:
             for done in range(0, sample.max_new_tokens, self.chunk_size):
                 state, tokens = decode_chunk(
-                    self.logits_fn, self.params, state, key, traced, self.chunk_size, mode
+                    self.logits_fn, self.params, state, traced, self.chunk_size, mode
                 )
                 new.append(np.asarray(tokens))
                 yield new[-1][:, : sample.max_new_tokens - done]
@@ -156,43 +226,22 @@ class LocalDecoder:
             )
 
     def _start(self, prompt_ids: list[int], sample: SampleParams) -> DecodeState:
-        """Prefill what the cache lacks and widen the state to n rows."""
-        steps = -(-sample.max_new_tokens // self.chunk_size) * self.chunk_size
-        cache_len = bucket(len(prompt_ids) + steps)
+        """n rows on the prompt: prefill what the kept cache lacks into row 0, copy it to all."""
+        length = bucket(len(prompt_ids) + decode_steps(sample.max_new_tokens, self.chunk_size))
         reuse = self.reused_tokens(prompt_ids)
-        cache = self._resized_cache(cache_len)
-        self._tokens, self._cache = [], None  # the cache is donated below: own it until _keep
-        suffix = prompt_ids[reuse:]
-        width = min(bucket(len(suffix), smallest=1), cache_len - reuse)
-        padded = np.zeros((1, width), np.int32)
-        padded[0, : len(suffix)] = suffix
-        logits, cache = prefill(
-            self.logits_fn,
-            self.params,
-            jnp.asarray(padded),
-            jnp.int32(len(suffix)),
-            cache,
-            jnp.int32(reuse),
-        )
-        if sample.n > 1:
-            cache = jax.tree.map(lambda x: jnp.repeat(x, sample.n, axis=0), cache)
-            logits = jnp.repeat(logits, sample.n, axis=0)
-        return DecodeState(cache, logits, jnp.int32(len(prompt_ids)), jnp.int32(0))
-
-    def _resized_cache(self, cache_len: int) -> KVCache:
-        if self._cache is None:
-            return init_cache(self.config, 1, cache_len, self.dtype)
-        have = self._cache[0].keys.shape[2]
-        if have >= cache_len:
-            return jax.tree.map(lambda x: x[:, :, :cache_len], self._cache)
-        pad = ((0, 0), (0, 0), (0, cache_len - have), (0, 0))
-        return jax.tree.map(lambda x: jnp.pad(x, pad), self._cache)
+        if self._kept is None:
+            cache = init_cache(self.config, sample.n, length, self.dtype)
+            state = empty_state(cache, self.config.vocab_size)
+        else:
+            state = resize_state(self._kept, sample.n, length)
+        self.forget()  # the state is donated below: own it until _keep
+        rows = list(range(sample.n))
+        return prefill_prompt(self.logits_fn, self.params, state, prompt_ids, reuse, rows)
 
     def _keep(self, state: DecodeState, prompt_ids: list[int], new: list[np.ndarray]) -> None:
-        """Keep row 0's cache for the next request (unless an interrupt left it donated)."""
-        leaves = jax.tree_util.tree_leaves(state.cache)
-        if any(leaf.is_deleted() for leaf in leaves):
+        """Keep row 0 for the next request (unless an interrupt left the state donated)."""
+        if any(leaf.is_deleted() for leaf in jax.tree_util.tree_leaves(state)):
             return
-        self._cache = jax.tree.map(lambda x: x[:1], state.cache)
+        self._kept = resize_state(state, 1, state.cache[0].keys.shape[2])
         row0 = np.concatenate(new, axis=1)[0].tolist() if new else []
         self._tokens = list(prompt_ids) + row0

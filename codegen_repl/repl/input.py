@@ -1,14 +1,19 @@
-"""What the terminal offers while a line is typed: completion of slash commands, `/set` keys and
-values, and the paths of `/save` and `/load`."""
+"""What the terminal reads: line readers (prompt_toolkit on a terminal, `input()` otherwise), the
+key bindings, the completion of commands, `/set` keys and values, and the paths of `/save` and
+`/load`, and the answers to the commands' questions (run it? the code edited inline)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from pathlib import Path
 
 from prompt_toolkit.completion import CompleteEvent, Completer, Completion, PathCompleter
 from prompt_toolkit.document import Document
 
-from codegen_repl.core.commands import COMMANDS, RUN_MODES, SET_KEYS
+from codegen_repl.core.frontend import commands_for
+from codegen_repl.core.settings import RUN_MODES, SET_KEYS
+
+PROMPT = ">>> "
 
 
 class SlashCompleter(Completer):
@@ -33,9 +38,10 @@ class SlashCompleter(Completer):
             return
         if " " in text:
             return
-        for name, about in COMMANDS.items():
+        for info in commands_for("/"):
+            name = "/" + info.name
             if name.startswith(text):
-                yield Completion(name, start_position=-len(text), display_meta=about)
+                yield Completion(name, start_position=-len(text), display_meta=info.about)
 
 
 def _setting_completions(word: str) -> Iterable[Completion]:
@@ -48,3 +54,114 @@ def _setting_completions(word: str) -> Iterable[Completion]:
     for key in SET_KEYS:
         if key.startswith(word) and "=" not in word:
             yield Completion(key + "=", start_position=-len(word))
+
+
+# ----------------------------------------------------------------------------- line readers
+
+
+def plain_reader(prompt: str = PROMPT) -> Callable[[], str]:
+    """Lines from `input()`: for pipes and scripts (no history, no completion)."""
+    return lambda: input(prompt)
+
+
+def prompt_reader(toolbar: Callable[[], str], history: Path) -> Callable[[], str]:
+    """prompt_toolkit: Enter submits, Alt-Enter (Esc Enter) inserts a newline, history in
+    `history`, Ctrl-R search, completion of slash commands, a bottom toolbar."""
+    from prompt_toolkit import PromptSession
+    from prompt_toolkit.history import FileHistory
+
+    history.parent.mkdir(parents=True, exist_ok=True)
+    prompt: PromptSession[str] = PromptSession(
+        history=FileHistory(str(history)),
+        completer=SlashCompleter(),
+        complete_while_typing=True,
+        key_bindings=key_bindings(),
+        multiline=True,
+        bottom_toolbar=toolbar,
+        prompt_continuation="... ",
+    )
+    return lambda: prompt.prompt(PROMPT)
+
+
+def key_bindings():  # type: ignore[no-untyped-def]
+    """Enter takes the offered completion (if it is not typed out yet) or submits the input;
+    Esc Enter inserts a newline."""
+    from prompt_toolkit.key_binding import KeyBindings
+
+    bindings = KeyBindings()
+
+    @bindings.add("enter")
+    def _submit(event) -> None:  # type: ignore[no-untyped-def]
+        buffer = event.current_buffer
+        state = buffer.complete_state
+        choice = None
+        if state is not None:  # the selected completion, or the only one offered
+            only = state.completions[0] if len(state.completions) == 1 else None
+            choice = state.current_completion or only
+        if choice is not None and not buffer.text.endswith(choice.text):
+            buffer.apply_completion(choice)
+        else:
+            buffer.validate_and_handle()
+
+    @bindings.add("escape", "enter")
+    def _newline(event) -> None:  # type: ignore[no-untyped-def]
+        event.current_buffer.insert_text("\n")
+
+    return bindings
+
+
+# ----------------------------------------------------------------------------- answers
+
+
+def plain_ask(question: str, default: str = "") -> str:
+    """`input()` answers; an edit is read as lines up to an empty line (or the input's end)."""
+    if not default:
+        return input(question)
+    print("new code, ended by an empty line:")
+    lines: list[str] = []
+    while True:
+        try:
+            line = input()
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def prompt_ask(question: str, default: str = "") -> str:
+    """The run question on a terminal; with `default`, an inline multi-line editor."""
+    from prompt_toolkit import prompt
+
+    if not default:
+        return prompt(question)
+    return prompt(
+        "", default=default, multiline=True, bottom_toolbar=" edit the code; Esc Enter runs it "
+    )
+
+
+def plain_input(prompt: str, password: bool = False) -> str:
+    """A line for the running code's `input()`: `input()` on a pipe; on a terminal, getpass
+    (not echoed) for a password."""
+    import getpass
+    import sys
+
+    if password and sys.stdin.isatty():
+        return getpass.getpass(prompt)
+    return input(prompt)
+
+
+def prompt_input(prompt: str, password: bool = False) -> str:
+    """A line for the running code's `input()` on a terminal (prompt_toolkit; a password is
+    shown as stars)."""
+    from prompt_toolkit import prompt as read
+
+    return read(prompt, is_password=password)
+
+
+def editor_edit(code: str) -> str | None:
+    """`code` in $EDITOR (None: closed without saving)."""
+    import click
+
+    return click.edit(code, extension=".py")

@@ -1,21 +1,22 @@
 """The decoder server: OpenAI-compatible completions over one CodeGen model (starlette + uvicorn).
 
-Routes: `POST /v1/completions` (streamed as server-sent events with `stream: true`),
+Routes: `POST /v1/completions` and `POST /v1/chat/completions` (CodeGen's multi-turn format,
+chat.py), streamed as server-sent events with `stream: true`,
 `GET /v1/models` (with the context length as `max_model_len`), `POST /tokenize` (vLLM's
 extension: token ids and count) and `GET /health` (no key needed; 503 while the model loads).
-The model loads on a background thread after the port is bound; the `Engine` (batching.py) owns
+The model loads on a background thread after the port is bound; the `Engine` (engine.py) owns
 the device and decodes all requests in slots. Every error is answered in OpenAI's format and
-the server goes on serving.
+the server goes on serving. Request bodies are checked and errors shaped in `protocol.py`; the
+connection cap and the per-request read deadline, which act before any route (and before the
+key check), are in `connections.py`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import hmac
 import ipaddress
-import json
 import logging
 import secrets
 import socket
@@ -26,18 +27,18 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from codegen_repl.errors import ConfigError, ServerError
-from codegen_repl.model.sample_params import SampleParams
-from codegen_repl.serve.engine import Delta, Engine, EngineConfig, Event, Failed, Finish, QueueFull
-from codegen_repl.serve.engine import Request as EngineRequest
+from codegen_repl.serve.chat import CHAT, TEXT, Job, Shape, collect, parse_chat, stream_chunks
+from codegen_repl.serve.connections import ConnectionLimits, guarded_protocol
+from codegen_repl.serve.engine import Engine, EngineConfig
+from codegen_repl.serve.protocol import ApiError, CompletionRequest, parse_completion, parse_json
 
 log = logging.getLogger("codegen_repl.serve.app")
-MAX_STOP = 16  # stop strings per request
-MAX_SEED = 2**31 - 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +49,7 @@ class ServerConfig:
     api_key: the key clients send as `Authorization: Bearer KEY` (None: no key).
     max_body_bytes: larger request bodies get 413.
     engine: batching limits (max_batch, max_concurrency).
+    connections: the connection cap and the per-request read deadline (connections.py).
     dtype: parameter dtype (None: fp32 on CPU, bf16 on GPU/TPU); int8: weight-only int8.
     """
 
@@ -57,6 +59,7 @@ class ServerConfig:
     api_key: str | None = None
     max_body_bytes: int = 1 << 20
     engine: EngineConfig = dataclasses.field(default_factory=EngineConfig)
+    connections: ConnectionLimits = dataclasses.field(default_factory=ConnectionLimits)
     dtype: str | None = None
     int8: bool = False
 
@@ -80,176 +83,6 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-class ApiError(Exception):
-    """An error answered in OpenAI's format: {"error": {message, type, param, code}}."""
-
-    def __init__(
-        self, status: int, message: str, param: str | None = None, code: str | None = None
-    ) -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-
-    def body(self) -> dict[str, Any]:
-        kind = {401: "authentication_error", 429: "rate_limit_error"}.get(
-            self.status, "invalid_request_error" if self.status < 500 else "server_error"
-        )
-        error = {"message": self.message, "type": kind, "param": self.param, "code": self.code}
-        return {"error": error}
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
-
-
-# ------------------------------------------------------------------------- request parsing
-
-
-@dataclasses.dataclass(frozen=True)
-class CompletionRequest:
-    prompts: list[list[int]]  # token ids of each prompt
-    sample: SampleParams
-    stream: bool
-    include_usage: bool
-
-
-def parse_completion(body: object, engine: Engine) -> CompletionRequest:
-    """Validate a /v1/completions body (OpenAI's fields, plus top_k and codegen_truncation)."""
-    if not isinstance(body, dict):
-        raise ApiError(400, "the request body must be a JSON object")
-    _refuse_unsupported(body)
-    prompts = [_prompt_ids(p, engine) for p in _prompt_list(body.get("prompt"))]
-    vocab = engine.config.vocab_size
-    max_tokens = _integer(body, "max_tokens", 16, 1, engine.max_context)
-    sample = SampleParams(
-        max_new_tokens=max_tokens,
-        temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
-        top_p=_number(body, "top_p", 1.0, 0.0, 1.0, open_low=True),
-        top_k=max(0, _integer(body, "top_k", 0, -1, vocab)),  # -1 is off, as in vLLM
-        n=_integer(body, "n", 1, 1, engine.settings.max_batch),
-        seed=_integer(body, "seed", secrets.randbelow(MAX_SEED), 0, MAX_SEED),
-        stop=_stop(body.get("stop")),
-        codegen_rules=_flag(body, "codegen_truncation"),
-    )
-    for ids in prompts:
-        _check_fits(len(ids), max_tokens, engine.max_context)
-    options = body.get("stream_options") or {}
-    if not isinstance(options, dict):
-        raise ApiError(400, "stream_options must be an object", "stream_options")
-    include_usage = _flag(options, "include_usage")
-    return CompletionRequest(prompts, sample, _flag(body, "stream"), include_usage)
-
-
-def _refuse_unsupported(body: dict) -> None:
-    """Fields we accept only at their neutral values (never silently ignore a wish)."""
-    neutral: dict[str, tuple[object, ...]] = {
-        "echo": (None, False),
-        "logprobs": (None,),
-        "suffix": (None, ""),
-        "presence_penalty": (None, 0, 0.0),
-        "frequency_penalty": (None, 0, 0.0),
-        "logit_bias": (None, {}),
-    }
-    for name, allowed in neutral.items():
-        if name in body and body[name] not in allowed:
-            raise ApiError(400, f"{name} is not supported by this server; leave it out", name)
-    best_of = body.get("best_of")
-    if best_of is not None and best_of != body.get("n", 1):
-        raise ApiError(400, "best_of is not supported by this server; leave it out", "best_of")
-
-
-def _prompt_list(prompt: object) -> list[str | list[int]]:
-    """OpenAI's prompt forms: a string, token ids, or a list of either."""
-    if isinstance(prompt, str) or _is_ids(prompt):
-        return [prompt]  # type: ignore[list-item]
-    if (
-        isinstance(prompt, list)
-        and prompt
-        and all(isinstance(p, str) or _is_ids(p) for p in prompt)
-    ):
-        return prompt
-    raise ApiError(
-        400, "prompt must be a string, a list of token ids, or a non-empty list of those", "prompt"
-    )
-
-
-def _is_ids(value: object) -> bool:
-    return isinstance(value, list) and all(type(x) is int for x in value) and bool(value)
-
-
-def _prompt_ids(prompt: str | list[int], engine: Engine) -> list[int]:
-    if isinstance(prompt, str):
-        ids = engine.tokenizer.encode(prompt)
-        if not ids:
-            raise ApiError(400, "the prompt is empty; give at least one token of context", "prompt")
-        return ids
-    vocab = engine.config.vocab_size
-    bad = [x for x in prompt if not 0 <= x < vocab]
-    if bad:
-        raise ApiError(
-            400, f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", "prompt"
-        )
-    return prompt
-
-
-def _check_fits(prompt_tokens: int, max_tokens: int, context: int) -> None:
-    over = prompt_tokens + max_tokens - context
-    if over > 0:
-        raise ApiError(
-            400,
-            f"the prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) exceeds the "
-            f"model's context of {context} tokens by {over}; shorten the prompt or lower "
-            "max_tokens",
-            "prompt",
-            "context_length_exceeded",
-        )
-
-
-def _integer(body: dict, name: str, default: int, low: int, high: int) -> int:
-    value = body.get(name)
-    if value is None:
-        return default
-    if type(value) is float and value.is_integer():
-        value = int(value)
-    if type(value) is not int:
-        raise ApiError(400, f"{name} must be an integer, got {json.dumps(value)}", name)
-    if not low <= value <= high:
-        raise ApiError(400, f"{name} must be in {low}..{high}, got {value}", name)
-    return value
-
-
-def _number(
-    body: dict, name: str, default: float, low: float, high: float, open_low: bool = False
-) -> float:
-    value = body.get(name)
-    if value is None:
-        return default
-    if type(value) not in (int, float):
-        raise ApiError(400, f"{name} must be a number, got {json.dumps(value)}", name)
-    if not (low < value if open_low else low <= value) or value > high:
-        bounds = f"({low}, {high}]" if open_low else f"[{low}, {high}]"
-        raise ApiError(400, f"{name} must be in {bounds}, got {value}", name)
-    return float(value)
-
-
-def _flag(body: dict, name: str) -> bool:
-    value = body.get(name)
-    if value is None:
-        return False
-    if not isinstance(value, bool):
-        raise ApiError(400, f"{name} must be true or false, got {json.dumps(value)}", name)
-    return value
-
-
-def _stop(value: object) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    stops = [value] if isinstance(value, str) else value
-    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
-        raise ApiError(400, "stop must be a string or a list of strings", "stop")
-    if len(stops) > MAX_STOP:
-        raise ApiError(400, f"at most {MAX_STOP} stop strings, got {len(stops)}", "stop")
-    return tuple(stops)
 
 
 # ------------------------------------------------------------------------- the app
@@ -296,6 +129,7 @@ def create_app(
         Route("/v1/models", _route(state, _models), methods=["GET"]),
         Route("/tokenize", _route(state, _tokenize), methods=["POST"]),
         Route("/v1/completions", _route(state, _completions), methods=["POST"]),
+        Route("/v1/chat/completions", _route(state, _chat_completions), methods=["POST"]),
     ]
     app = Starlette(
         routes=routes,
@@ -401,172 +235,70 @@ async def _read_json(state: _State, request: HttpRequest) -> object:
     if declared and declared.isdigit() and int(declared) > limit:
         raise ApiError(413, f"the request body is over {limit} bytes", code="request_too_large")
     body = bytearray()
-    async for piece in request.stream():
-        body += piece
-        if len(body) > limit:
-            raise ApiError(413, f"the request body is over {limit} bytes", code="request_too_large")
     try:
-        return json.loads(body)
-    except (ValueError, UnicodeDecodeError) as error:
-        raise ApiError(400, f"the request body is not valid JSON: {error}") from None
+        async for piece in request.stream():
+            body += piece
+            if len(body) > limit:
+                raise ApiError(
+                    413, f"the request body is over {limit} bytes", code="request_too_large"
+                )
+    except ClientDisconnect:  # gone, or cut off by the read deadline: nobody reads the answer
+        raise ApiError(400, "the client went away before sending the whole body") from None
+    return parse_json(bytes(body))
 
 
 # ------------------------------------------------------------------------- completions
 
 
-class _Job:
-    """The engine requests of one HTTP request (one per prompt) and their events."""
-
-    def __init__(self, parsed: CompletionRequest, engine: Engine) -> None:
-        loop = asyncio.get_running_loop()
-        self.queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
-        self.n = parsed.sample.n
-        self.prompt_tokens = sum(len(ids) for ids in parsed.prompts)
-        self.completion_tokens = 0
-        self.open = len(parsed.prompts) * self.n  # choices not finished yet
-        self.requests = [
-            EngineRequest(ids, parsed.sample, self._emitter(loop, k))
-            for k, ids in enumerate(parsed.prompts)
-        ]
-
-    def _emitter(self, loop: asyncio.AbstractEventLoop, k: int) -> Callable[[Event], None]:
-        def emit(event: Event) -> None:  # on the engine thread
-            loop.call_soon_threadsafe(self.queue.put_nowait, (k, event))
-
-        return emit
-
-    def submit(self, engine: Engine) -> None:
-        try:
-            for request in self.requests:
-                engine.submit(request)
-        except QueueFull:
-            self.cancel()
-            raise ApiError(
-                429, "the server is busy (its queue is full); retry shortly", code="queue_full"
-            ) from None
-
-    def cancel(self) -> None:
-        for request in self.requests:
-            request.cancel()
-
-    async def choices(self) -> AsyncIterator[dict[str, Any]]:
-        """Choice updates ({index, text, finish_reason}) until every choice has finished."""
-        while self.open:
-            k, event = await self.queue.get()
-            if isinstance(event, Failed):
-                raise ApiError(500, event.message, code="decoder_failed")
-            index = k * self.n + event.index
-            if isinstance(event, Delta):
-                yield {"index": index, "text": event.text, "logprobs": None, "finish_reason": None}
-            elif isinstance(event, Finish):
-                self.open -= 1
-                self.completion_tokens += event.tokens
-                yield {"index": index, "text": "", "logprobs": None, "finish_reason": event.reason}
-
-    def usage(self) -> dict[str, int]:
-        total = self.prompt_tokens + self.completion_tokens
-        return {
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "total_tokens": total,
-        }
-
-
 async def _completions(state: _State, request: HttpRequest) -> Response:
     engine = _engine(state)
     parsed = parse_completion(await _read_json(state, request), engine)
-    job = _Job(parsed, engine)
+    return await _answer(state, engine, request, parsed, TEXT)
+
+
+async def _chat_completions(state: _State, request: HttpRequest) -> Response:
+    engine = _engine(state)
+    parsed = parse_chat(await _read_json(state, request), engine)
+    return await _answer(state, engine, request, parsed, CHAT)
+
+
+async def _answer(
+    state: _State, engine: Engine, request: HttpRequest, parsed: CompletionRequest, shape: Shape
+) -> Response:
+    """Run a checked request; answer it whole or streamed, as `shape` says (chat.py)."""
+    job = Job(parsed, engine)
     job.submit(engine)
     envelope = {
-        "id": f"cmpl-{secrets.token_hex(12)}",
-        "object": "text_completion",
+        "id": f"{shape.id_prefix}-{secrets.token_hex(12)}",
+        "object": shape.object(parsed.stream),
         "created": int(time.time()),
         "model": state.name,
     }
     if parsed.stream:
         from sse_starlette.sse import EventSourceResponse
 
-        return EventSourceResponse(_stream(job, envelope, parsed.include_usage), ping=15)
-    return await _collect(job, envelope, request)
-
-
-async def _stream(
-    job: _Job, envelope: dict[str, Any], include_usage: bool
-) -> AsyncIterator[dict[str, str]]:
-    """SSE data lines: one chunk per text piece or finish, [DONE] last. A client that goes
-    away cancels this generator, and `finally` frees its slots."""
-    try:
-        async for choice in job.choices():
-            yield {"data": json.dumps({**envelope, "choices": [choice]})}
-        if include_usage:
-            yield {"data": json.dumps({**envelope, "choices": [], "usage": job.usage()})}
-        yield {"data": "[DONE]"}
-    except ApiError as error:
-        yield {"data": json.dumps(error.body())}
-    finally:
-        job.cancel()
-
-
-async def _collect(job: _Job, envelope: dict[str, Any], request: HttpRequest) -> Response:
-    """The whole completion; stop decoding if the client disconnects while it waits."""
-    texts: dict[int, list[str]] = {}
-    reasons: dict[int, str] = {}
-    watcher = asyncio.create_task(_wait_disconnect(request, job))
-    try:
-        async for choice in job.choices():
-            texts.setdefault(choice["index"], []).append(choice["text"])
-            if choice["finish_reason"]:
-                reasons[choice["index"]] = choice["finish_reason"]
-    finally:
-        watcher.cancel()
-        job.cancel()
-    choices = [
-        {"index": i, "text": "".join(texts[i]), "logprobs": None, "finish_reason": reasons.get(i)}
-        for i in sorted(texts)
-    ]
-    return JSONResponse({**envelope, "choices": choices, "usage": job.usage()})
-
-
-async def _wait_disconnect(request: HttpRequest, job: _Job) -> None:
-    """Cancel the job when the client goes away (its samples then finish as cancelled)."""
-    while not await request.is_disconnected():
-        await asyncio.sleep(0.25)
-    job.cancel()
+        chunks = stream_chunks(job, envelope, parsed.include_usage, shape)
+        return EventSourceResponse(chunks, ping=15)
+    return await collect(job, envelope, request, shape)
 
 
 # ------------------------------------------------------------------------- loading and running
 
 
 def load_engine(config: ServerConfig) -> Engine:
-    """Load the checkpoint, shard it over the local devices when there are several (tensor
-    parallel), and start the engine."""
-    from codegen_repl.decoders.local import LocalDecoder
-    from codegen_repl.userconfig import default_cache_dir
+    """Load the checkpoint, split over the local devices when there are several (tensor
+    parallel, see decoders.local.load_for_decoding), and start the engine."""
+    from codegen_repl.decoders.local import load_for_decoding
+    from codegen_repl.paths import default_cache_dir
 
-    decoder = LocalDecoder.load(
+    ready = load_for_decoding(
         config.model, dtype=config.dtype, int8=config.int8,
-        compilation_cache=default_cache_dir() / "jax",
+        compilation_cache=default_cache_dir() / "jax", shard=True,
     )  # fmt: skip
-    params, cache_sharding = shard_over_local_devices(decoder.params, decoder.config.num_heads)
     return Engine(
-        decoder.config, params, decoder.tokenizer, decoder.logits_fn, config.engine,
-        decoder.dtype, cache_sharding,
+        ready.config, ready.params, ready.tokenizer, ready.logits_fn, config.engine,
+        ready.dtype, ready.cache_sharding,
     )  # fmt: skip
-
-
-def shard_over_local_devices(params: Any, num_heads: int) -> tuple[Any, Any]:
-    """Tensor-parallel params over all local devices, and the KV cache's sharding (heads
-    split the same way as the attention weights); unchanged on one device."""
-    import jax
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    from codegen_repl.model.sharding import TENSOR, make_mesh, shard_params
-
-    if jax.local_device_count() == 1:
-        return params, None
-    mesh = make_mesh(tensor=-1, devices=jax.local_devices())
-    heads = TENSOR if num_heads % mesh.shape[TENSOR] == 0 else None
-    return shard_params(params, mesh), NamedSharding(mesh, PartitionSpec(None, heads, None, None))
 
 
 def make_app(config: ServerConfig, on_load_error: Callable[[str], None] | None = None) -> Starlette:
@@ -582,9 +314,11 @@ def run_server(config: ServerConfig) -> None:
 
     servers: list[uvicorn.Server] = []
     app = make_app(config, on_load_error=lambda _: setattr(servers[0], "should_exit", True))
-    servers.append(
-        uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="info"))
+    protocol = guarded_protocol(config.connections)
+    settings = uvicorn.Config(
+        app, host=config.host, port=config.port, log_level="info", http=protocol
     )
+    servers.append(uvicorn.Server(settings))
     servers[0].run()
     state: _State = app.state.server
     if state.load_error is not None:
@@ -592,15 +326,21 @@ def run_server(config: ServerConfig) -> None:
 
 
 @contextlib.contextmanager
-def serve_in_thread(app: Starlette, host: str = "127.0.0.1") -> Iterator[str]:
-    """Run `app` on a real uvicorn in a thread, on a free port; yields the base URL."""
+def serve_in_thread(
+    app: Starlette, host: str = "127.0.0.1", limits: ConnectionLimits | None = None
+) -> Iterator[str]:
+    """Run `app` on a real uvicorn in a thread, on a free port, with the connection `limits`
+    (default: ConnectionLimits()); yields the base URL."""
     import uvicorn
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+    protocol = guarded_protocol(limits or ConnectionLimits())
+    server = uvicorn.Server(
+        uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5, http=protocol)
+    )
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

@@ -1,11 +1,12 @@
 """Continuous batching for the decoder server: requests share the device through slots.
 
 The `Engine` owns the device on one background thread. Each sample of a running request holds a
-slot (a row of one batched KV cache, with its own position, step, key and sampling settings).
-Between decode chunks the thread admits waiting requests into free slots (prefilling only what
-the slot's cache does not already hold: prefix reuse per slot), drops cancelled ones, and
-streams each row's settled text through the request's callback. The asyncio side only queues
-requests and forwards events; it never touches JAX.
+slot: a row of one batched `DecodeState` (model/sampling.py, the decode path the local decoder
+uses too), with its own position, step, key and sampling settings. Between decode chunks the
+thread admits waiting requests into free slots (prefilling only what the slot's cache does not
+already hold: prefix reuse per slot), drops cancelled ones, and streams each sample's settled
+text through the request's callback. The asyncio side only queues requests and forwards events;
+it never touches JAX.
 """
 
 from __future__ import annotations
@@ -25,17 +26,22 @@ from codegen_repl.core.truncation import Cutter
 from codegen_repl.errors import ConfigError
 from codegen_repl.model.checkpoint import Params
 from codegen_repl.model.config import CodeGenConfig
-from codegen_repl.model.modeling import KVCache, init_cache
-from codegen_repl.model.sample_params import SampleParams
+from codegen_repl.model.modeling import KVCache, cache_length, init_cache
+from codegen_repl.model.sample_params import SampleMode, SampleParams
 from codegen_repl.model.sampling import (
+    DecodeState,
+    Knobs,
     LogitsFn,
-    RowKnobs,
-    SampleMode,
-    SlotState,
     bucket,
-    decode_slots,
-    prefill_rows,
-    row_knobs,
+    common_prefix,
+    decode_chunk,
+    decode_steps,
+    default_chunk_size,
+    empty_state,
+    knobs,
+    prefill_prompt,
+    resize_state,
+    sample_key,
     union_mode,
 )
 from codegen_repl.model.tokenizer import CodeGenTokenizer
@@ -107,13 +113,12 @@ class Request:
 
 
 @dataclasses.dataclass
-class _Row:
+class _Stream:
     """One sample of a request: its text, how much of it was sent, and why it ended."""
 
     request: Request
     index: int
     sample: SampleText
-    sent: int = 0
     reason: FinishReason | None = None
 
     @property
@@ -129,20 +134,17 @@ class _Row:
 
     def flush(self) -> None:
         """Emit the text that is settled (all of it once the row is done)."""
-        done = self.reason is not None
-        text = self.sample.result() if done else self.sample.text
-        end = len(text) if done else self.sample.shown()
-        if end > self.sent:
-            self.request.emit(Delta(self.index, text[self.sent : end]))
-            self.sent = end
+        if piece := self.sample.take(finished=self.reason is not None):
+            self.request.emit(Delta(self.index, piece))
 
 
 @dataclasses.dataclass
 class _Slot:
-    """A cache row: the tokens whose keys/values it holds, and the sample decoding in it."""
+    """A row of the batched cache: the tokens whose keys/values it holds, and the sample
+    decoding in it."""
 
     tokens: list[int] = dataclasses.field(default_factory=list)
-    row: _Row | None = None
+    stream: _Stream | None = None
 
 
 class Engine:
@@ -158,19 +160,21 @@ class Engine:
         dtype: jnp.dtype = jnp.float32,
         cache_sharding: jax.sharding.Sharding | None = None,
     ) -> None:
-        """cache_sharding: where the KV cache [rows, heads, slots, head_dim] lives when the
+        """cache_sharding: where the KV cache [slots, heads, length, head_dim] lives when the
         params are split over several devices (heads over the tensor axis)."""
         self.config, self.params, self.tokenizer, self.logits_fn = (
             config, params, tokenizer, logits_fn,
         )  # fmt: skip
         self.settings = engine or EngineConfig()
-        self.chunk_size = self.settings.chunk_size or (4 if jax.default_backend() == "cpu" else 16)
+        self.chunk_size = self.settings.chunk_size or default_chunk_size()
         self.dtype, self.cache_sharding = dtype, cache_sharding
         self.slots = [_Slot() for _ in range(self.settings.max_batch)]
-        self.state: SlotState | None = None  # rows = bucket of the slots in use
+        self.state: DecodeState | None = None  # rows = a bucket of the slots in use
         self.waiting: collections.deque[Request] = collections.deque()
-        self.stats = {"served": 0, "cancelled": 0, "failed": 0, "reused_tokens": 0}
-        self._knobs: tuple[RowKnobs, SampleMode] | None = None  # of the rows as they are
+        self.stats = {
+            "served": 0, "cancelled": 0, "failed": 0, "reused_tokens": 0, "prefilled_tokens": 0,
+        }  # fmt: skip
+        self._knobs: tuple[Knobs, SampleMode] | None = None  # of the rows as they are
         self._wake = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="codegen-engine", daemon=True)
@@ -196,11 +200,11 @@ class Engine:
             self._wake.notify()
 
     def in_flight(self) -> int:
-        running = {id(s.row.request) for s in self.slots if s.row is not None}
+        running = {id(s.stream.request) for s in self.slots if s.stream is not None}
         return len(running) + len(self.waiting)
 
     def busy_slots(self) -> int:
-        return sum(slot.row is not None for slot in self.slots)
+        return sum(slot.stream is not None for slot in self.slots)
 
     def close(self) -> None:
         with self._wake:
@@ -228,8 +232,8 @@ class Engine:
 
     def _drop_cancelled(self) -> None:
         for slot in self.slots:
-            if slot.row is not None and slot.row.request.cancelled.is_set():
-                self._finish_request(slot.row.request, "cancelled")
+            if slot.stream is not None and slot.stream.request.cancelled.is_set():
+                self._finish_request(slot.stream.request, "cancelled")
         with self._wake:
             dropped = [r for r in self.waiting if r.cancelled.is_set()]
             self.waiting = collections.deque(r for r in self.waiting if not r.cancelled.is_set())
@@ -245,14 +249,15 @@ class Engine:
         taken: set[int] = set()
         with self._wake:
             while self.waiting:
-                rows = self._free_rows(self.waiting[0], taken)
+                rows = self._free_slots(self.waiting[0], taken)
                 if rows is None:
                     break
                 taken.update(rows)
                 admitted.append((self.waiting.popleft(), rows))
         if not admitted:
             return
-        need = max(len(r.prompt_ids) + self._steps(r.sample.max_new_tokens) for r, _ in admitted)
+        need = max(len(r.prompt_ids) + self._steps(r.sample) for r, _ in admitted)
+        self._shrink(taken, need)
         self._reshape(max(taken) + 1, need)
         for k, (request, rows) in enumerate(admitted):
             try:
@@ -263,115 +268,108 @@ class Engine:
                     failed.emit(Failed(f"the decoder failed: {type(error).__name__}: {error}"))
                 raise
 
-    def _free_rows(self, request: Request, taken: set[int]) -> list[int] | None:
+    def _free_slots(self, request: Request, taken: set[int]) -> list[int] | None:
         """n free slots: the one whose cache shares most of the prompt first, then the lowest
         (so the batch stays narrow); None when too few are free."""
-        free = [i for i, slot in enumerate(self.slots) if slot.row is None and i not in taken]
+        free = [i for i, slot in enumerate(self.slots) if slot.stream is None and i not in taken]
         if len(free) < request.sample.n:
             return None
-        best = max(free, key=lambda i: (_common(self.slots[i].tokens, request.prompt_ids), -i))
+        best = max(
+            free, key=lambda i: (common_prefix(self.slots[i].tokens, request.prompt_ids), -i)
+        )
         return [best, *[i for i in free if i != best][: request.sample.n - 1]]
 
-    def _steps(self, max_new_tokens: int) -> int:
-        """Decode steps a request runs: whole chunks."""
-        return -(-max_new_tokens // self.chunk_size) * self.chunk_size
+    def _steps(self, sample: SampleParams, done: int = 0) -> int:
+        """Decode steps a request runs after `done` tokens: whole chunks."""
+        return decode_steps(sample.max_new_tokens - done, self.chunk_size)
 
     def _start(self, request: Request, rows: list[int]) -> None:
         """Prefill the prompt into rows[0] (after what it holds) and copy it to the others."""
         ids, sample = request.prompt_ids, request.sample
-        self._reshape(max(rows) + 1, len(ids) + self._steps(sample.max_new_tokens))
+        self._reshape(max(rows) + 1, len(ids) + self._steps(sample))
         assert self.state is not None
-        reuse = min(_common(self.slots[rows[0]].tokens, ids), len(ids) - 1)
+        reuse = common_prefix(self.slots[rows[0]].tokens, ids)
         self.stats["reused_tokens"] += reuse
-        slots = self.state.cache[0].keys.shape[2]
-        suffix = ids[reuse:]
-        width = min(bucket(len(suffix), smallest=MIN_PREFILL), slots - reuse)
-        padded = np.zeros((1, width), np.int32)
-        padded[0, : len(suffix)] = suffix
-        logits, cache = prefill_rows(
-            self.logits_fn, self.params, jnp.asarray(padded), jnp.int32(len(suffix)),
-            self.state.cache, self.state.logits, jnp.int32(reuse), jnp.asarray(rows, jnp.int32),
-        )  # fmt: skip
-        position = self.state.position.at[jnp.asarray(rows)].set(len(ids))
-        step = self.state.step.at[jnp.asarray(rows)].set(0)
-        self.state = SlotState(cache, logits, position, step)
+        self.stats["prefilled_tokens"] += len(ids) - reuse  # what this prompt computed anew
+        self.state = prefill_prompt(
+            self.logits_fn, self.params, self.state, ids, reuse, rows, smallest=MIN_PREFILL
+        )
         cutter = Cutter(codegen_rules=sample.codegen_rules, stop=sample.stop)
         for index, row in enumerate(rows):
             sample_text = SampleText(self.tokenizer, cutter)
-            self.slots[row] = _Slot(list(ids), _Row(request, index, sample_text))
+            self.slots[row] = _Slot(list(ids), _Stream(request, index, sample_text))
         self._knobs = None
 
     def _decode(self) -> None:
-        """One chunk for every busy slot; stream the text; finish the rows that are done."""
-        self._park_idle_rows()
+        """One chunk for every busy slot; stream the text; finish the samples that are done."""
+        self._park_free_slots()
         assert self.state is not None
         rows = self.state.logits.shape[0]
         if self._knobs is None:
-            samples = [self._row_sample(i) for i in range(rows)]
-            self._knobs = row_knobs(samples), union_mode([sample for sample, _ in samples])
-        knobs, mode = self._knobs
-        state, tokens = decode_slots(
-            self.logits_fn, self.params, self.state, knobs, self.chunk_size, mode
+            samples = [self._slot_sample(i) for i in range(rows)]
+            self._knobs = knobs(samples), union_mode([sample for sample, _ in samples])
+        traced, mode = self._knobs
+        state, tokens = decode_chunk(
+            self.logits_fn, self.params, self.state, traced, self.chunk_size, mode
         )
         self.state = state
         chunk = np.asarray(tokens)  # [rows, chunk_size]
         for i in range(rows):
             slot = self.slots[i]
-            if slot.row is None:
+            if slot.stream is None:
                 continue
             slot.tokens.extend(chunk[i].tolist())
-            if slot.row.reason is not None:  # this sample ended; the request's others go on
+            if slot.stream.reason is not None:  # this sample ended; the request's others go on
                 continue
-            need = slot.row.request.sample.max_new_tokens - len(slot.row.ids)
-            slot.row.add(chunk[i, :need].tolist())
-            slot.row.flush()
-        for request in {id(s.row.request): s.row.request for s in self.slots if s.row}.values():
-            if all(s.row.reason for s in self.slots if s.row and s.row.request is request):
+            need = slot.stream.request.sample.max_new_tokens - len(slot.stream.ids)
+            slot.stream.add(chunk[i, :need].tolist())
+            slot.stream.flush()
+        running = {id(s.stream.request): s.stream.request for s in self.slots if s.stream}
+        for request in running.values():
+            if all(s.stream.reason for s in self.slots if s.stream and s.stream.request is request):
                 self._finish_request(request, None)
 
-    def _park_idle_rows(self) -> None:
-        """Point each free row where its chunk writes nothing it holds: after its tokens,
+    def _park_free_slots(self) -> None:
+        """Point each free slot where its chunk writes nothing it holds: after its tokens,
         which are cut so that the chunk fits (the write must not be clamped onto them)."""
         assert self.state is not None
-        slots = self.state.cache[0].keys.shape[2]
+        length = cache_length(self.state.cache)
         position = np.asarray(self.state.position).copy()
         for i in range(position.shape[0]):
             slot = self.slots[i]
-            if slot.row is None:
-                del slot.tokens[slots - self.chunk_size :]
+            if slot.stream is None:
+                del slot.tokens[length - self.chunk_size :]
                 position[i] = len(slot.tokens)
         self.state = self.state._replace(position=jnp.asarray(position))
 
-    def _row_sample(self, i: int) -> tuple[SampleParams, jax.Array]:
-        """The settings and key of row i (a free row decodes greedily; its tokens are unused).
-        Sample 0 of a request uses key(seed), like LocalDecoder with n=1; sample j > 0 folds j
-        in, so each sample has its own stream."""
-        row = self.slots[i].row
-        if row is None:
+    def _slot_sample(self, i: int) -> tuple[SampleParams, jax.Array]:
+        """The settings and key of slot i (a free slot decodes greedily; its tokens are unused),
+        the same as the local decoder gives that sample (see sampling.sample_key)."""
+        stream = self.slots[i].stream
+        if stream is None:
             return _IDLE, jax.random.key(0)
-        key = jax.random.key(row.request.sample.seed)
-        return row.request.sample, key if row.index == 0 else jax.random.fold_in(key, row.index)
+        return stream.request.sample, sample_key(stream.request.sample, stream.index)
 
     def _finish_request(self, request: Request, reason: FinishReason | None) -> None:
         """Free the request's slots; tell the client how each sample ended (a sample still
         running ends with `reason`)."""
         for slot in self.slots:
-            row = slot.row
-            if row is None or row.request is not request:
+            stream = slot.stream
+            if stream is None or stream.request is not request:
                 continue
-            slot.row = None
-            request.emit(Finish(row.index, row.reason or reason or "cancelled", len(row.ids)))
+            slot.stream = None
+            ended = stream.reason or reason or "cancelled"
+            request.emit(Finish(stream.index, ended, len(stream.ids)))
         self.stats["cancelled" if reason == "cancelled" else "served"] += 1
         self._knobs = None
-        self._shrink()
 
     def _fail_all(self, message: str) -> None:
-        requests = {id(s.row.request): s.row.request for s in self.slots if s.row}
+        requests = {id(s.stream.request): s.stream.request for s in self.slots if s.stream}
         with self._wake:
             requests |= {id(r): r for r in self.waiting}
             self.waiting.clear()
         for slot in self.slots:
-            slot.row, slot.tokens = None, []
+            slot.stream, slot.tokens = None, []
         self.state = None  # a failed device call may have consumed the donated buffers
         for request in requests.values():
             self.stats["failed"] += 1
@@ -379,73 +377,51 @@ class Engine:
 
     # ----------------------------------------------------------------- cache shape
 
-    def _reshape(self, min_rows: int, min_slots: int) -> None:
-        """Grow the slot state to at least min_rows rows and min_slots cache slots (buckets,
-        so few shapes are compiled)."""
+    def _reshape(self, min_rows: int, min_length: int) -> None:
+        """Grow the state to at least min_rows slots and a cache of min_length positions
+        (buckets, so few shapes are compiled)."""
         rows = min(bucket(min_rows, smallest=1), self.settings.max_batch)
-        slots = bucket(min_slots)
+        length = bucket(min_length)
         if self.state is None:
-            cache = self._placed(init_cache(self.config, rows, slots, self.dtype))
-            vocab = self.config.vocab_size
-            zeros = jnp.zeros((rows,), jnp.int32)
-            self.state = SlotState(cache, jnp.zeros((rows, vocab), jnp.float32), zeros, zeros)
+            cache = self._placed(init_cache(self.config, rows, length, self.dtype))
+            self.state = empty_state(cache, self.config.vocab_size)
             return
-        have_rows, have_slots = self.state.logits.shape[0], self.state.cache[0].keys.shape[2]
-        if rows > have_rows or slots > have_slots:
-            state = _resize(self.state, max(rows, have_rows), max(slots, have_slots))
+        have_rows, have_length = self.state.logits.shape[0], cache_length(self.state.cache)
+        if rows > have_rows or length > have_length:
+            state = resize_state(self.state, max(rows, have_rows), max(length, have_length))
             self.state = state._replace(cache=self._placed(state.cache))
 
-    def _shrink(self) -> None:
-        """Narrow the batch to the slots in use, and the cache to what they need, so a burst
-        of long requests does not slow the ones after it. Only by half or more at a time, and
-        not while requests wait: every new shape is compiled (once)."""
+    def _shrink(self, taken: set[int], need: int) -> None:
+        """Narrow the batch to the slots in use or `taken` (being admitted, needing `need`
+        positions), and the cache to what they need, so a burst of long requests does not slow
+        the ones after it. Done at admission, not when a request finishes: an idle slot keeps
+        its tokens until then, and a conversation's next turn, which lands on that slot, reuses
+        them. Only by half or more at a time, and not while requests wait: every new shape is
+        compiled (once)."""
         if self.state is None or self.waiting:
             return
-        used = [i for i, slot in enumerate(self.slots) if slot.row is not None]
-        rows = min(bucket(max(used) + 1, smallest=1), self.settings.max_batch) if used else 1
-        need = [len(self.slots[i].tokens) + self._left(i) for i in used]
-        slots = bucket(max(need, default=1))
-        have_rows, have_slots = self.state.logits.shape[0], self.state.cache[0].keys.shape[2]
+        used = [i for i, slot in enumerate(self.slots) if slot.stream is not None]
+        rows = min(bucket(max([*used, *taken]) + 1, smallest=1), self.settings.max_batch)
+        needs = [need, *(len(self.slots[i].tokens) + self._left(i) for i in used)]
+        length = bucket(max(needs))
+        have_rows, have_length = self.state.logits.shape[0], cache_length(self.state.cache)
         rows = rows if rows * 2 <= have_rows else have_rows
-        slots = slots if slots * 2 <= have_slots else have_slots
-        if (rows, slots) != (have_rows, have_slots):
-            state = _resize(self.state, rows, slots)
+        length = length if length * 2 <= have_length else have_length
+        if (rows, length) != (have_rows, have_length):
+            state = resize_state(self.state, rows, length)
             self.state = state._replace(cache=self._placed(state.cache))
             for i, slot in enumerate(self.slots):
                 if i >= rows:
                     slot.tokens = []
-                del slot.tokens[self.state.cache[0].keys.shape[2] :]
+                del slot.tokens[length:]
 
     def _placed(self, cache: KVCache) -> KVCache:
         return cache if self.cache_sharding is None else jax.device_put(cache, self.cache_sharding)
 
     def _left(self, i: int) -> int:
-        row = self.slots[i].row
-        assert row is not None
-        return self._steps(row.request.sample.max_new_tokens - len(row.ids))
+        stream = self.slots[i].stream
+        assert stream is not None
+        return self._steps(stream.request.sample, len(stream.ids))
 
 
 _IDLE = SampleParams(max_new_tokens=1)
-
-
-def _common(a: list[int], b: list[int]) -> int:
-    same, limit = 0, min(len(a), len(b))
-    while same < limit and a[same] == b[same]:
-        same += 1
-    return same
-
-
-def _resize(state: SlotState, rows: int, slots: int) -> SlotState:
-    """The state with `rows` rows and `slots` cache slots (padded with zeros or cut)."""
-
-    def fit(x: jax.Array, axis: int, size: int) -> jax.Array:
-        if x.shape[axis] >= size:
-            return jax.lax.slice_in_dim(x, 0, size, axis=axis)
-        pad = [(0, 0)] * x.ndim
-        pad[axis] = (0, size - x.shape[axis])
-        return jnp.pad(x, pad)
-
-    cache: KVCache = jax.tree.map(lambda x: fit(fit(x, 0, rows), 2, slots), state.cache)
-    return SlotState(
-        cache, fit(state.logits, 0, rows), fit(state.position, 0, rows), fit(state.step, 0, rows)
-    )

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import transformers
 
@@ -85,3 +86,59 @@ def test_n_samples_with_int8_weights(chat_checkpoint: Path) -> None:
     result = run_cli("generate", *args, "-n", "3", "--int8", "--top-k", "40", PROMPT)
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("\n<|sample-end|>\n") == 3
+
+
+# ----------------------------------------------------------------------------- the bare command
+
+
+def chat_options() -> list[list[str]]:
+    """Each option of `codegen-repl chat`, with a value where it takes one."""
+    import typer.main
+
+    from codegen_repl.cli.app import app
+
+    chat = typer.main.get_command(app).commands["chat"]  # type: ignore[attr-defined]
+    options = [param for param in chat.params if param.opts[0].startswith("--")]
+    assert len(options) >= 12
+    return [[o.opts[0]] if o.is_flag else [o.opts[0], "1"] for o in options]
+
+
+@pytest.mark.parametrize("option", chat_options(), ids=lambda option: option[0])
+def test_the_bare_command_takes_every_chat_option(option: list[str]) -> None:
+    from typer.testing import CliRunner
+
+    from codegen_repl.cli.app import app
+
+    result = CliRunner().invoke(app, [*option, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage: codegen-repl chat [OPTIONS]" in result.output
+
+
+def test_the_bare_command_runs_the_chat(tmp_path: Path, chat_checkpoint: Path) -> None:
+    session = tmp_path / "s.ipynb"
+    env = {"CODEGEN_REPL_CONFIG": str(tmp_path / "absent.toml")}
+    args = ["--model", str(chat_checkpoint), "--yes", "--session", str(session)]
+    done = subprocess.run(
+        [str(SCRIPT), *args, "--max-new-tokens", "4"], input="!print(6 * 7)\n",
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        env={**os.environ, "JAX_PLATFORMS": "cpu", **env},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert str(chat_checkpoint) in done.stdout and "42\n" in done.stdout
+    assert session.is_file()
+    wrong = run_cli("--run", "sometimes", env=env)
+    assert wrong.returncode == 2 and "run must be one of ask, auto, never" in wrong.stderr
+    typo = run_cli("generat", env=env)
+    assert typo.returncode == 2 and "No such command 'generat'" in typo.stderr
+
+
+@pytest.mark.filterwarnings("ignore:os.fork\\(\\) was called:RuntimeWarning")
+def test_generate_ends_its_line_on_a_terminal(chat_checkpoint: Path) -> None:
+    pexpect = pytest.importorskip("pexpect", reason="pexpect is in the test extra")
+    args = ["generate", "--model", str(chat_checkpoint), "--max-new-tokens", "5", PROMPT]
+    piped = run_cli(*args)
+    assert piped.returncode == 0 and not piped.stdout.endswith("\n"), "pick another length"
+    child = pexpect.spawn(str(SCRIPT), args, env={**os.environ, "JAX_PLATFORMS": "cpu"},
+                          encoding="utf-8", timeout=300)  # fmt: skip
+    child.expect(pexpect.EOF)
+    assert child.before == piped.stdout.replace("\n", "\r\n") + "\r\n"  # a pty writes \r\n

@@ -45,5 +45,8 @@ def test_oldest_turns_go_first_and_the_prefix_stays() -> None:
 
 
 def test_prefix_and_step_that_cannot_fit() -> None:
-    with pytest.raises(ConfigError, match=r"the prefix and the step alone take more than 3"):
+    alone = words(build_context(MTPB_PREFIX, [], "next"))
+    message = (rf"the prefix and the step alone take {alone} tokens \(2 of them the step's\); "
+               r"at most 3 fit")  # fmt: skip
+    with pytest.raises(ConfigError, match=message):
         fit_context(MTPB_PREFIX, TURNS, "next", 3, words)

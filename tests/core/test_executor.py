@@ -6,7 +6,9 @@ import _thread
 import base64
 import os
 import resource
+import signal
 import struct
+import subprocess
 import sys
 import threading
 import time
@@ -17,6 +19,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
+from codegen_repl.core import kernel_process
 from codegen_repl.core.executor import Executor, ExecutorConfig, RunResult
 from codegen_repl.errors import ConfigError, KernelError
 
@@ -320,10 +323,69 @@ def test_a_kernel_that_cannot_start_raises_kernel_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     broken = [sys.executable, "-c", "import sys; sys.exit('no kernel in here')"]
-    monkeypatch.setattr(Executor, "_kernel_argv", lambda self: broken)
+    monkeypatch.setattr(kernel_process, "_kernel_argv", lambda memory, cpu: broken)
     executor = Executor(ExecutorConfig(cwd=tmp_path, startup_timeout=30))
     with pytest.raises(KernelError, match="could not start the Python kernel") as raised:
         executor.start()
     assert "no kernel in here" in str(raised.value)
     assert "ipykernel" in str(raised.value)
     assert not executor.alive
+
+
+# The owner of a kernel (the REPL, the codegen kernel), killed in the tests below. It starts the
+# kernel from a thread that then ends (that must not end the kernel), starts a `sleep` from a
+# cell and prints: the kernel's pid, the sleep's pid, the kernel's connection file.
+OWNER = """\
+import sys, threading, time
+from pathlib import Path
+from codegen_repl.core.executor import Executor, ExecutorConfig
+executor = Executor(ExecutorConfig(cwd=Path(sys.argv[1]), inline_matplotlib=False))
+starter = threading.Thread(target=executor.start)
+starter.start()
+starter.join()
+result = executor.run(
+    "import os, subprocess\\nfrom ipykernel.connect import get_connection_file\\n"
+    "child = subprocess.Popen(['sleep', '300'])\\n"
+    "print(os.getpid(), child.pid, get_connection_file())"
+)
+print(result.outputs[0]["text"], end="", flush=True)
+time.sleep(300)
+"""
+
+
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM"])
+def test_the_kernel_its_processes_and_its_key_file_go_with_a_killed_owner(
+    tmp_path: Path, how: str
+) -> None:
+    owner = subprocess.Popen(
+        [sys.executable, "-c", OWNER, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        kernel, sleep, key_file = owner.stdout.readline().split()  # type: ignore[union-attr]
+        time.sleep(1.0)  # the starting thread has ended: the kernel lives on with its owner
+        assert not gone(int(kernel), 0.1) and not gone(int(sleep), 0.1)
+        assert Path(key_file).exists()
+    finally:
+        owner.send_signal(getattr(signal, how))
+        owner.wait(timeout=30)
+    assert gone(int(kernel), 5.0) and gone(int(sleep), 5.0)
+    assert not Path(key_file).exists()
+
+
+def test_connection_files_of_ended_owners_are_removed_at_the_next_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path))
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                           capture_output=True, text=True, check=True)  # fmt: skip
+    stale = tmp_path / f"{kernel_process.CONNECTION_PREFIX}{ended.stdout.strip()}-0a1b.json"
+    live = tmp_path / f"{kernel_process.CONNECTION_PREFIX}{os.getpid()}-0a1b.json"
+    other = tmp_path / "kernel-123.json"  # not ours: left alone
+    for path in (stale, live, other):
+        path.write_text("{}")
+    with Executor(ExecutorConfig(cwd=tmp_path, inline_matplotlib=False)) as executor:
+        assert not stale.exists() and live.exists() and other.exists()
+        assert executor._manager is not None
+        own = Path(executor._manager.connection_file)
+        assert own.parent == tmp_path and own.exists() and (own.stat().st_mode & 0o077) == 0
+    assert not own.exists()

@@ -3,9 +3,12 @@ in the end-to-end test, which uses a tiny real checkpoint."""
 
 from __future__ import annotations
 
+import os
+import stat
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -114,10 +117,10 @@ def test_edit_reruns_the_turn_and_those_after(tmp_path, executor) -> None:
     session = Session(decoder, executor)
     for step in ("Make a list.", "Append one.", "Sum it."):
         session.step(step)
-    session.edit(0, "items = [10]")
+    session.edit(1, "items = [10]")  # turns are numbered from 1
     assert peek(executor, "items") == "[10, 1]"
     assert peek(executor, "total") == "11"
-    with pytest.raises(ConfigError, match=r"there is no turn 7; turns are 0..2"):
+    with pytest.raises(ConfigError, match=r"there is no turn 7; turns are 1..3"):
         session.edit(7, "x")
 
 
@@ -156,7 +159,7 @@ def test_resume_after_the_owner_is_killed(tmp_path) -> None:
     path = tmp_path / "crash.ipynb"
     done = subprocess.run(
         [sys.executable, "-c", OWNER, str(path)], capture_output=True, text=True, timeout=120,
-        cwd=Path(__file__).parent.parent,
+        cwd=Path(__file__).parents[2],
     )  # fmt: skip
     assert done.returncode == -9, done.stderr
     nbformat.validate(nbformat.read(str(path), as_version=4))
@@ -230,3 +233,87 @@ def test_an_infinite_loop_times_out_and_the_session_goes_on(tmp_path, executor) 
     assert looped.status == "timeout"
     session.step("Add one.")
     assert peek(executor, "kept") == "8"
+
+
+def test_a_declined_turn_is_left_out_and_never_replayed(tmp_path, executor) -> None:
+    """A declined turn is not part of the program and no replay (edit, undo, resume) runs it;
+    it stays in the notebook, marked, and runs when asked by number."""
+    path = tmp_path / "s.ipynb"
+    codes = ("x = 1", "declined_ran = True", "skipped_ran = True", "y = x + 1")
+    decoder = ScriptedDecoder(*codes)
+    session = Session(decoder, executor, path, SessionSettings(prefix=""))
+    session.step("Set x.")
+    assert session.step("Mark.", run="decline").status == "declined"
+    assert session.step("Mark again.", run=False).status == "skipped"  # run=never: shown only
+    session.step("Set y.")
+    assert "declined_ran" not in decoder.prompts[-1] and "skipped_ran" in decoder.prompts[-1]
+    assert "declined_ran" not in session.program() and "skipped_ran" in session.program()
+    session.edit(1, "x = 5")
+    assert peek(executor, "y") == "6"
+    ran = "('declined_ran' in globals(), 'skipped_ran' in globals())"
+    assert peek(executor, ran) == "(False, False)"
+    assert [t.status for t in session.turns] == ["ok", "declined", "skipped", "ok"]
+    session.undo()
+    assert peek(executor, "'declined_ran' in globals()") == "False"
+    notebook = nbformat.read(str(path), as_version=4)
+    marked = [
+        cell for cell in notebook.cells if "codegen-declined" in cell.metadata.get("tags", [])
+    ]
+    assert [cell.source for cell in marked] == ["declined_ran = True"]
+    assert "Mark.\n\n*(declined: this code was not run" in notebook.cells[2].source
+    resumed = Session.open(path, ScriptedDecoder(), executor)
+    assert [t.status for t in resumed.turns] == ["ok", "declined", "skipped"]
+    assert peek(executor, "x, 'declined_ran' in globals()") == "(5, False)"
+    ran = resumed.run_turn(2)  # on request
+    assert ran.status == "ok" and peek(executor, "declined_ran") == "True"
+    assert "declined_ran = True" in resumed.program()
+
+
+REPLAY_IS_SLOW = """\
+import os, time
+if os.path.exists('ran-once'):
+    time.sleep(60)
+open('ran-once', 'w').close()"""
+
+
+def test_replays_run_under_the_session_timeout(tmp_path, executor) -> None:
+    settings = SessionSettings(prefix="", timeout=2.0)
+    session = Session(ScriptedDecoder(REPLAY_IS_SLOW, "z = 1"), executor, settings=settings)
+    session.step("Slow the second time.")
+    session.step("Set z.")
+    started = time.monotonic()
+    session.undo()  # the replay of turn 1 hits the timeout, and says what the kernel lacks
+    assert time.monotonic() - started < 30
+    assert "replaying turn 1 ended with timeout" in session.notice
+    assert session.notice.endswith("the kernel lacks the state of turns 1")
+    assert session.missing == (1,)
+
+
+def test_run_turn_runs_one_turn_again_now(tmp_path, executor) -> None:
+    session = Session(ScriptedDecoder(), executor, settings=SessionSettings(prefix=""))
+    session.run_code("n = 1")
+    session.run_code("n += 1\nprint(n)")
+    again = session.run_turn(2)  # no restart, no replay of turn 1
+    assert again.outputs[-1]["text"] == "3\n" and peek(executor, "n") == "3"
+    session.run_turn(1)
+    assert peek(executor, "n") == "1"
+    with pytest.raises(ConfigError, match=r"there is no turn 3; turns are 1..2"):
+        session.run_turn(3)
+
+
+def test_files_are_written_with_the_users_umask(tmp_path, executor) -> None:
+    session = Session(ScriptedDecoder(), executor, tmp_path / "s.ipynb")
+    previous = os.umask(0o022)
+    try:
+        session.run_code("x = 1")
+        session.save(tmp_path / "program.py")
+        assert stat.S_IMODE((tmp_path / "s.ipynb").stat().st_mode) == 0o644
+        assert stat.S_IMODE((tmp_path / "program.py").stat().st_mode) == 0o644
+        os.umask(0o077)
+        session.save(tmp_path / "private.ipynb")
+        assert stat.S_IMODE((tmp_path / "private.ipynb").stat().st_mode) == 0o600
+        (tmp_path / "s.ipynb").chmod(0o640)  # a file's own mode is kept
+        session.save()
+        assert stat.S_IMODE((tmp_path / "s.ipynb").stat().st_mode) == 0o640
+    finally:
+        os.umask(previous)

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 
 from codegen_repl.errors import ConfigError
-from codegen_repl.model.modeling import CodeGen, Segment, init_cache, slot_positions, write_cache
+from codegen_repl.model.modeling import CodeGen, init_cache, write_cache
 from codegen_repl.model.sample_params import SampleParams
-from codegen_repl.model.sampling import decode_chunk, model_logits_fn, prefill
+from codegen_repl.model.sampling import decode_chunk, model_logits_fn, prefill_rows
 from tests.conftest import decoded_ids, local_decoder
 
 CACHE_TOLERANCE = 1e-5  # fp32, relative to the logit scale; never loosened
@@ -22,31 +23,47 @@ def decoder(tiny_checkpoint, tokenizer_files):
     return local_decoder(tiny_checkpoint, tokenizer_files)
 
 
-def test_cached_decode_logits_equal_the_full_forward(decoder) -> None:
-    """Prefill 10 tokens, then run one token at a time against the cache."""
+@pytest.mark.parametrize("attention", ["dot", "sum"])
+def test_cached_decode_logits_equal_the_full_forward(decoder, attention: str) -> None:
+    """10 tokens without a cache, then one token at a time written into the cache and attended
+    over it (positions past the current one hold stale keys: they must stay unseen), with the
+    decode attention as matmuls and as fused sums."""
+    logits_fn = model_logits_fn(CodeGen(decoder.config, decode_attention=attention))
     ids = np.random.default_rng(0).integers(0, 1003, 40)
     full, _ = decoder.model.apply({"params": decoder.params}, jnp.asarray(ids[None], jnp.int32))
     cache = init_cache(decoder.config, 1, 64, jnp.float32)
-    padded = np.zeros((1, 16), np.int32)
-    padded[0, :10] = ids[:10]
-    first, cache = prefill(
-        decoder.logits_fn, decoder.params, jnp.asarray(padded), jnp.int32(10), cache, jnp.int32(0)
-    )
-    steps = [np.asarray(first[0])]
+    cache = jax.tree.map(lambda x: x + 3.0, cache)  # stale values everywhere
+    first, new = logits_fn(decoder.params, jnp.asarray(ids[None, :10]), None, None, None)
+    cache = write_cache(cache, new, 0)
+    steps = [np.asarray(first[0, 9])]
     for position in range(10, 39):
-        memory = (Segment(cache, slot_positions(1, 64, filled=position)),)
         token, at = jnp.asarray([[ids[position]]], jnp.int32), jnp.asarray([[position]])
-        logits, new = decoder.logits_fn(decoder.params, token, at, memory)
-        cache = write_cache(cache, new, position)
+        logits, cache = logits_fn(decoder.params, token, at, cache, None)
         steps.append(np.asarray(logits[0, 0]))
     reference = np.asarray(full[0, 9:39])
     error = np.abs(np.stack(steps) - reference).max() / np.abs(reference).max()
     assert error < CACHE_TOLERANCE
 
 
-@pytest.mark.parametrize("chunk_size", [1, 3, 16])
+def test_a_prefill_after_cached_tokens_equals_the_full_forward(decoder) -> None:
+    """A warm prefill (7 tokens, padded to 8, after 16 cached ones) writes its keys into the
+    cache and attends over it; its last real token's logits are the full forward's."""
+    ids = np.random.default_rng(5).integers(0, 1003, 23)
+    full, _ = decoder.model.apply({"params": decoder.params}, jnp.asarray(ids[None], jnp.int32))
+    _, new = decoder.logits_fn(decoder.params, jnp.asarray(ids[None, :16]), None, None, None)
+    cache = write_cache(init_cache(decoder.config, 1, 64, jnp.float32), new, 0)
+    padded = jnp.asarray([[*ids[16:], 0]], jnp.int32)
+    positions = 16 + jnp.arange(8, dtype=jnp.int32)[None]
+    logits, _ = decoder.logits_fn(decoder.params, padded, positions, cache, jnp.asarray([6]))
+    reference = np.asarray(full[0, 22])
+    assert np.abs(np.asarray(logits[0, 0]) - reference).max() / np.abs(reference).max() < (
+        CACHE_TOLERANCE
+    )
+
+
+@pytest.mark.parametrize(("chunk_size", "attention"), [(1, "auto"), (3, "sum"), (16, "dot")])
 def test_greedy_is_the_same_for_every_chunk_size_and_row(
-    tiny_checkpoint, tokenizer_files, tiny_hf, chunk_size: int
+    tiny_checkpoint, tokenizer_files, tiny_hf, chunk_size: int, attention: str
 ) -> None:
     with torch.no_grad():
         prompt = torch.tensor([PROMPT])
@@ -54,7 +71,9 @@ def test_greedy_is_the_same_for_every_chunk_size_and_row(
             prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=20, do_sample=False,
             eos_token_id=None, pad_token_id=0,
         )[0, len(PROMPT) :].tolist()  # fmt: skip
-    decoder = local_decoder(tiny_checkpoint, tokenizer_files, chunk_size=chunk_size)
+    decoder = local_decoder(
+        tiny_checkpoint, tokenizer_files, chunk_size=chunk_size, decode_attention=attention
+    )
     rows = decoded_ids(decoder, PROMPT, SampleParams(20, n=3))
     assert rows == [expected] * 3
 
@@ -117,17 +136,17 @@ def test_undo_and_edit_fall_back_to_the_common_prefix(tiny_checkpoint, tokenizer
 
 def test_no_recompilation_inside_a_bucket(tiny_checkpoint, tokenizer_files) -> None:
     fresh = local_decoder(tiny_checkpoint, tokenizer_files)
-    prefill.clear_cache()
+    prefill_rows.clear_cache()
     decode_chunk.clear_cache()
     decoded_ids(fresh, PROMPT[:13], SampleParams(8))
-    assert (prefill._cache_size(), decode_chunk._cache_size()) == (1, 1)
+    assert (prefill_rows._cache_size(), decode_chunk._cache_size()) == (1, 1)
     for length in (14, 15, 16):
-        fresh._cache = None  # cold prefills of new lengths in the same (16) bucket
+        fresh.forget()  # cold prefills of new lengths in the same (16) bucket
         decoded_ids(fresh, PROMPT[:length], SampleParams(8))
-    assert (prefill._cache_size(), decode_chunk._cache_size()) == (1, 1)
-    fresh._cache = None
+    assert (prefill_rows._cache_size(), decode_chunk._cache_size()) == (1, 1)
+    fresh.forget()
     decoded_ids(fresh, PROMPT, SampleParams(8))  # 23 tokens: the 24 bucket compiles
-    assert (prefill._cache_size(), decode_chunk._cache_size()) == (2, 1)
+    assert (prefill_rows._cache_size(), decode_chunk._cache_size()) == (2, 1)
 
 
 def test_stop_string_ends_decoding_early(chat_checkpoint, tokenizer_files) -> None:

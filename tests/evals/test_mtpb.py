@@ -1,28 +1,21 @@
-"""MTPB: data download, prompts, MTPB's scoring rules, sampling files, evaluation and replay."""
+"""MTPB: MTPB's scoring rules, evaluation, sampling files and replay (the data: test_mtpb_data)."""
 
 from __future__ import annotations
 
-import ast
 import dataclasses
-import hashlib
-import http.server
 import json
 import shutil
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
 from typer.testing import CliRunner
 
 from codegen_repl.cli.app import app
-from codegen_repl.errors import ConfigError
 from codegen_repl.evals import mtpb
+from codegen_repl.evals.mtpb import sampling
 from codegen_repl.evals.sandbox import SandboxConfig
-from tests.conftest import MTPB_DATA, needs_mtpb
 
-DATA = MTPB_DATA
 SANDBOX = SandboxConfig(workers=2, timeout_s=10.0, preload=("numpy",))
 
 FIB = """def fib(n):
@@ -60,7 +53,7 @@ WRONG = {
 
 @pytest.fixture(scope="module")
 def problems() -> list[mtpb.Problem]:
-    return mtpb.load_problems(DATA)
+    return mtpb.load_problems()  # the copy shipped in the package
 
 
 def records_for(problem: mtpb.Problem, turns_of: object) -> list[dict]:
@@ -73,138 +66,12 @@ def records_for(problem: mtpb.Problem, turns_of: object) -> list[dict]:
     return records
 
 
-# ----------------------------------------------------------------------------- data
-
-
-@needs_mtpb
-def test_the_115_problems(problems: list[mtpb.Problem]) -> None:
-    assert len(problems) == 115 and problems[0].id == "1" and problems[-1].id == "115"
-    assert {p.category for p in problems} >= {"string", "math", "array", "data science"}
-    assert all(len(p.inputs) == 5 and len(p.outputs) >= 5 for p in problems)  # 57 has 6 outputs
-    assert {p.max_gen_length for p in problems} == {128, 256, 512}  # absent -> 256
-
-
-@needs_mtpb
-def test_turns_are_filled_from_the_input(problems: list[mtpb.Problem]) -> None:
-    invert = mtpb.find_problem(problems, 11)
-    turns = invert.turns(1)
-    assert (
-        turns[0] == 'Assign the keys ["a", "b"] and values [1, 2] to a dictionary named "my_dict".'
-    )
-    assert 'invert({ "z": "q", "w": "f" })' in turns[1]  # {{ }} in templates are literal braces
-    assert "initialize it with inverted" in turns[3]
-    with pytest.raises(ConfigError, match=r"test inputs 0\.\.4, not 5"):
-        invert.turns(5)
-    program = invert.program(0, ["a = 1", "b = 2"])
-    assert program == mtpb.PREFIX + f"# {turns[0]}\na = 1\n\n# {invert.turns(0)[1]}\nb = 2\n\n"
-
-
-@needs_mtpb
-def test_selection(problems: list[mtpb.Problem]) -> None:
-    assert [p.id for p in mtpb.select(problems, "1-3,42")] == ["1", "2", "3", "42"]
-    with pytest.raises(ConfigError, match="unknown MTPB problems"):
-        mtpb.select(problems, "116")
-    with pytest.raises(ConfigError, match="ids and ranges like 1-10,42"):
-        mtpb.select(problems, "one")
-
-
-@pytest.fixture
-def served(tmp_path: Path) -> Iterator[tuple[str, Path]]:
-    """A real HTTP server on 127.0.0.1 serving a folder with mtpb.jsonl and a corrupt copy."""
-    root = tmp_path / "www"
-    root.mkdir()
-    (root / "mtpb.jsonl").write_bytes(DATA.read_bytes())
-    (root / "corrupt.jsonl").write_bytes(DATA.read_bytes().replace(b"Sandwich", b"Sandwick"))
-
-    class Handler(http.server.SimpleHTTPRequestHandler):
-        def __init__(self, *args: object, **kwargs: object) -> None:
-            super().__init__(*args, directory=str(root), **kwargs)  # type: ignore[arg-type]
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", tmp_path / "cache"
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
-@needs_mtpb
-def test_download_is_checked_and_cached(served: tuple[str, Path]) -> None:
-    url, cache = served
-    assert hashlib.sha256(DATA.read_bytes()).hexdigest() == mtpb.SHA256
-    path = mtpb.fetch_problems(cache, url=f"{url}/mtpb.jsonl")
-    assert path.read_bytes() == DATA.read_bytes() and path.parent.parent == cache
-    again = mtpb.fetch_problems(cache, url=f"{url}/gone.jsonl")  # cached: no request needed
-    assert again == path
-    assert len(mtpb.load_problems(folder=cache)) == 115
-
-
-@needs_mtpb
-def test_corrupt_download_is_refused_and_not_cached(served: tuple[str, Path]) -> None:
-    url, cache = served
-    with pytest.raises(ConfigError, match=r"has sha256 .* expected 3ab79ddb.*nothing was cached"):
-        mtpb.fetch_problems(cache, url=f"{url}/corrupt.jsonl")
-    assert not any(cache.rglob("*")) if cache.exists() else True
-    with pytest.raises(ConfigError, match=r"could not download MTPB.*--problems PATH"):
-        mtpb.fetch_problems(cache, url=f"{url}/missing.jsonl")
-
-
 # ----------------------------------------------------------------------------- MTPB's rules
 
 
-@pytest.mark.parametrize(
-    ("got", "expected", "match"),
-    [
-        ([(1, "a"), (2, "b")], [[1, "a"], [2, "b"]], True),  # list of tuples -> list of lists
-        ((1, 2), [1, 2], True),
-        (np.int64(5), 5, True),  # numpy scalars -> int/float/bool
-        (np.float32(0.5), 0.5, True),
-        (np.bool_(True), True, True),
-        (np.array([[1, 2], [3, 4]]), [[1, 2], [3, 4]], True),  # ndarray -> list
-        (np.array([1.5, 2.5]), [1.5, 2.5], True),
-        ("7980", 7980, True),  # cast to the expected type
-        (7980.0, 7980, True),
-        (7.5, 7, False),  # a cast that would hide a wrong answer
-        (3, "3", True),
-        (["1.8"], ["1.8"], True),
-        (True, True, True),  # bools compared as strings
-        ("True", True, True),
-        (1, True, False),
-        (False, True, False),
-        (0.1 + 0.2, 0.3, True),  # floats within 1e-6
-        (0.3 + 2e-6, 0.3, False),
-        (3.1415, 3.14, False),
-        ({1: ["a", "b"]}, {"1": ["a", "b"]}, True),  # dict keys as strings
-        ({1: ["a"], 2: ["b"]}, {"1": ["a"]}, False),
-        (None, None, True),
-        ([1, 2], [1, 2, 3], False),
-        ("abc", 5, False),  # the cast fails: no match, no error
-    ],
-)
-def test_coercions(got: object, expected: object, match: bool) -> None:
-    assert mtpb.outputs_match(got, expected) is match
+# (MTPB's rules, one test per rule of the reference scorer: test_mtpb_rules.py)
 
 
-def test_pandas_values_become_lists() -> None:
-    pandas = pytest.importorskip("pandas", reason="pandas is not installed here")
-    assert mtpb.outputs_match(pandas.Series([1, 2, 3]), [1, 2, 3])
-    assert mtpb.outputs_match(pandas.Series([0.5, 1.5]).round(), [0.0, 2.0])
-    assert mtpb.outputs_match(pandas.DataFrame({"a": [1, 2], "b": [3, 4]}), [[1, 3], [2, 4]])
-    assert not mtpb.outputs_match(pandas.Series([1, 2]), [2, 1])
-
-
-def test_last_expression_becomes_a_print() -> None:
-    shown = ast.unparse(mtpb.last_expression_to_print("x = 1\nx + 1"))
-    assert shown.endswith(f"{mtpb.SHOW}(x + 1)")
-    assert mtpb.SHOW not in ast.unparse(mtpb.last_expression_to_print("x = 1"))
-
-
-@needs_mtpb
 def test_hand_written_programs_pass_all_inputs_and_wrong_ones_fail(
     problems: list[mtpb.Problem],
 ) -> None:
@@ -221,27 +88,27 @@ def test_hand_written_programs_pass_all_inputs_and_wrong_ones_fail(
     assert report.per_problem["3"] == 0.5 and report.per_problem["1"] == 0.7
 
 
-@needs_mtpb
 def test_printing_rules_in_the_sandbox(problems: list[mtpb.Problem]) -> None:
     def record(program: str, gold: object) -> dict:
         return {"id": "3", "input": {}, "gold_output": gold, "completions": program}
 
     records = [
         record("print('ignored')\nprint(7980)", 7980),  # the last print counts
-        record("x = [3, 4]\nprint(x)\nx.append(5)", [3, 4]),  # the value when printed
-        record("print('total', 5)", "total 5"),  # several arguments: the printed text
-        record("x = 1", 1),  # printed nothing
+        record("x = [3, 4]\nprint(x)\nx.append(5)", [3, 4]),  # print(x.append(5)): None
+        record("print('total', 5)", "total 5"),  # the first argument only: 'total'
+        record("x = 1", 1),  # the assignment's value is printed: x = print(1)
         record("def f(:\n", 1),  # syntax error
         record("import numpy as np\nnp.array([1, 2]) * 2", [2, 4]),  # last expression
-        record("x = [2, 1]\nprint(x)\nx.sort()", [2, 1]),  # a last expression of None
+        record("x = [2, 1]\nprint(x)\nx.sort()", [2, 1]),  # print(x.sort()): None
+        record("print(3)\nraise ValueError('late')", 3),  # an error after the print
     ]
     report = mtpb.evaluate(records, problems, SANDBOX)
-    assert [r["passed"] for r in report.results] == [True, True, True, False, False, True, True]
-    assert report.results[3]["detail"] == "failed: the program printed nothing"
-    assert report.results[4]["detail"].startswith("failed: SyntaxError")
+    verdicts = [True, False, False, True, False, True, False, True]
+    assert [r["passed"] for r in report.results] == verdicts, report.results
+    assert report.results[4]["detail"].startswith("failed: the program printed nothing (after Syn")
+    assert report.results[7]["detail"] == "passed (after ValueError: late)"
 
 
-@needs_mtpb
 def test_report_rates_and_pass_at_k(problems: list[mtpb.Problem]) -> None:
     three = mtpb.find_problem(problems, 3)
     records = records_for(three, CORRECT["3"]) + records_for(three, WRONG["3"][0])
@@ -270,13 +137,12 @@ def long_checkpoint(tmp_path_factory: pytest.TempPathFactory, tokenizer_files: P
     return folder
 
 
-@needs_mtpb
 def test_sample_writes_the_reference_format_and_resumes(
     tmp_path: Path, long_checkpoint: Path, problems: list[mtpb.Problem]
 ) -> None:
     out = tmp_path / "samples.jsonl"
     args = ["mtpb", "sample", "--model", str(long_checkpoint), "-n", "2", "-t", "0.8",
-            "-o", str(out), "--problems", str(DATA), "--problems", "3-4"]  # fmt: skip
+            "-o", str(out), "--problems", "3-4"]  # fmt: skip
     first = CliRunner().invoke(app, args)
     assert first.exit_code == 0, first.output
     records = [json.loads(line) for line in out.read_text().splitlines()]
@@ -299,23 +165,20 @@ def test_sample_writes_the_reference_format_and_resumes(
 
     # The file scores with `mtpb evaluate` (a random tiny model: everything fails).
     report = tmp_path / "report.json"
-    evaluated = CliRunner().invoke(
-        app, ["mtpb", "evaluate", str(out), "--problems", str(DATA), "--json", str(report)]
-    )
+    evaluated = CliRunner().invoke(app, ["mtpb", "evaluate", str(out), "--json", str(report)])
     assert evaluated.exit_code == 0, evaluated.output
     assert "overall" in evaluated.output and "Convert time" in evaluated.output
     data = json.loads(report.read_text())
     assert len(data["results"]) == 20 and set(data["per_problem"]) == {"3", "4"}
 
 
-@needs_mtpb
 def test_resume_drops_a_torn_problem(tmp_path: Path, problems: list[mtpb.Problem]) -> None:
     three = mtpb.find_problem(problems, 3)
     out = tmp_path / "samples.jsonl"
     lines = [json.dumps(r) for r in records_for(three, CORRECT["3"])]
     out.write_text("\n".join(lines[:3]) + "\n" + lines[3][:20])  # 3 of 5 lines, then torn
     assert mtpb.finished(out, [three], 1) == set()
-    mtpb._drop_partial(out, set())
+    sampling._drop_partial(out, set())
     assert out.read_text() == ""
 
 
@@ -341,7 +204,6 @@ class ScriptedDecoder:
         return ["".join(self.generate(prompt, sample))]
 
 
-@needs_mtpb
 def test_replay_runs_turns_in_a_live_kernel_and_scores(
     tmp_path: Path, problems: list[mtpb.Problem]
 ) -> None:
@@ -363,25 +225,13 @@ def test_replay_runs_turns_in_a_live_kernel_and_scores(
     assert (tmp_path / "replay.ipynb").exists()
 
 
-@needs_mtpb
 def test_cli_replay_with_a_tiny_model(long_checkpoint: Path, tmp_path: Path) -> None:
     result = CliRunner().invoke(
         app, ["mtpb", "replay", "3", "--input", "1", "--model", str(long_checkpoint), "--yes",
-              "--problems", str(DATA), "--session", str(tmp_path / "r.ipynb")],
+              "--session", str(tmp_path / "r.ipynb")],
     )  # fmt: skip
     assert result.exit_code in (0, 1), result.output  # 1: the random model's program failed
     assert "turn 1: Write a function that takes an integer minutes" in result.output
     assert "turn 3: Print the total seconds of 1 hours and 2 minutes." in result.output
     assert ("FAIL" in result.output) == (result.exit_code == 1)
     assert "expected 3720" in result.output
-
-
-@needs_mtpb
-def test_cli_list_and_show() -> None:
-    listed = CliRunner().invoke(app, ["mtpb", "list", "--problems", str(DATA)])
-    assert listed.exit_code == 0, listed.output
-    assert "Sandwich string" in listed.output and "max_gen_length" in listed.output
-    shown = CliRunner().invoke(app, ["mtpb", "show", "4", "--input", "4", "--problems", str(DATA)])
-    assert "Print out the square of 10-th Fibonacci number." in shown.output
-    bad = CliRunner().invoke(app, ["mtpb", "show", "999", "--problems", str(DATA)])
-    assert bad.exit_code == 2 and "no MTPB problem 999" in bad.output

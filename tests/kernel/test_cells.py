@@ -46,7 +46,9 @@ def test_magic_lines_in_order_and_unknown_ones_named() -> None:
         Magic("set", "top_p=0.9"),
         Magic("undo", ""),
     )
-    with pytest.raises(ConfigError, match=r"unknown magic %frobnicate.*%undo"):
+    with pytest.raises(
+        ConfigError, match=r"unknown command %frobnicate; the commands are: .*%undo"
+    ):
         parse_cell("%frobnicate now")
 
 
@@ -88,3 +90,10 @@ def test_history_keeps_python_of_user_cells_only() -> None:
         ("define add", "def add(a, b):\n    return a + b"),
         (None, "x = add(1, 2)"),
     ]
+
+
+def test_edit_takes_the_lines_after_it_as_the_new_code() -> None:
+    cell = parse_cell("%edit 2\nfor i in range(3):\n    print(i)")
+    assert cell.magics == (Magic("edit", "2\nfor i in range(3):\n    print(i)"),)
+    with pytest.raises(ConfigError, match="unknown command %exit"):  # the terminal's only
+        parse_cell("%exit")

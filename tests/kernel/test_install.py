@@ -34,6 +34,7 @@ def test_install_kernel_into_a_prefix_is_listed_by_jupyter(tmp_path, chat_checkp
     assert spec["argv"][1:3] == ["-m", "codegen_repl.kernel"]
     assert Path(spec["argv"][0]).parent == BIN  # this environment's Python (python or python3)
     assert f"--CodeGenKernel.model={chat_checkpoint}" in spec["argv"]
+    assert spec["display_name"] == f"CodeGen ({chat_checkpoint.name})"
     assert (spec["language"], spec["interrupt_mode"]) == ("codegen", "signal")
     listed = run("jupyter", "kernelspec", "list", "--json",
                  env={"JUPYTER_PATH": str(tmp_path / "share" / "jupyter")})  # fmt: skip
@@ -58,6 +59,38 @@ def test_a_server_kernel_passes_the_url_and_a_relative_folder_becomes_absolute(
     assert "env" not in KernelInstall(model="ckpt").spec()
     assert f"--CodeGenKernel.model={tmp_path / 'ckpt'}" in spec["argv"]
     assert "--CodeGenKernel.server=http://127.0.0.1:9" in spec["argv"]
-    assert spec["display_name"] == "CodeGen (ckpt)"
+    assert spec["display_name"] == "CodeGen (ckpt on 127.0.0.1:9)"
     with pytest.raises(ConfigError, match="prefix folder"):
         KernelInstall(place="prefix")
+
+
+def test_install_kernel_refuses_a_model_it_could_not_load(tmp_path) -> None:
+    (tmp_path / "empty").mkdir()
+    for model, says in [
+        ("/nope", "is neither a checkpoint folder nor a hub id like 'Salesforce/codegen-350M"),
+        ("./nope", "is neither a checkpoint folder nor a hub id"),
+        (str(tmp_path / "empty"), "holds no config.json; give the checkpoint's folder"),
+    ]:
+        done = run("codegen-repl", "install-kernel", "--prefix", str(tmp_path), "--model", model)
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.startswith(f"error: {model} {says}") and done.stderr.count("\n") == 1
+    assert not (tmp_path / "share").exists()
+
+
+@pytest.mark.parametrize(
+    ("model", "server", "shown"),
+    [
+        ("Salesforce/codegen-350M-mono", None, "codegen-350M-mono"),
+        ("runs/tiny/checkpoint", None, "tiny"),
+        ("hub/models--Salesforce--codegen-2B-mono/snapshots/" + "0" * 40, None, "codegen-2B-mono"),
+        ("runs/tiny/checkpoint-1000", None, "tiny"),
+        (None, "http://127.0.0.1:8000", "server 127.0.0.1:8000"),
+        ("codegen-6B-mono", "http://gpu:8000/v1", "codegen-6B-mono on gpu:8000"),
+        (None, None, "configured model"),
+    ],
+)
+def test_the_display_name_says_the_model(tmp_path, monkeypatch, model, server, shown) -> None:
+    monkeypatch.chdir(tmp_path)
+    if model and "/" in model and not model.startswith("Salesforce"):
+        (tmp_path / model).mkdir(parents=True)
+    assert KernelInstall(model=model, server=server).spec()["display_name"] == f"CodeGen ({shown})"

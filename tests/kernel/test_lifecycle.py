@@ -3,11 +3,16 @@ shutdown (no child kernel left behind). One kernelspec, whose model does not exi
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from jupyter_client.blocking import BlockingKernelClient
+from jupyter_client.manager import KernelManager, start_new_kernel
 
 from tests.core.test_executor import gone
 from tests.kernel.conftest import install, kernel_env
@@ -16,6 +21,11 @@ from tests.kernel.helpers import kernel, pid_of, run_cell, shell_reply
 pytestmark = pytest.mark.slow
 NAME = "codegen-lifecycle-test"
 CHILD_PID = "%%python\nimport os\nprint(os.getpid())"
+CHILD_SLEEP = (
+    "%%python\nimport os, subprocess\nfrom ipykernel.connect import get_connection_file\n"
+    "sleep = subprocess.Popen(['sleep', '300'])\n"
+    "print(os.getpid(), sleep.pid, get_connection_file())"
+)
 
 
 def wait_for_code(client: BlockingKernelClient, msg_id: str, text: str, timeout: float) -> None:
@@ -60,3 +70,42 @@ def test_bad_model_then_interrupt_restart_and_shutdown(
         assert run_cell(client, "%%python\nprint('fresh')").stdout() == "fresh\n"
         child = pid_of(client, CHILD_PID)
     assert gone(child, 15.0)  # shutdown took the child kernel with it
+
+
+@contextlib.contextmanager
+def ended_as_it_may(name: str, cwd: Path) -> Iterator[tuple[KernelManager, BlockingKernelClient]]:
+    """A started kernel, shut down at the end unless the test has already shut it down."""
+    manager, client = start_new_kernel(kernel_name=name, cwd=str(cwd), startup_timeout=120)
+    try:
+        yield manager, client
+    finally:
+        client.stop_channels()
+        if manager.has_kernel:
+            manager.shutdown_kernel(now=True)
+
+
+@pytest.mark.parametrize("death", ["SIGKILL", "SIGTERM", "restart now", "shutdown now"])
+def test_the_child_kernel_dies_with_the_codegen_kernel_however_it_dies(
+    tmp_path: Path, death: str
+) -> None:
+    """The child kernel, what its cells started and its connection file (which holds its key)
+    go with the codegen kernel, even when it is killed before it can clean up."""
+    data = install(tmp_path / "jupyter", NAME, tmp_path / "no-such-model")
+    with kernel_env(data), ended_as_it_may(NAME, tmp_path) as (manager, client):
+        ran = run_cell(client, CHILD_SLEEP)
+        assert ran.status == "ok", ran.reply
+        child, sleep, key_file = ran.stdout().split()
+        assert Path(key_file).exists()
+        codegen_pid = manager.provisioner.process.pid  # type: ignore[union-attr]
+        if death.startswith("SIG"):
+            os.kill(codegen_pid, getattr(signal, death))
+        elif death == "restart now":
+            manager.restart_kernel(now=True)
+        else:
+            manager.shutdown_kernel(now=True)
+        assert gone(codegen_pid, 15.0)
+        assert gone(int(child), 5.0) and gone(int(sleep), 5.0)
+        assert not Path(key_file).exists()
+        if death == "restart now":  # and the restarted kernel has a child of its own
+            client.wait_for_ready(timeout=120)
+            assert run_cell(client, "%%python\nprint('fresh')").stdout() == "fresh\n"

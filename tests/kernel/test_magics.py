@@ -72,7 +72,54 @@ def test_errors_of_generated_code_fail_the_cell_with_its_own_traceback(ipython) 
     assert (ran.status, ran.reply["ename"]) == ("error", "ZeroDivisionError")
     traceback = re.sub(r"\x1b\[[0-9;]*m", "", "\n".join(ran.reply["traceback"]))
     assert "1 / 0" in traceback and "magics.py" not in traceback
+    # only the generated code's frames: not the `%%codegen` call, nor IPython's magic frames
+    assert "run_cell_magic" not in traceback and "hidden" not in traceback
+    assert [c["traceback"] for c in ran.of("error")] == [ran.reply["traceback"]]
     assert run_cell(ipython, "1 + 1").results() == ["2"]
+
+
+def test_the_step_reaches_the_model_verbatim_in_both_forms(ipython) -> None:
+    assert run_cell(ipython, "d = {'k': 5}\ncost = 3").status == "ok"
+    for cell in (
+        "%codegen --insert print {d} and $cost",
+        "%%codegen --insert\nprint {d} and $cost",
+    ):
+        ran = run_cell(ipython, cell)
+        assert ran.status == "ok", ran.reply
+        [payload] = ran.reply["payload"]
+        assert payload["text"].startswith("# print {d} and $cost\n"), payload["text"]
+
+
+@pytest.mark.parametrize(
+    "cell",
+    [
+        "%%codegen -t\nsay hello",
+        "%%codegen --temprature 0\nsay hello",
+        "%%codegen --bogus\nsay hello",
+        "%%codegen -t warm\nsay hello",
+        "%%codegen say\nhello",
+        "%codegen --bogus say hello",
+        "%codegen -t say hello",
+    ],
+)
+def test_a_bad_option_is_one_usage_error_and_no_step_runs(ipython, cell: str) -> None:
+    ran = run_cell(ipython, cell)
+    assert (ran.status, ran.reply["ename"]) == ("error", "UsageError"), ran.reply
+    assert ran.stderr().startswith("UsageError: %%codegen: ") and ran.stderr().count("\n") == 1
+    assert ran.of("display_data", "update_display_data", "execute_result") == []
+    assert ran.stdout() == ""
+
+
+def test_options_are_read_as_a_command_line_and_the_step_kept_as_written() -> None:
+    from codegen_repl.kernel.magics import StepOptions, parse_options
+
+    assert parse_options("-t0") == (StepOptions(temperature=0.0), "")
+    assert parse_options("--insert -m=m --temperature 0.5  print {d}  -x") == (
+        StepOptions(insert=True, model="m", temperature=0.5),
+        "print {d}  -x",
+    )
+    assert parse_options("-- -t is a step") == (StepOptions(), "-t is a step")
+    assert parse_options("-1 is a step") == (StepOptions(), "-1 is a step")
 
 
 def test_a_bad_model_is_one_clear_error_and_the_kernel_lives_on(ipython) -> None:
@@ -80,3 +127,18 @@ def test_a_bad_model_is_one_clear_error_and_the_kernel_lives_on(ipython) -> None
     assert ran.status == "error" and "/no/such/model" in ran.stderr()
     assert "Traceback" not in ran.stderr()
     assert run_cell(ipython, "%codegen say hello").stdout() == "hello\n"
+
+
+def test_options_resolve_over_config_toml_then_the_defaults(tmp_path: Path, monkeypatch) -> None:
+    """The traitlets the kernel and the magics share go through the one resolver."""
+    from codegen_repl.kernel.options import ModelOptions
+
+    config = tmp_path / "config.toml"
+    config.write_text("model = '/models/mine'\ntop_p = 0.5\nrun = 'ask'\nprefix = 'x = 1\\n'\n")
+    monkeypatch.setenv("CODEGEN_REPL_CONFIG", str(config))
+    options = ModelOptions(temperature=0.0, dtype="", prefix="")
+    settings = options.settings(can_ask=False)
+    assert (settings.model, settings.dtype, settings.run) == ("/models/mine", None, "auto")
+    assert (settings.temperature, settings.top_p, settings.max_new_tokens) == (0.0, 0.5, 128)
+    assert settings.prefix == ""  # an empty prefix is no prefix, not "unset"
+    assert ModelOptions(model="/other").settings(can_ask=True).run == "ask"

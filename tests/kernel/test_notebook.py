@@ -68,7 +68,7 @@ def test_nbclient_runs_a_notebook_of_steps(
     assert any("image/png" in out.get("data", {}) for out in cells[3].outputs), cells[3].outputs
     [error] = [out for out in cells[4].outputs if out["output_type"] == "error"]
     assert error["ename"] == "ZeroDivisionError"
-    assert "undone: turn 3 (divide by zero)" in cells[5].outputs[0]["text"]
+    assert "undone: turn 4 (divide by zero)" in cells[5].outputs[0]["text"]  # numbered from 1
     program = cells[6].outputs[0]["data"]["text/plain"]
     assert PAIRS["plot a line"] in program and PAIRS["divide by zero"] not in program
     assert cells[7].outputs[0]["text"] == "42\n"  # the undo kept the kernel's earlier state
@@ -77,7 +77,7 @@ def test_nbclient_runs_a_notebook_of_steps(
     mtpb = cells[9].outputs
     turns = [generated(out) for out in mtpb if out.get("metadata", {}).get("codegen")]
     assert turns == [PAIRS["define add"], PAIRS["use add"]]
-    assert "MTPB problem 7: passed; got 5, expected 5" in mtpb[-1]["text"]
+    assert "PASS: MTPB problem 7; got 5, expected 5" in mtpb[-1]["text"]
     mtpb_program = cells[10].outputs[0]["data"]["text/plain"]
     assert PAIRS["plot a line"] not in mtpb_program  # a fresh session, with the problem's turns
 

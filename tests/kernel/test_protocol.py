@@ -70,3 +70,30 @@ class CodeGenKernelTests(jupyter_kernel_test.KernelTests):
     def tearDownClass(cls) -> None:
         super().tearDownClass()
         cls._folder.cleanup()
+
+
+def test_the_executor_answers_completions_between_runs_only(tmp_path: Path) -> None:
+    """The kernel's completion and inspection requests go through the session's Executor, on
+    its own client: answered between cells, None at once while a cell runs, and a run's reply
+    is never taken by a request (nor a request's by a run)."""
+    import threading
+    import time
+
+    from codegen_repl.core.executor import Executor, ExecutorConfig
+
+    with Executor(ExecutorConfig(cwd=tmp_path, inline_matplotlib=False)) as executor:
+        ask = {"code": "import itertoo", "cursor_pos": 14}
+        reply = executor.request("complete", ask, timeout=60)
+        assert reply is not None and "itertools" in reply["matches"]
+        printed = threading.Event()
+        code = "import time; print('started', flush=True); time.sleep(3)"
+        running = threading.Thread(target=executor.run, args=(code, None, lambda _: printed.set()))
+        running.start()
+        assert printed.wait(60)  # the cell runs now
+        started = time.monotonic()
+        assert executor.request("is_complete", {"code": "x = ("}, timeout=60) is None
+        assert time.monotonic() - started < 0.5
+        running.join()
+        assert executor.run("6 * 7").outputs[0]["data"]["text/plain"] == "42"
+        inspected = executor.request("inspect", {"code": "len", "cursor_pos": 3}, timeout=60)
+        assert inspected is not None and inspected["found"] is True

@@ -144,3 +144,34 @@ def test_magics_set_retry_save_context_and_help(runner, tmp_path) -> None:
     assert "%mtpb" in frontend.kinds("stream")[-1][1]
     bad = runner.run_cell("%mtpb one", frontend)
     assert bad.ename == "ConfigError" and "%mtpb N [K]" in bad.evalue
+
+
+def test_undo_shows_its_progress_and_an_interrupt_says_what_is_missing(runner) -> None:
+    frontend = Collected()
+    for number in (1, 2, 3):
+        assert runner.run_cell(f"%%python\nv_{number} = {number}", frontend).status == "ok"
+
+    class Interrupting(Collected):
+        def stream(self, name: str, text: str) -> None:
+            super().stream(name, text)
+            if text.startswith("replaying 2/"):
+                runner.interrupt()  # as the kernel's interrupt_request does, from its thread
+
+    shown = Interrupting()
+    assert runner.run_cell("%undo", shown).status == "ok"
+    texts = [text for _, text in shown.kinds("stream")]
+    assert texts[:3] == ["restarting the kernel to replay 2 turns\n", "replaying 1/2: turn 1\n",
+                         "replaying 2/2: turn 2\n"]  # fmt: skip
+    assert texts[3] == "undone: turn 3 (your code)\n"
+    assert texts[4] == ("the replay was interrupted: the kernel lacks the state of turns 2; to "
+                        "replay them: %run 2\n")  # fmt: skip
+    assert runner.run_cell("%run 2", frontend).status == "ok"
+    assert runner.run_cell("%%python\nprint(v_1 + v_2)", frontend).status == "ok"
+    assert frontend.kinds("output")[-1]["text"] == "3\n"
+
+
+def test_input_in_the_kernel_is_one_line_saying_no_one_can_answer(runner) -> None:
+    frontend = Collected()
+    outcome = runner.run_cell("%%python\nname = input('name? ')", frontend)
+    assert outcome.ename == "StdinNotImplementedError" and len(outcome.traceback) == 1
+    assert "cannot be answered here" in outcome.traceback[0]

@@ -52,12 +52,23 @@ def test_a_session_in_a_terminal(tmp_path: Path, chat_checkpoint: Path) -> None:
     child.expect(r"\[interrupted\]")
     child.sendline("!print('still', x)")
     child.expect("still 41")
+    child.sendline("!name = input('name? ')")  # the code's input() asks at the terminal
+    child.expect(r"\x1b\[0mname\?")  # the code's prompt, drawn (not the echo of the line)
+    child.sendline("Ada")
+    child.sendline("!import getpass; secret = getpass.getpass('pw: ')")
+    child.expect(r"\x1b\[0mpw:")
+    child.sendline("s3cret")
+    child.sendline("!print('hi', name, len(secret))")
+    child.expect("hi Ada 6")
+    assert "s3cret" not in child.before  # a password is not echoed
     child.sendline("/undo")
     child.expect("undone")
     child.sendline(f"/save {tmp_path / 'program.py'}")
     child.expect("saved to")
     child.expect(">>>")  # Ctrl-D at the prompt (typed earlier, the terminal would drop it)
     child.sendcontrol("d")
+    child.expect(f"saved {session}")
+    child.expect(styled(f"resume it with: codegen-repl --session {session}"))
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0

@@ -25,13 +25,7 @@ import pytest
 from codegen_repl.decoders.local import LocalDecoder
 from codegen_repl.errors import ConfigError
 from codegen_repl.model.sample_params import SampleParams
-from codegen_repl.model.sampling import (
-    LogitsFn,
-    choose_row,
-    choose_tokens,
-    row_knobs,
-    union_mode,
-)
+from codegen_repl.model.sampling import LogitsFn
 from codegen_repl.model.tokenizer import WHITESPACE_TOKENS, CodeGenTokenizer
 from codegen_repl.serve.app import ServerConfig, create_app, serve_in_thread
 from codegen_repl.serve.engine import Engine, EngineConfig
@@ -87,9 +81,9 @@ def slowed(logits_fn: LogitsFn, seconds: float) -> LogitsFn:
     """The model on a slow device: each call waits on the host, so a long request really
     takes long (the tiny model decodes 480 tokens in 0.1 s)."""
 
-    def slow(params, tokens, positions, memory):
+    def slow(params, tokens, positions, cache, logits_at):
         jax.debug.callback(lambda _: time.sleep(seconds), tokens)
-        return logits_fn(params, tokens, positions, memory)
+        return logits_fn(params, tokens, positions, cache, logits_at)
 
     return slow
 
@@ -208,28 +202,15 @@ def test_prefix_reuse_per_slot(server: str, local: LocalDecoder) -> None:
     assert second.choices[0].text == local.complete(follow_up, SampleParams(8))[0]
 
 
-def test_per_row_sampler_equals_the_single_request_sampler() -> None:
-    """Rows with different settings in one batch pick exactly what each would pick alone."""
-    logits = jax.random.normal(jax.random.key(1), (5, 50)) * 3  # [rows, vocab]
-    samples = [
-        SampleParams(temperature=0),
-        SampleParams(temperature=0.7),
-        SampleParams(temperature=1.2, top_k=5),
-        SampleParams(temperature=0.9, top_p=0.8),
-        SampleParams(temperature=1.0, top_k=10, top_p=0.7),
-    ]
-    mode = union_mode(samples)
-    for step in range(20):
-        keys = [jax.random.fold_in(jax.random.key(s), step) for s in range(len(samples))]
-        knobs = row_knobs(list(zip(samples, keys, strict=True)))
-        batched = jax.vmap(choose_row, in_axes=(0, 0, 0, 0, 0, None))(
-            logits, knobs.keys, knobs.temperature, knobs.top_p, knobs.top_k, mode
-        )
-        alone = [
-            int(choose_tokens(logits[i : i + 1], keys[i], knobs(s), s.mode)[0])
-            for i, s in enumerate(samples)
-        ]
-        assert batched.tolist() == alone
+def test_server_samples_equal_the_local_decoders(server: str, local: LocalDecoder) -> None:
+    """Both decode through model/sampling.py with the same per-sample keys: n sampled
+    completions from the server are the local decoder's n, in order."""
+    sample = SampleParams(max_new_tokens=12, temperature=0.9, top_p=0.9, n=3, seed=21)
+    many = client(server).completions.create(
+        model="tiny", prompt=PROMPTS[3], max_tokens=12, temperature=0.9, top_p=0.9, n=3, seed=21
+    )
+    texts = [choice.text for choice in sorted(many.choices, key=lambda choice: choice.index)]
+    assert texts == local.complete(PROMPTS[3], sample)
 
 
 # ------------------------------------------------------------------------- concurrency
@@ -429,7 +410,7 @@ from codegen_repl.model.checkpoint import load_model
 from codegen_repl.model.modeling import CodeGen
 from codegen_repl.model.sample_params import SampleParams
 from codegen_repl.model.sampling import model_logits_fn
-from codegen_repl.serve.app import shard_over_local_devices
+from codegen_repl.model.sharding import shard_for_decoding
 
 assert jax.local_device_count() == 8, jax.devices()
 loaded = load_model(sys.argv[1])
@@ -449,11 +430,11 @@ def tokens(params, cache_sharding=None):
     engine.close()
     return "".join(e.text for e in out if hasattr(e, "text")).split(), cache_spec
 
-sharded, cache_sharding = shard_over_local_devices(loaded.params, loaded.config.num_heads)
+sharded, cache_sharding = shard_for_decoding(loaded.params, loaded.config.num_heads)
 specs = {str(leaf.sharding.spec) for leaf in jax.tree_util.tree_leaves(sharded)}
 prompt = [5, 17, 300, 42, 7, 901]
 ids = np.asarray([prompt])
-forward = jax.jit(lambda params, ids: logits_fn(params, ids, None, ())[0])
+forward = jax.jit(lambda params, ids: logits_fn(params, ids, None, None, None)[0])
 full = np.asarray(forward(loaded.params, ids))
 split = np.asarray(forward(sharded, ids))
 print(json.dumps({
@@ -475,7 +456,7 @@ def test_sharded_server_engine_equals_unsharded(tmp_path: Path) -> None:
     hf_codegen(seed=3, vocab_size=1024, n_head=8, rotary_dim=4).save_pretrained(tmp_path / "ckpt")
     result = subprocess.run(
         [sys.executable, "-c", SHARDED, str(tmp_path / "ckpt")], capture_output=True,
-        text=True, timeout=300, env=env, cwd=Path(__file__).parents[1],
+        text=True, timeout=300, env=env, cwd=Path(__file__).parents[2],
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])

@@ -168,3 +168,20 @@ def test_one_epoch_reads_every_row_once(dataset: Path) -> None:
     source = PackedSource(dataset, "train")
     epoch = np.concatenate(list(make_loader(source, 1, seed=0, num_epochs=1)))
     assert sorted(map(bytes, epoch)) == sorted(map(bytes, source.rows()))
+
+
+def test_a_folder_is_walked_as_git_sees_it(tmp_path: Path) -> None:
+    from codegen_repl.train.data import collect_files
+
+    folder = tmp_path / "project"
+    files = ["main.py", "pkg/util.py", "notes/run.ipynb", "build/keep.py",
+             ".venv/lib/site.py", "env2/lib/site.py", ".git/hooks/x.py", "build/gen.py",
+             "data/cache.py", "pkg/secret_test.py", "deep/.gitignore"]  # fmt: skip
+    for name in files:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text("x = 1\n")
+    (folder / "env2" / "pyvenv.cfg").write_text("home = /usr/bin\n")  # a venv of any name
+    (folder / ".gitignore").write_text("build/*\n!build/keep.py\ndata/\n")
+    (folder / "pkg" / ".gitignore").write_text("*_test.py\n")
+    found = [path.relative_to(folder).as_posix() for path in collect_files([str(folder)])]
+    assert found == ["build/keep.py", "main.py", "notes/run.ipynb", "pkg/util.py"]

@@ -1,0 +1,216 @@
+"""The terminal REPL loop: read a line, let the commands act on it, never die.
+
+`Repl.handle(line)` does one input and is what the tests drive; `Repl.loop(read_line)` is the
+outer loop around a line reader (input.py). What a line does is `core.commands.Commands`' job;
+`TerminalFrontend` is how the terminal shows it (through the Renderer) and answers its questions
+(an injected `ask(question, default) -> str`, so tests script the answers).
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Console
+from rich.text import Text
+
+from codegen_repl.core.commands import Commands
+from codegen_repl.core.frontend import TextStyle, parse
+from codegen_repl.core.session import Session, Turn
+from codegen_repl.core.settings import RunMode
+from codegen_repl.errors import CodeGenError
+from codegen_repl.repl.render import CodeStream, Renderer, images_folder
+
+if TYPE_CHECKING:
+    from codegen_repl.core.decoding import Decoder
+
+Ask = Callable[[str, str], str]  # (question, text to edit) -> answer
+AskInput = Callable[[str, bool], str]  # (prompt, password) -> the line for the code's input()
+STYLES: dict[TextStyle, str] = {"plain": "", "title": "bold", "note": "dim", "warning": "yellow",
+                                "error": "bold red"}  # fmt: skip
+
+
+class TerminalFrontend:
+    """The commands' Frontend on a rich Console: text, highlighted code, outputs, questions."""
+
+    prefix = "/"
+    can_ask = True
+
+    def __init__(
+        self,
+        console: Console,
+        renderer: Renderer,
+        ask: Ask,
+        edit_text: Callable[[str], str | None],
+        ask_input: AskInput | None = None,
+    ) -> None:
+        from codegen_repl.repl import input as terminal_input
+
+        self.console, self.renderer = console, renderer
+        self._ask, self._edit_text = ask, edit_text
+        self._ask_input = ask_input or terminal_input.plain_input
+
+    def show_text(self, text: str, style: TextStyle = "plain") -> None:
+        self.renderer.finish()
+        self.console.print(Text(text, style=STYLES[style]))
+
+    def show_code(self, code: str) -> None:
+        self.renderer.finish()
+        self.console.print(self.renderer.code_view(code))
+
+    def live_code(self) -> CodeStream:
+        self.renderer.finish()
+        return CodeStream(self.console, self.renderer)
+
+    def begin_turn(self, number: int) -> None:
+        self.renderer.begin_turn(number)
+
+    def output(self, output: dict[str, Any]) -> None:
+        self.renderer.output(output)
+
+    def ask(self, question: str, default: str = "") -> str:
+        self.renderer.finish()
+        return self._ask(question, default)
+
+    def edit_code(self, code: str) -> str | None:
+        return self._edit_text(code)
+
+    def session_opened(self, session: Session) -> None:
+        self.renderer.images = images_folder(session.path)
+
+    def progress(self, text: str) -> None:
+        self.renderer.progress(text)
+
+    def ask_input(self, prompt: str, password: bool) -> str:
+        self.renderer.finish()
+        return self._ask_input(prompt, password)
+
+
+class Repl:
+    """One session in a terminal.
+
+    Args:
+        session: the session to drive (replaced by /load, /reset and /mtpb).
+        console: where everything is shown.
+        run_mode: "ask" (confirm each generated snippet), "auto" or "never".
+        ask: answers the run question and edits code inline (default: `input()`).
+        edit_text: opens code in an editor and returns the new text (None: cancelled).
+        model_name: shown in the toolbar.
+        load_decoder: loads a model by folder or hub id, for /model.
+        renderer: shows code and outputs (default: one on `console`, images beside the session).
+        mtpb_problems: a local copy of MTPB for /mtpb (None: the cached, checked one).
+        ask_input: answers the code's `input()` (default: `input()`, or getpass for passwords).
+    """
+
+    def __init__(
+        self,
+        session: Session,
+        console: Console,
+        run_mode: str = "ask",
+        ask: Ask | None = None,
+        edit_text: Callable[[str], str | None] | None = None,
+        model_name: str = "",
+        load_decoder: Callable[[str], Decoder] | None = None,
+        renderer: Renderer | None = None,
+        mtpb_problems: Path | None = None,
+        ask_input: AskInput | None = None,
+    ) -> None:
+        from codegen_repl.repl import input as terminal_input
+
+        self.console = console
+        self.renderer = renderer or Renderer(console, images_folder(session.path))
+        self.frontend = TerminalFrontend(
+            console, self.renderer, ask or terminal_input.plain_ask,
+            edit_text or terminal_input.editor_edit, ask_input,
+        )  # fmt: skip
+        self.commands = Commands(
+            session, self.frontend, run_mode, model_name, load_decoder, Path.cwd(), mtpb_problems
+        )
+        self._counted: tuple[str, int] = ("", 0)
+
+    @property
+    def session(self) -> Session:
+        return self.commands.session
+
+    @property
+    def run_mode(self) -> RunMode:
+        return self.commands.run_mode
+
+    @property
+    def model_name(self) -> str:
+        return self.commands.model_name
+
+    @property
+    def load_decoder(self) -> Callable[[str], Decoder]:
+        return self.commands.load_decoder
+
+    @load_decoder.setter
+    def load_decoder(self, load: Callable[[str], Decoder]) -> None:
+        self.commands.load_decoder = load
+
+    @property
+    def mtpb_problems(self) -> Path | None:
+        return self.commands.mtpb_problems
+
+    @mtpb_problems.setter
+    def mtpb_problems(self, path: Path | None) -> None:
+        self.commands.mtpb_problems = path
+
+    def loop(self, read_line: Callable[[], str]) -> None:
+        """Read and handle lines until /exit or the end of input (Ctrl-D)."""
+        while True:
+            try:
+                line = read_line()
+            except KeyboardInterrupt:  # at the prompt: the line is cleared, nothing else
+                continue
+            except EOFError:
+                break
+            if not self.handle(line):
+                break
+        self.renderer.finish()
+        path = self.session.save()
+        if path is None:
+            self.console.print("bye (this session has no file)")
+            return
+        resume = f"resume it with: codegen-repl --session {shlex.quote(str(path))}"
+        self.console.print(Text(f"saved {path}"), soft_wrap=True)  # paths are copied whole
+        self.console.print(Text(resume, style="dim"), soft_wrap=True)
+
+    def handle(self, line: str) -> bool:
+        """Act on one input line; False when the REPL should end. Never raises."""
+        command = parse(line)
+        if command.name == "exit":
+            return False
+        try:
+            self.commands.run(command)
+        except CodeGenError as error:
+            self.frontend.show_text(f"error: {error}", "error")
+        except KeyboardInterrupt:
+            self.frontend.show_text("interrupted", "warning")
+        except Exception as bug:  # a bug must not cost the user the session
+            self.frontend.show_text(f"internal error: {type(bug).__name__}: {bug}", "error")
+        finally:
+            self.renderer.finish()
+        return True
+
+    def show_turns(self, turns: list[Turn], first: int, compact: bool = False) -> None:
+        """Recorded turns, numbered from `first` (on resume: 1, `compact`)."""
+        self.commands.show_turns(turns, first, compact)
+
+    def toolbar(self) -> str:
+        used, window = self.context_tokens(), self.session.decoder.max_context
+        kernel = "up" if self.session.executor.alive else "down"
+        count = len(self.session.turns)
+        turns = f"{count} turn" if count == 1 else f"{count} turns"
+        return (
+            f" {self.model_name} · context {used}/{window} tokens · run {self.run_mode}"
+            f" · kernel {kernel} · {turns} "
+        )
+
+    def context_tokens(self) -> int:
+        program = self.session.program()
+        if self._counted[0] != program:  # the toolbar asks often; tokenize only on change
+            self._counted = (program, self.session.decoder.count_tokens(program))
+        return self._counted[1]
