@@ -77,7 +77,7 @@ class UserConfig:
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
             if value is not None:
-                lines.append(f"{field.name} = {_toml_value(value)}")
+                lines.append(f"{field.name} = {toml_value(value)}")
         return "\n".join(lines) + ("\n" if lines else "")
 
 
@@ -105,8 +105,11 @@ def _checked(values: dict[str, Any]) -> dict[str, Any]:
     return values
 
 
-def _toml_value(value: object) -> str:
+def toml_value(value: object) -> str:
+    """`value` written as a TOML value (a basic string, a number, a bool)."""
     if isinstance(value, str):
         escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
         return f'"{escaped}"'
+    if isinstance(value, bool):
+        return "true" if value else "false"
     return repr(value)

@@ -28,7 +28,8 @@ from traitlets import Bool, Float, Unicode
 
 from codegen_repl import __version__
 from codegen_repl.core.executor import ShellRequest
-from codegen_repl.core.session import SessionSettings, new_session_path
+from codegen_repl.core.notebook import new_session_path
+from codegen_repl.core.session import SessionSettings
 from codegen_repl.errors import CodeGenError, ConfigError
 from codegen_repl.kernel.cells import Cell, CodeView, magic_completions, parse_cell
 from codegen_repl.kernel.display import CODE_METADATA, code_bundle

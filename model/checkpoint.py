@@ -161,14 +161,27 @@ def find_weights(path: Path, required: bool = True) -> list[Path]:
 
 
 def read_index(index: Path) -> list[str]:
+    """The shard files an HF index (`*.index.json`: {"weight_map": {tensor: file}}) names.
+
+    Raises:
+        CheckpointError: the index is not that shape, names a file outside its own folder (a
+            shard is always a plain file name beside the index), or a shard is missing.
+    """
     try:
         weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        shards = sorted(set(weight_map.values()))
+        names = list(weight_map.values())
     except (json.JSONDecodeError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
         raise CheckpointError(
             f"{index} is not a valid index (a JSON object with a 'weight_map'); "
             "download the checkpoint again"
         ) from None
+    for name in names:
+        if not isinstance(name, str) or Path(name).name != name or name in (".", ".."):
+            raise CheckpointError(
+                f"{index} names the shard {name!r}, which is not a file name beside it; "
+                "download the checkpoint again"
+            )
+    shards = sorted(set(names))
     missing = [name for name in shards if not (index.parent / name).exists()]
     if missing:
         raise CheckpointError(f"{index.name} lists shards that are missing: {', '.join(missing)}")

@@ -15,6 +15,7 @@ from codegen_repl.errors import ConfigError
 GREEDY_BELOW = 1e-5
 MAX_TEMPERATURE = 2.0  # OpenAI's limit, which the server enforces: the same limit in-process
 TOP_K_OFF = 2**31 - 1  # at or above this (int32's largest), top_k is off whatever the vocabulary
+MAX_SEED = 2**31 - 1  # the largest seed (a 32-bit signed integer)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +74,8 @@ class SampleParams:
             raise ConfigError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if self.n < 1:
             raise ConfigError(f"n must be >= 1, got {self.n}")
+        if not 0 <= self.seed <= MAX_SEED:  # what a JAX key and the server's API both take
+            raise ConfigError(f"seed must be in [0, {MAX_SEED}], got {self.seed}")
         if self.top_k >= TOP_K_OFF:
             object.__setattr__(self, "top_k", 0)
         if self.temperature < GREEDY_BELOW:

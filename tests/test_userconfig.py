@@ -88,9 +88,10 @@ def test_config_commands(tmp_path: Path) -> None:
     assert again.returncode == 2 and "--force" in again.stderr
     config.write_text("run = 'auto'\n")
     shown = run("config", "show", config=config).stdout
-    assert "run = 'auto'  # config.toml" in shown
-    assert "model = 'Salesforce/codegen-350M-mono'  # default" in shown
-    assert "temperature = 0.2  # default" in shown and "dtype = None  # default" in shown
+    assert 'run = "auto"  # config.toml' in shown
+    assert 'model = "Salesforce/codegen-350M-mono"  # default' in shown
+    assert "temperature = 0.2  # default" in shown and "# dtype = (not set)  # default" in shown
+    tomllib.loads(shown)  # what it prints is valid TOML
     config.write_text("run = 'often'\n")
     broken = run("config", "show", config=config)
     assert broken.returncode == 2 and "run must be one of" in broken.stderr

@@ -153,6 +153,7 @@ def config_show() -> None:
     """Print the settings in effect, each with where it comes from (config.toml or default)."""
     import dataclasses
 
+    from codegen_repl import userconfig
     from codegen_repl.core.settings import resolve
     from codegen_repl.userconfig import UserConfig
 
@@ -161,7 +162,11 @@ def config_show() -> None:
     settings = resolve(config.overrides())
     for field in dataclasses.fields(config):
         source = "default" if getattr(config, field.name) is None else "config.toml"
-        typer.echo(f"{field.name} = {getattr(settings, field.name)!r}  # {source}")
+        value = getattr(settings, field.name)
+        if value is None:  # TOML has no null: show the line commented out
+            typer.echo(f"# {field.name} = (not set)  # {source}")
+        else:
+            typer.echo(f"{field.name} = {userconfig.toml_value(value)}  # {source}")
 
 
 @config_app.command("init")

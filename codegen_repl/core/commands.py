@@ -30,8 +30,9 @@ from codegen_repl.core.frontend import (
     parse_turn_number,
     unknown_text,
 )
+from codegen_repl.core.notebook import new_session_path, written_here
 from codegen_repl.core.outputs import compact_outputs
-from codegen_repl.core.session import RunChoice, Session, Turn, new_session_path, written_here
+from codegen_repl.core.session import RunChoice, Session, Turn
 from codegen_repl.core.settings import RunMode, apply_setting, run_mode_of
 from codegen_repl.errors import CheckpointError, CodeGenError, ConfigError
 

@@ -16,116 +16,39 @@ export); it stays in the notebook, marked, and `run_turn(N)` runs it on request.
 from __future__ import annotations
 
 import dataclasses
-import glob
-import os
-import re
-import stat
-import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from datetime import datetime
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal, cast, get_args
+from typing import Literal
 
 import nbformat
 
-from codegen_repl.core.context import TurnText, fit_context
+from codegen_repl.core.context import fit_context
 from codegen_repl.core.decoding import Decoder
 from codegen_repl.core.executor import Executor, RunResult
 from codegen_repl.core.interrupts import held_interrupts, interrupts_call
+from codegen_repl.core.notebook import (
+    NOT_RUN,
+    NOTEBOOK_KEY,
+    SAVE_SUFFIXES,
+    SessionSettings,
+    Turn,
+    TurnStatus,
+    notebook_of,
+    remove_stale_temps,
+    turns_from_cells,
+    write_atomically,
+)
 from codegen_repl.core.outputs import InputCallback
-from codegen_repl.core.settings import DEFAULT_PREFIX, DEFAULT_SAMPLE, DEFAULT_TIMEOUT_S
 from codegen_repl.errors import CodeGenError, ConfigError
-from codegen_repl.model.sample_params import SampleParams
 
 TextCallback = Callable[[str], None]
 ProgressCallback = Callable[[str], None]  # "replaying 3/11: turn 4", as long work goes on
 OutputCallback = Callable[[dict], None]
-NOTEBOOK_KEY = "codegen"  # our key in notebook and cell metadata
-# What became of a turn's code: the executor's statuses ("ok" ... "died"), "skipped" (shown only,
-# run=never: still part of the program), "declined" (the user said no: not part of the program),
-# "pending" (not decided yet).
-TurnStatus = Literal[
-    "ok", "error", "interrupted", "timeout", "died", "skipped", "declined", "pending"
-]
-TURN_STATUSES: tuple[TurnStatus, ...] = get_args(TurnStatus)
 # What to do with a new turn's code: run it, keep it without running it, or decline it.
 # (True and False, as older callers pass them, mean "run" and "skip".)
 RunChoice = Literal["run", "skip", "decline"]
-NOT_RUN: tuple[TurnStatus, ...] = ("skipped", "declined", "pending")
-DECLINED_TAG = "codegen-declined"  # the notebook tag of a declined turn's code cell
-DECLINED_NOTE = "(declined: this code was not run and is not part of the program)"
-SAVE_SUFFIXES = (".ipynb", ".py")  # a session as a notebook, or its program
-
-
-@dataclasses.dataclass(frozen=True)
-class SessionSettings:
-    """How a session samples and runs code.
-
-    Args:
-        prefix: text before the first turn (MTPB's imports by default; "" for none).
-        sample: sampling settings; CodeGen's truncation rules are always applied to steps.
-        timeout: seconds a turn's code may run before it is interrupted (None: no limit).
-    """
-
-    prefix: str = DEFAULT_PREFIX
-    sample: SampleParams = dataclasses.field(default_factory=lambda: DEFAULT_SAMPLE)
-    timeout: float | None = DEFAULT_TIMEOUT_S
-
-    def __post_init__(self) -> None:
-        if self.timeout is not None and self.timeout <= 0:
-            raise ConfigError(
-                f"timeout must be a positive number of seconds or None, got {self.timeout}"
-            )
-
-    def to_json(self) -> dict[str, Any]:
-        return {"prefix": self.prefix, "sample": dataclasses.asdict(self.sample),
-                "timeout": self.timeout}  # fmt: skip
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> SessionSettings:
-        sample = dict(data.get("sample", {}))
-        sample["stop"] = tuple(sample.get("stop", ()))
-        return cls(
-            prefix=data.get("prefix", DEFAULT_PREFIX),
-            sample=SampleParams(**sample),
-            timeout=data.get("timeout", DEFAULT_TIMEOUT_S),
-        )
-
-
-@dataclasses.dataclass
-class Turn:
-    """One step and its code, or (step None) code the user wrote."""
-
-    step: str | None
-    code: str
-    outputs: list[dict] = dataclasses.field(default_factory=list)
-    status: TurnStatus = "pending"
-    execution_count: int | None = None
-    sample: dict[str, Any] = dataclasses.field(default_factory=dict)
-    timings: dict[str, float] = dataclasses.field(default_factory=dict)
-    message: str = ""  # what the executor had to say (a restart, a replay)
-
-    @property
-    def text(self) -> TurnText:
-        return TurnText(self.step, self.code)
-
-    @property
-    def in_program(self) -> bool:
-        """Whether the turn is part of the program (every turn but a declined one)."""
-        return self.status != "declined"
-
-    @property
-    def title(self) -> str:
-        return self.step if self.step is not None else "your code"
-
-    def record(self, result: RunResult) -> None:
-        self.outputs = list(result.outputs)
-        self.status = _turn_status(result.status)
-        self.execution_count = result.execution_count
-        self.timings["run_s"] = round(result.duration_s, 4)
-        self.message = result.message
 
 
 class Session:
@@ -381,25 +304,7 @@ class Session:
     # ------------------------------------------------------------------------- persistence
 
     def to_notebook(self) -> nbformat.NotebookNode:
-        cells = []
-        for turn in self.turns:
-            if turn.step is not None:
-                cells.append(nbformat.v4.new_markdown_cell(_step_markdown(turn)))
-            meta = {"step": turn.step, "status": turn.status, "sample": turn.sample,
-                    "timings": turn.timings, "message": turn.message}  # fmt: skip
-            metadata: dict[str, Any] = {NOTEBOOK_KEY: meta}
-            if not turn.in_program:
-                metadata["tags"] = [DECLINED_TAG]
-            cell = nbformat.v4.new_code_cell(turn.code, metadata=metadata)
-            cell.outputs = [nbformat.from_dict(output) for output in turn.outputs]
-            cell.execution_count = turn.execution_count
-            cells.append(cell)
-        metadata = {
-            "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
-            "language_info": {"name": "python"},
-            NOTEBOOK_KEY: {"settings": self.settings.to_json()},
-        }
-        return nbformat.v4.new_notebook(cells=cells, metadata=metadata)
+        return notebook_of(self.turns, self.settings)
 
     def save(self, path: Path | None = None) -> Path | None:
         """Write the notebook atomically; `.py` paths get the program instead. Any other suffix
@@ -440,25 +345,24 @@ class Session:
             ) from None
         except Exception as bad:  # nbformat raises several kinds for a broken file
             raise CodeGenError(f"{path} is not a readable notebook ({bad})") from None
-        meta = notebook.metadata.get(NOTEBOOK_KEY, {})
-        settings = SessionSettings.from_json(meta.get("settings", {}))
+        try:
+            meta = notebook.metadata.get(NOTEBOOK_KEY, {})
+            if not isinstance(meta, dict):
+                raise ConfigError(f"its {NOTEBOOK_KEY!r} metadata is {meta!r}, not an object")
+            settings = SessionSettings.from_json(meta.get("settings", {}))
+            turns = list(turns_from_cells(notebook.cells))
+        except CodeGenError as bad:
+            raise ConfigError(
+                f"{path} holds session data this tool cannot read ({bad}); fix or delete its "
+                f'"{NOTEBOOK_KEY}" metadata, or start a new session'
+            ) from None
         session = cls(decoder, executor, new_path or path, settings)
-        session.turns = list(turns_from_cells(notebook.cells))
+        session.turns = turns
         session.on_progress = on_progress
         session.notice, session.missing = session._rebuild_kernel(session.turns)
         if new_path is not None:
             session.save()
         return session
-
-
-def written_here(path: Path) -> bool:
-    """Whether `path` is a session notebook this tool wrote (our metadata key); a missing or
-    unreadable file counts as ours (opening it says what is wrong)."""
-    try:
-        notebook = nbformat.read(str(path), as_version=4)
-    except Exception:
-        return True
-    return NOTEBOOK_KEY in notebook.metadata
 
 
 def _lacking(replay: list[tuple[int, Turn]], why: str) -> tuple[str, tuple[int, ...]]:
@@ -472,87 +376,3 @@ def _numbers(numbers: Sequence[int]) -> str:
 
 def _count(number: int, noun: str) -> str:
     return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
-
-
-def new_session_path(folder: Path, now: Callable[[], datetime] = datetime.now) -> Path:
-    """A fresh `session-<date>-<time>.ipynb` in `folder` (never an existing file)."""
-    stem = now().strftime("session-%Y%m%d-%H%M%S")
-    path, number = folder / f"{stem}.ipynb", 1
-    while path.exists():
-        number += 1
-        path = folder / f"{stem}-{number}.ipynb"
-    return path
-
-
-def _step_markdown(turn: Turn) -> str:
-    """A step's markdown cell; a declined step says so (the code cell below it is not run)."""
-    assert turn.step is not None
-    if turn.in_program:
-        return turn.step
-    return f"{turn.step}\n\n*{DECLINED_NOTE}*"
-
-
-def _turn_status(value: str) -> TurnStatus:
-    if value not in TURN_STATUSES:
-        raise CodeGenError(f"unknown turn status {value!r}; expected one of {TURN_STATUSES}")
-    return cast(TurnStatus, value)
-
-
-def turns_from_cells(cells: list[Any]) -> Iterator[Turn]:
-    for cell in cells:
-        if cell.cell_type != "code":
-            continue
-        meta = cell.metadata.get(NOTEBOOK_KEY, {})
-        yield Turn(
-            step=meta.get("step"),
-            code=cell.source,
-            outputs=[dict(output) for output in cell.outputs],
-            status=_turn_status(meta.get("status", "ok")),
-            execution_count=cell.execution_count,
-            sample=dict(meta.get("sample", {})),
-            timings=dict(meta.get("timings", {})),
-            message=meta.get("message", ""),
-        )
-
-
-def remove_stale_temps(path: Path) -> None:
-    """Remove the temp files of `write_atomically` (`.<name>.XXXXXXXX`) that a writer killed
-    mid-save left beside `path`."""
-    pattern = re.compile(rf"\.{re.escape(path.name)}\.[a-z0-9_]{{8}}")  # as tempfile names
-    for temp in path.parent.glob(f".{glob.escape(path.name)}.*"):
-        if pattern.fullmatch(temp.name):
-            temp.unlink(missing_ok=True)
-
-
-def file_mode(path: Path) -> int:
-    """The permission bits for writing `path`: an existing file's own, else what `open` would
-    give a new file (0666 less the umask), as for any other file the user writes."""
-    try:
-        return stat.S_IMODE(path.stat().st_mode)
-    except OSError:
-        pass
-    umask = os.umask(0o022)  # read it (it can only be read by setting it) ...
-    os.umask(umask)  # ... and put it back
-    return 0o666 & ~umask
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Temp file in the same folder (with the mode of `file_mode`), fsync, rename over the
-    target, fsync the folder."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.fchmod(handle, file_mode(path))  # mkstemp's 0600 would ignore the umask
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            file.write(text)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)

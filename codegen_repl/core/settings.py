@@ -12,6 +12,7 @@ Nothing here imports JAX or a front-end library.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, get_args
 
@@ -228,9 +229,12 @@ def run_mode_of(value: str) -> RunMode:
 
 def _number(key: str, value: str, kind: type[int] | type[float]) -> int | float:
     try:
-        return kind(value)
+        number = kind(value)
     except ValueError:
         raise ConfigError(f"{key} must be a {kind.__name__}, got {value!r}") from None
+    if not math.isfinite(number):
+        raise ConfigError(f"{key} must be a finite number, got {value!r}")
+    return number
 
 
 def _either(value: T | None, default: T) -> T:

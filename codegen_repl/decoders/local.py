@@ -99,6 +99,11 @@ def load_for_decoding(
     if compilation_cache is not None:
         enable_compilation_cache(compilation_cache)
     dtype = dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
+    if dtype == "float16" and jax.default_backend() == "cpu":
+        raise ConfigError(
+            "float16 cannot run on the CPU (XLA has no float16 matrix products there); "
+            "use --dtype float32 or bfloat16, or run on a GPU"
+        )
     loaded = load_model(model, dtype=dtype, revision=revision, cache_dir=cache_dir)
     tokenizer = CodeGenTokenizer.from_dir(loaded.path)
     ready = DecodingModel.create(loaded.config, loaded.params, tokenizer, int8=int8)

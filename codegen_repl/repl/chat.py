@@ -6,7 +6,7 @@ terminal's reader and answers (input.py) and renderer (render.py).
 from __future__ import annotations
 
 import dataclasses
-import os
+import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -16,10 +16,17 @@ from rich.console import Console
 from rich.text import Text
 
 from codegen_repl.core.commands import missing_text
-from codegen_repl.core.session import Session, SessionSettings, new_session_path, written_here
-from codegen_repl.core.settings import apply_setting
+from codegen_repl.core.notebook import new_session_path, written_here
+from codegen_repl.core.session import Session, SessionSettings
+from codegen_repl.core.settings import (
+    DEFAULT_IMAGES,
+    DEFAULT_RUN_MODE,
+    DEFAULT_THEME,
+    apply_setting,
+)
+from codegen_repl.paths import data_dir
 from codegen_repl.repl.loop import Repl
-from codegen_repl.repl.render import THEME, Renderer, images_folder
+from codegen_repl.repl.render import Renderer, images_folder
 
 if TYPE_CHECKING:
     from codegen_repl.core.decoding import Decoder
@@ -36,14 +43,14 @@ class ChatOptions:
     server: str | None = None
     api_key: str | None = None
     session: Path | None = None
-    run_mode: str = "ask"
+    run_mode: str = DEFAULT_RUN_MODE
     temperature: float | None = None
     top_p: float | None = None
     max_new_tokens: int | None = None
     prefix: str | None = None
     dtype: str | None = None
-    theme: str = THEME
-    images: str = "auto"
+    theme: str = DEFAULT_THEME
+    images: str = DEFAULT_IMAGES
     context_window: int | None = None  # a server's, where it does not report one
 
     def __post_init__(self) -> None:
@@ -59,6 +66,11 @@ class ChatOptions:
             context_window=self.context_window,
         )  # fmt: skip
 
+    def resume_options(self) -> str:
+        """`--model M` and/or `--server URL`: what the resume command needs to find the model."""
+        named = [("--server", self.server), ("--model", self.model)]
+        return " ".join(f"{flag} {shlex.quote(value)}" for flag, value in named if value)
+
     def apply(self, settings: SessionSettings) -> SessionSettings:
         given = {"temperature": self.temperature, "top_p": self.top_p,
                  "max_new_tokens": self.max_new_tokens}  # fmt: skip
@@ -70,8 +82,7 @@ class ChatOptions:
 
 def history_path() -> Path:
     """The input history file, in the user's data folder."""
-    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
-    return Path(os.environ.get("CODEGEN_REPL_DATA", Path(base) / "codegen-repl")) / "history"
+    return data_dir() / "history"
 
 
 def run_chat(options: ChatOptions, console: Console | None = None) -> int:
@@ -110,6 +121,7 @@ def run_chat(options: ChatOptions, console: Console | None = None) -> int:
             model_name=options.model or str(getattr(decoder, "model", "")),
             load_decoder=options.open_decoder, renderer=renderer,
             ask_input=terminal_input.prompt_input if interactive else None,
+            resume_options=options.resume_options(),
         )  # fmt: skip
         if resumed:
             repl.show_turns(session.turns, 1, compact=True)

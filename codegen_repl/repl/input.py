@@ -12,6 +12,7 @@ from prompt_toolkit.document import Document
 
 from codegen_repl.core.frontend import commands_for
 from codegen_repl.core.settings import RUN_MODES, SET_KEYS
+from codegen_repl.errors import ConfigError
 
 PROMPT = ">>> "
 
@@ -161,7 +162,17 @@ def prompt_input(prompt: str, password: bool = False) -> str:
 
 
 def editor_edit(code: str) -> str | None:
-    """`code` in $EDITOR (None: closed without saving)."""
+    """`code` in $EDITOR (None: closed without saving).
+
+    Raises:
+        ConfigError: the editor could not be started (e.g. $EDITOR names no program).
+    """
     import click
 
-    return click.edit(code, extension=".py")
+    try:
+        return click.edit(code, extension=".py")
+    except click.ClickException as failed:
+        raise ConfigError(
+            f"{failed.message}; set $EDITOR to an editor, or give the new code on the lines "
+            "after /edit N"
+        ) from None

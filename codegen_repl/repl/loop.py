@@ -102,6 +102,8 @@ class Repl:
         renderer: shows code and outputs (default: one on `console`, images beside the session).
         mtpb_problems: a local copy of MTPB for /mtpb (None: the cached, checked one).
         ask_input: answers the code's `input()` (default: `input()`, or getpass for passwords).
+        resume_options: the options that name the model (`--model M`, `--server URL`), for the
+            command that resumes the session, printed at the end.
     """
 
     def __init__(
@@ -116,9 +118,11 @@ class Repl:
         renderer: Renderer | None = None,
         mtpb_problems: Path | None = None,
         ask_input: AskInput | None = None,
+        resume_options: str = "",
     ) -> None:
         from codegen_repl.repl import input as terminal_input
 
+        self.resume_options = resume_options
         self.console = console
         self.renderer = renderer or Renderer(console, images_folder(session.path))
         self.frontend = TerminalFrontend(
@@ -174,7 +178,8 @@ class Repl:
         if path is None:
             self.console.print("bye (this session has no file)")
             return
-        resume = f"resume it with: codegen-repl --session {shlex.quote(str(path))}"
+        options = f"{self.resume_options} " if self.resume_options else ""
+        resume = f"resume it with: codegen-repl {options}--session {shlex.quote(str(path))}"
         self.console.print(Text(f"saved {path}"), soft_wrap=True)  # paths are copied whole
         self.console.print(Text(resume, style="dim"), soft_wrap=True)
 

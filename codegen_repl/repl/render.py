@@ -26,15 +26,15 @@ from rich.syntax import Syntax
 from rich.text import Text
 
 from codegen_repl.core.outputs import left_out_line, terminal_line
+from codegen_repl.core.settings import DEFAULT_THEME
 
-THEME = "monokai"
 HEAD_LINES, TAIL_LINES = 40, 20  # of a run's output shown in the terminal
 _TAG = re.compile(r"<[^>]+>")
 _BLOCK_END = re.compile(r"</(tr|p|div|h\d|li|table|thead|tbody)>|<br\s*/?>", re.IGNORECASE)
 _CELL_END = re.compile(r"</t[dh]>", re.IGNORECASE)
 
 
-def code_view(code: str, theme: str = THEME) -> Syntax:
+def code_view(code: str, theme: str = DEFAULT_THEME) -> Syntax:
     """Python source, highlighted with a pygments style."""
     return Syntax(code, "python", theme=theme, background_color="default", word_wrap=True)
 
@@ -68,7 +68,7 @@ class Renderer:
         self,
         console: Console,
         images: Path | None = None,
-        theme: str = THEME,
+        theme: str = DEFAULT_THEME,
         show_images: str = "auto",
         head: int = HEAD_LINES,
         tail: int = TAIL_LINES,

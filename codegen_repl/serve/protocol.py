@@ -18,13 +18,12 @@ from typing import TYPE_CHECKING, Any
 
 from starlette.responses import JSONResponse
 
-from codegen_repl.model.sample_params import SampleParams
+from codegen_repl.model.sample_params import MAX_SEED, SampleParams
 
 if TYPE_CHECKING:
     from codegen_repl.serve.engine import Engine
 
 MAX_STOP = 16  # stop strings per request
-MAX_SEED = 2**31 - 1
 MAX_JSON_DEPTH = 32  # OpenAI's bodies nest 3 deep; deeper ones only exhaust the parser's stack
 
 

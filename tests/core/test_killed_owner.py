@@ -19,12 +19,12 @@ KILLED_WHILE_SAVING = textwrap.dedent(
     import os, signal, sys
     from pathlib import Path
     import nbformat
-    from codegen_repl.core import session
+    from codegen_repl.core import notebook
 
     path = Path(sys.argv[1])
-    session.write_atomically(path, nbformat.writes(nbformat.v4.new_notebook()))
+    notebook.write_atomically(path, nbformat.writes(nbformat.v4.new_notebook()))
     os.fsync = lambda fd: os.kill(os.getpid(), signal.SIGKILL)
-    session.write_atomically(path, "a second save, never finished")
+    notebook.write_atomically(path, "a second save, never finished")
     """
 )
 

@@ -3,6 +3,7 @@ in the end-to-end test, which uses a tiny real checkpoint."""
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import subprocess
@@ -317,3 +318,33 @@ def test_files_are_written_with_the_users_umask(tmp_path, executor) -> None:
         assert stat.S_IMODE((tmp_path / "s.ipynb").stat().st_mode) == 0o640
     finally:
         os.umask(previous)
+
+
+@pytest.mark.parametrize(
+    "metadata",
+    [
+        {"codegen": "x"},
+        {"codegen": {"settings": [1]}},
+        {"codegen": {"settings": {"timeout": "abc"}}},
+        {"codegen": {"settings": {"timeout": float("nan")}}},
+        {"codegen": {"settings": {"sample": "x"}}},
+        {"codegen": {"settings": {"sample": {"bogus": 1}}}},
+        {"codegen": {"settings": {"sample": {"stop": 5}}}},
+        {"codegen": {"settings": {"sample": {"temperature": "hot"}}}},
+    ],
+)
+def test_damaged_session_metadata_is_one_clear_error(tmp_path, metadata) -> None:
+    path = tmp_path / "damaged.ipynb"
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("x = 1")])
+    notebook.metadata.update(metadata)
+    path.write_text(json.dumps(notebook))  # as a hand edit would leave it (NaN included)
+    with pytest.raises(ConfigError, match=r"holds session data this tool cannot read"):
+        Session.open(path, ScriptedDecoder(), None)  # type: ignore[arg-type]
+
+
+def test_damaged_cell_metadata_is_one_clear_error(tmp_path) -> None:
+    path = tmp_path / "damaged.ipynb"
+    cell = nbformat.v4.new_code_cell("x = 1", metadata={"codegen": {"step": 5}})
+    nbformat.write(nbformat.v4.new_notebook(cells=[cell], metadata={"codegen": {}}), path)
+    with pytest.raises(ConfigError, match=r"cell 1's metadata .* is not readable"):
+        Session.open(path, ScriptedDecoder(), None)  # type: ignore[arg-type]

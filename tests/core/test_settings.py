@@ -95,3 +95,17 @@ def test_set_changes_one_setting_and_says_what_is_allowed() -> None:
         apply_setting(settings, "ask", "max_new_tokens=many")
     with pytest.raises(ConfigError, match=r"top_p must be in \(0, 1\]"):
         apply_setting(settings, "ask", "top_p=2")
+
+
+@pytest.mark.parametrize("assignment", ["timeout=nan", "timeout=inf", "temperature=nan"])
+def test_set_refuses_numbers_that_are_not_finite(assignment: str) -> None:
+    with pytest.raises(ConfigError, match=r"must be a finite number"):
+        apply_setting(SessionSettings(), "ask", assignment)
+
+
+@pytest.mark.parametrize("seed", [-1, 2**31, 99999999999999999999])
+def test_a_seed_outside_what_jax_and_the_server_take_is_refused(seed: int) -> None:
+    from codegen_repl.model.sample_params import SampleParams
+
+    with pytest.raises(ConfigError, match=r"seed must be in \[0, 2147483647\]"):
+        SampleParams(seed=seed)

@@ -191,3 +191,11 @@ def test_context_overflow_is_a_clear_error(decoder) -> None:
 def test_model_logits_fn_is_shared_per_model(decoder) -> None:
     again = CodeGen(decoder.config, dtype=decoder.dtype, param_dtype=decoder.dtype)
     assert model_logits_fn(again) is decoder.logits_fn
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the rule is about the CPU backend")
+def test_float16_on_the_cpu_is_refused_at_load(tiny_checkpoint) -> None:
+    from codegen_repl.decoders.local import load_for_decoding
+
+    with pytest.raises(ConfigError, match=r"float16 cannot run on the CPU.*bfloat16"):
+        load_for_decoding(tiny_checkpoint, dtype="float16")

@@ -258,6 +258,18 @@ def test_index_with_missing_shard(tmp_path: Path, tiny_hf) -> None:
         load_model(tmp_path)
 
 
+@pytest.mark.parametrize("shard", [5, "../other/model.safetensors", "/etc/hostname", ".."])
+def test_index_names_only_files_beside_it(tmp_path: Path, tiny_hf, shard: object) -> None:
+    tiny_hf.save_pretrained(tmp_path, max_shard_size="100KB")
+    index = tmp_path / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    first = next(iter(data["weight_map"]))
+    data["weight_map"][first] = shard
+    index.write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match=r"which is not a file name beside it"):
+        load_model(tmp_path)
+
+
 def test_bad_dtype(tiny_checkpoint) -> None:
     with pytest.raises(ValueError, match=r"dtype must be one of float32, bfloat16, float16"):
         load_model(tiny_checkpoint, dtype="int4")

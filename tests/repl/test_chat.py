@@ -24,6 +24,7 @@ from codegen_repl.core.frontend import MtpbRequest, parse, parse_edit, parse_mtp
 from codegen_repl.core.outputs import NO_INPUT_LINE
 from codegen_repl.core.session import Session, SessionSettings
 from codegen_repl.errors import ConfigError
+from codegen_repl.repl.chat import ChatOptions
 from codegen_repl.repl.input import SlashCompleter
 from codegen_repl.repl.loop import Repl
 from codegen_repl.repl.render import Renderer, html_to_text
@@ -514,6 +515,13 @@ def test_ctrl_d_says_where_the_session_is_and_how_to_resume_it(tmp_path, executo
     assert out.getvalue() == f"saved {path}\nresume it with: codegen-repl --session {path}\n"
 
 
+def test_the_resume_command_names_the_model_or_server() -> None:
+    local = ChatOptions(model="/models/my model")
+    assert local.resume_options() == "--model '/models/my model'"
+    remote = ChatOptions(model="", server="http://127.0.0.1:8000")
+    assert remote.resume_options() == "--server http://127.0.0.1:8000"
+
+
 def test_save_chooses_by_suffix_and_refuses_others(tmp_path, executor) -> None:
     repl, out = make_repl(tmp_path, executor)
     repl.handle("!x = 1")
@@ -557,7 +565,8 @@ def test_chat_asks_before_opening_a_notebook_it_did_not_write(
     assert opened.returncode == 0, opened.stderr
     assert "10\n" in opened.stdout and theirs.read_bytes() == before
     [new] = tmp_path.glob("session-*.ipynb")
-    assert f"resume it with: codegen-repl --session {new}" in opened.stdout
+    resume = f"resume it with: codegen-repl --model {chat_checkpoint} --session {new}"
+    assert resume in opened.stdout
     assert [cell.source for cell in nbformat.read(new, 4).cells] == ["z = 5", "print(z * 2)"]
 
 
@@ -571,3 +580,12 @@ def test_ctrl_c_at_an_input_prompt_interrupts_the_code(tmp_path, executor) -> No
     assert repl.handle("!x = 1\nname = input('name? ')")
     assert repl.session.turns[-1].status == "interrupted" and "[interrupted]" in out.getvalue()
     assert repl.handle("!print(x + 1)") and out.getvalue().endswith("2\n")
+
+
+def test_a_missing_editor_is_a_user_error(monkeypatch) -> None:
+    from codegen_repl.repl.input import editor_edit
+
+    monkeypatch.setenv("EDITOR", "/nonexistent-editor")
+    monkeypatch.setenv("VISUAL", "/nonexistent-editor")
+    with pytest.raises(ConfigError, match=r"set \$EDITOR to an editor"):
+        editor_edit("x = 1\n")

@@ -68,7 +68,8 @@ def test_a_session_in_a_terminal(tmp_path: Path, chat_checkpoint: Path) -> None:
     child.expect(">>>")  # Ctrl-D at the prompt (typed earlier, the terminal would drop it)
     child.sendcontrol("d")
     child.expect(f"saved {session}")
-    child.expect(styled(f"resume it with: codegen-repl --session {session}"))
+    resume = f"resume it with: codegen-repl --model {chat_checkpoint} --session {session}"
+    child.expect(styled(resume))
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
