@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from starlette.responses import JSONResponse
 
-from codegen_repl.model.sample_params import MAX_SEED, SampleParams
+from codegen_repl.model.sample_params import MAX_SEED, MAX_TEMPERATURE, TOP_K_OFF, SampleParams
 
 if TYPE_CHECKING:
     from codegen_repl.serve.engine import Engine
@@ -131,14 +131,16 @@ def parse_completion(body: object, engine: Engine) -> CompletionRequest:
     max_tokens = _integer(body, "max_tokens", 16, 1, engine.max_context)
     sample = SampleParams(
         max_new_tokens=max_tokens,
-        temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
+        temperature=_number(body, "temperature", 1.0, 0.0, MAX_TEMPERATURE),
         top_p=_number(body, "top_p", 1.0, 0.0, 1.0, open_low=True),
-        top_k=max(0, _integer(body, "top_k", 0, -1, vocab)),  # -1 is off, as in vLLM
+        # -1 is off, as in vLLM; a top_k that keeps the whole vocabulary is off (for_vocab below),
+        # as in-process (SampleParams' one rule for the edges)
+        top_k=max(0, _integer(body, "top_k", 0, -1, TOP_K_OFF)),
         n=_integer(body, "n", 1, 1, engine.settings.max_batch),
         seed=_integer(body, "seed", secrets.randbelow(MAX_SEED), 0, MAX_SEED),
         stop=_stop(body.get("stop")),
         codegen_rules=_flag(body, "codegen_truncation"),
-    )
+    ).for_vocab(vocab)
     for ids in prompts:
         _check_fits(len(ids), max_tokens, engine.max_context)
     options = body.get("stream_options") or {}

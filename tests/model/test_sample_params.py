@@ -156,6 +156,10 @@ def test_the_server_applies_the_same_rule(server: str, local) -> None:
     vocab = local.config.vocab_size
     above = SampleParams(12, temperature=1.0, top_k=vocab + 100, seed=5)
     assert texts(ask(server, temperature=1.0, top_k=vocab, seed=5)) == local.complete(PROMPT, above)
+    for top_k in (vocab + 100, TOP_K_OFF):  # above the vocabulary: off there too, not a 400
+        assert texts(ask(server, temperature=1.0, top_k=top_k, seed=5)) == local.complete(
+            PROMPT, above
+        )
     hottest = SampleParams(12, temperature=MAX_TEMPERATURE, seed=9, n=3)
     assert texts(ask(server, temperature=2.0, seed=9, n=3)) == local.complete(PROMPT, hottest)
     refused = ask(server, temperature=2.0001)
