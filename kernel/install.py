@@ -12,12 +12,12 @@ import urllib.parse
 from pathlib import Path
 from typing import Any
 
+from codegen_repl.core.settings import HUB_ID
 from codegen_repl.errors import ConfigError
 
 DEFAULT_NAME = "codegen"
 _NAME = re.compile(r"^[a-z0-9._-]+$", re.IGNORECASE)  # what jupyter_client accepts
 PLACES = ("user", "sys-prefix", "prefix")
-_HUB_ID = re.compile(r"^[\w-][\w.-]*/[\w.-]+$")  # owner/name, as the hub spells repository ids
 _HUB_CACHE = re.compile(r"models--[\w.-]+?--([\w.-]+)")  # the HF cache's folder of a repo
 # Folder names that say nothing about the model: look at the folder above instead.
 _GENERIC = re.compile(
@@ -82,24 +82,6 @@ class KernelInstall:
         return spec
 
 
-def check_model(model: str) -> None:
-    """A model the kernel can load: a checkpoint folder (with config.json) or a hub id.
-
-    Raises:
-        ConfigError: neither; the message says what to give instead.
-    """
-    path = Path(model).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ConfigError(f"{model} holds no config.json; give the checkpoint's folder")
-        return
-    if path.exists() or not _HUB_ID.match(model):
-        raise ConfigError(
-            f"{model} is neither a checkpoint folder nor a hub id like "
-            "'Salesforce/codegen-350M-mono'; check the path"
-        )
-
-
 def shown_model(model: str | None, server: str | None) -> str:
     """What the kernel's display name says it runs: `codegen-350M-mono`, `server host:port`,
     `codegen-350M-mono on host:port`."""
@@ -114,7 +96,7 @@ def _model_name(model: str) -> str:
     """A model's name: a hub id's repository, or the folder's name, skipping the folder names
     that do not say which model (`checkpoint`, `export`, step numbers, hub snapshot hashes)."""
     path = Path(model).expanduser()
-    if not path.exists() and _HUB_ID.match(model):
+    if not path.exists() and HUB_ID.match(model):
         return model.split("/")[1]
     for part in reversed(path.resolve().parts):
         hub_cache = _HUB_CACHE.fullmatch(part)

@@ -231,11 +231,19 @@ class CodeGenMagics(Magics, ModelOptions):
         if not equals or key not in names:
             raise UsageError(f"use key=value with key one of {', '.join(names)}")
         trait = self.traits()[key]
+        before = getattr(self, key)
         try:
             setattr(self, key, trait.from_string(value))
-        except (TraitError, ValueError) as error:
+            self._check_sample()
+        except (TraitError, ValueError, CodeGenError, UsageError) as error:
+            setattr(self, key, before)  # a refused value is not kept
             raise UsageError(f"{key}: {error}") from None
         print(f"{key} = {self.option(key)!r}")
+
+    def _check_sample(self) -> None:
+        """Every option as a step would use it (a bad value raises now, not at the next step)."""
+        resolved = self.resolved()
+        dataclasses.replace(resolved.sample, top_k=self.top_k, seed=self.seed)
 
     def _generate(self, step: str, options: StepOptions) -> str:
         """Stream the step's code into a display; the code, truncated by CodeGen's rules."""

@@ -35,8 +35,9 @@ def install_kernel(
 ) -> None:
     """Install the `codegen` Jupyter kernel: each cell is a step, the model writes the code."""
     from codegen_repl.cli.common import user_errors
+    from codegen_repl.core.settings import check_model
     from codegen_repl.errors import ConfigError
-    from codegen_repl.kernel.install import KernelInstall, check_model, install_kernel
+    from codegen_repl.kernel.install import KernelInstall, install_kernel
 
     with user_errors():
         if user + sys_prefix + (prefix is not None) > 1:

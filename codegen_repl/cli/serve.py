@@ -36,10 +36,12 @@ def serve(
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16; default: auto.")] = "",
     int8: Annotated[bool, typer.Option(help="Weight-only int8 quantization.")] = False,
 ) -> None:
-    """Serve the model over an OpenAI-compatible completions API (/v1/completions)."""
+    """Serve the model over an OpenAI-compatible API (/v1/completions, /v1/chat/completions)."""
     from codegen_repl.cli.common import user_errors
+    from codegen_repl.core.settings import check_model
 
     with user_errors():
+        check_model(model)  # before the server starts: a bad model is one line and status 2
         from codegen_repl.serve.app import ServerConfig, run_server
         from codegen_repl.serve.engine import EngineConfig
 
@@ -53,7 +55,7 @@ def serve(
             int8=int8,
         )
         typer.echo(
-            f"serving {model} on http://{host}:{port}/v1 (OpenAI completions); "
+            f"serving {model} on http://{host}:{port}/v1 (OpenAI completions and chat); "
             "loading the model, /health says when it is ready",
             err=True,
         )

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, get_args
 
 from codegen_repl.core.context import MTPB_PREFIX
@@ -34,6 +36,7 @@ T = TypeVar("T")
 # ----------------------------------------------------------------------------- the defaults
 
 DEFAULT_MODEL = "Salesforce/codegen-350M-mono"
+HUB_ID = re.compile(r"^[\w-][\w.-]*/[\w.-]+$")  # owner/name, as the hub spells repository ids
 DEFAULT_SAMPLE = SampleParams(max_new_tokens=128, temperature=0.2, top_p=0.95)  # MTPB's
 GENERATE_SAMPLE = dataclasses.replace(DEFAULT_SAMPLE, temperature=0.0)  # `generate`: greedy
 DEFAULT_PREFIX = MTPB_PREFIX  # the imports MTPB puts before the first turn
@@ -243,3 +246,22 @@ def _either(value: T | None, default: T) -> T:
 
 def _fields() -> tuple[dataclasses.Field[Any], ...]:
     return dataclasses.fields(Overrides)
+
+
+def check_model(model: str) -> None:
+    """A model the kernel or the server can load: a checkpoint folder (with config.json) or a
+    hub id (whether the hub has it is known only when it is downloaded).
+
+    Raises:
+        ConfigError: neither; the message says what to give instead.
+    """
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"{model} holds no config.json; give the checkpoint's folder")
+        return
+    if path.exists() or not HUB_ID.match(model):
+        raise ConfigError(
+            f"{model} is neither a checkpoint folder nor a hub id like "
+            "'Salesforce/codegen-350M-mono'; check the path"
+        )

@@ -142,3 +142,15 @@ def test_generate_ends_its_line_on_a_terminal(chat_checkpoint: Path) -> None:
                           encoding="utf-8", timeout=300)  # fmt: skip
     child.expect(pexpect.EOF)
     assert child.before == piped.stdout.replace("\n", "\r\n") + "\r\n"  # a pty writes \r\n
+
+
+@pytest.mark.parametrize("model", ["/no/such/model", "not a hub id"])
+def test_serve_checks_the_model_before_it_starts(model: str) -> None:
+    from typer.testing import CliRunner
+
+    from codegen_repl.cli.app import app
+
+    result = CliRunner().invoke(app, ["serve", "--model", model, "--port", "1"])
+    assert result.exit_code == 2, result.output
+    assert "is neither a checkpoint folder nor a hub id" in result.output
+    assert "serving" not in result.output  # nothing started

@@ -145,3 +145,11 @@ def test_options_resolve_over_config_toml_then_the_defaults(tmp_path: Path, monk
     assert (settings.temperature, settings.top_p, settings.max_new_tokens) == (0.0, 0.5, 128)
     assert settings.prefix == ""  # an empty prefix is no prefix, not "unset"
     assert ModelOptions(model="/other").settings(can_ask=True).run == "ask"
+
+
+def test_a_refused_option_is_not_kept(ipython) -> None:
+    before = run_cell(ipython, "%codegen_config").stdout()
+    for assignment in ("top_p=2", "temperature=5", "seed=-1", "top_k=-4"):
+        ran = run_cell(ipython, f"%codegen_config {assignment}")
+        assert ran.status == "error", assignment
+    assert run_cell(ipython, "%codegen_config").stdout() == before  # still usable, unchanged
