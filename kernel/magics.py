@@ -315,6 +315,8 @@ def run_in_shell(shell: Any, code: str) -> None:
     try:
         tree = ast.parse(code, filename)
         last = tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
+        # the generated code is this cell's own code: running it is the magic's job, as IPython's
+        # run_cell does (calling run_cell here would nest a second cell inside this one)
         exec(compile(tree, filename, "exec"), *namespace)
         value = None
         if isinstance(last, ast.Expr):
