@@ -27,6 +27,8 @@ class ChatByDefault(TyperGroup):
     options, or nothing), `chat` runs, and takes every option it has."""
 
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:  # ctx: typer's click Context
+        if args == ["--version"]:  # as most command lines spell it: the `version` command
+            return super().parse_args(ctx, ["version"])
         chat_options = not args or (args[0].startswith("-") and args[0] not in ("--help", "-h"))
         return super().parse_args(ctx, ["chat", *args] if chat_options else args)
 

@@ -154,3 +154,15 @@ def test_serve_checks_the_model_before_it_starts(model: str) -> None:
     assert result.exit_code == 2, result.output
     assert "is neither a checkpoint folder nor a hub id" in result.output
     assert "serving" not in result.output  # nothing started
+
+
+def test_version_as_an_option_and_as_a_module() -> None:
+    from typer.testing import CliRunner
+
+    from codegen_repl import __version__
+    from codegen_repl.cli.app import app
+
+    assert __version__ in CliRunner().invoke(app, ["--version"]).output
+    module = subprocess.run([sys.executable, "-m", "codegen_repl", "--version"],
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert module.returncode == 0 and __version__ in module.stdout, module.stderr
