@@ -13,6 +13,7 @@ from typer.core import TyperGroup
 
 from codegen_repl.cli import benchmarks as cli_benchmarks
 from codegen_repl.cli import chat as cli_chat
+from codegen_repl.cli import demo as cli_demo
 from codegen_repl.cli import kernel as cli_kernel
 from codegen_repl.cli import serve as cli_serve
 from codegen_repl.cli import train as cli_train
@@ -196,7 +197,7 @@ def version() -> None:
     typer.echo(__version__)
 
 
-for _commands in (cli_serve, cli_benchmarks, cli_kernel, cli_train):
+for _commands in (cli_serve, cli_benchmarks, cli_kernel, cli_train, cli_demo):
     _commands.register(app)
 
 
