@@ -15,7 +15,7 @@ from codegen_repl.errors import ConfigError
 GREEDY_BELOW = 1e-5
 MAX_TEMPERATURE = 2.0  # OpenAI's limit, which the server enforces: the same limit in-process
 TOP_K_OFF = 2**31 - 1  # at or above this (int32's largest), top_k is off whatever the vocabulary
-MAX_SEED = 2**31 - 1  # the largest seed (a 32-bit signed integer)
+MAX_SEED = 2**63 - 1  # the largest seed JAX's key takes (an int64)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +74,7 @@ class SampleParams:
             raise ConfigError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if self.n < 1:
             raise ConfigError(f"n must be >= 1, got {self.n}")
-        if not 0 <= self.seed <= MAX_SEED:  # what a JAX key and the server's API both take
+        if not 0 <= self.seed <= MAX_SEED:  # what a JAX key takes (the server asks for less)
             raise ConfigError(f"seed must be in [0, {MAX_SEED}], got {self.seed}")
         if self.top_k >= TOP_K_OFF:
             object.__setattr__(self, "top_k", 0)

@@ -18,11 +18,12 @@ from typing import TYPE_CHECKING, Any
 
 from starlette.responses import JSONResponse
 
-from codegen_repl.model.sample_params import MAX_SEED, MAX_TEMPERATURE, TOP_K_OFF, SampleParams
+from codegen_repl.model.sample_params import MAX_TEMPERATURE, TOP_K_OFF, SampleParams
 
 if TYPE_CHECKING:
     from codegen_repl.serve.engine import Engine
 
+MAX_SEED = 2**31 - 1  # the seeds a request may ask for (int32, as vLLM's API)
 MAX_STOP = 16  # stop strings per request
 MAX_JSON_DEPTH = 32  # OpenAI's bodies nest 3 deep; deeper ones only exhaust the parser's stack
 
