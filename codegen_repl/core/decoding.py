@@ -96,8 +96,11 @@ class SampleText:
             self._settle(self.text + piece)
 
     def _settle(self, text: str) -> None:
+        """Keep `text`, cut where a stop rule has fired (which ends the sample; EOS may have
+        ended it already)."""
         cut = self.cutter.final(text)
-        self.text, self.done = (text, False) if cut is None else (text[:cut], True)
+        self.text = text if cut is None else text[:cut]
+        self.done = self.done or cut is not None
 
     def shown(self) -> int:
         """How much of the text can be shown now: it is settled and holds whole characters."""

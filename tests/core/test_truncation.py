@@ -71,3 +71,19 @@ def test_settled_holds_back_a_possible_start() -> None:
     assert cutter.settled("a = 1\npri") == len("a = 1\n")
     assert cutter.settled("a = 1\nb") == len("a = 1\nb")
     assert cutter.settled("x <|endof") == len("x ")
+
+
+def test_eos_ends_a_sample_even_where_no_stop_rule_fires() -> None:
+    from codegen_repl.core.decoding import SampleText
+
+    class Ids:  # a tokenizer of single characters; id 0 is EOS
+        eos_token_id = 0
+
+        def decode(self, ids: list[int]) -> str:
+            return "".join(chr(i) for i in ids)
+
+    sample = SampleText(Ids(), Cutter(codegen_rules=True))  # type: ignore[arg-type]
+    sample.add([ord(c) for c in "x = 1\n\n"])
+    sample.add([0, ord("#"), ord("y")])
+    assert sample.done and sample.text == "x = 1\n\n" and sample.result() == "x = 1\n\n"
+    assert sample.take() == "x = 1\n\n" and sample.take(finished=True) == ""
