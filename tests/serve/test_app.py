@@ -382,7 +382,7 @@ def test_refuses_a_public_address_without_a_key() -> None:
     assert ServerConfig(model="m", host="0.0.0.0", api_key="k").host == "0.0.0.0"
     assert ServerConfig(model="m", host="::1").api_key is None  # loopback needs none
     result = subprocess.run(
-        [str(SCRIPT), "serve", "--model", "m", "--host", "0.0.0.0"],
+        [str(SCRIPT), "serve", "--model", "org/m", "--host", "0.0.0.0"],
         capture_output=True, text=True, timeout=120,
         env={k: v for k, v in os.environ.items() if k != "CODEGEN_API_KEY"},
     )  # fmt: skip
