@@ -391,13 +391,16 @@ def test_refuses_a_public_address_without_a_key() -> None:
 
 
 def test_serve_command_exits_when_the_model_fails_to_load(tmp_path: Path) -> None:
+    broken = tmp_path / "broken"  # passes the check before start-up, fails to load
+    broken.mkdir()
+    (broken / "config.json").write_text('{"n_embd": 64.5}')
     result = subprocess.run(
-        [str(SCRIPT), "serve", "--model", str(tmp_path / "nothing"), "--port", "0"],
+        [str(SCRIPT), "serve", "--model", str(broken), "--port", "0"],
         capture_output=True, text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"},
     )  # fmt: skip
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "error: the model failed to load" in result.stderr
-    assert "neither a folder nor a hub id" in result.stderr
+    assert "config.json lacks the required key" in result.stderr
 
 
 # ------------------------------------------------------------------------- sharding
