@@ -1,6 +1,7 @@
 """Decode benchmarks: codegen-repl's LocalDecoder side by side with its peers, JSON lines out.
 
     python bench/decode.py cpu        # 350M shape, prompt 128, 64 new, batch 1 greedy
+    python bench/decode.py cpu --impls int8,ct2-int8 --size 2B --isolate   # + peak RSS each
     python bench/decode.py gpu        # 350M b1 greedy and b8 sampled, 2B and 16B b1
     python bench/decode.py gpu --sizes tiny --peer-sizes none   # the same code path, in seconds
     python bench/decode.py multiturn  # time to first token at turn 10 / turn 1
@@ -106,20 +107,55 @@ def guarded(run: Callable[[], dict], impl: str) -> dict:
 # --------------------------------------------------------------------------------- cpu
 
 
+CPU_IMPLS = ("fp32", "int8", "bf16", "transformers", "ct2-float32", "ct2-int8", "ct2-int8_float32")
+
+
 def cpu(args: argparse.Namespace) -> None:
+    """Ours (fp32, int8 and bf16 weights) and the peers on one CPU. With --isolate each impl
+    runs in its own process, so each record also has that process's peak RSS."""
     folder = make_random_checkpoint(CHECKPOINTS / args.size, size=args.size)
-    prompt = prompt_ids(args.prompt)
     setup = {"size": args.size, "prompt": args.prompt, "new_tokens": args.new, "batch": 1}
-    for int8 in (False, True):
-        decoder = LocalDecoder.load(folder, dtype="float32", int8=int8)
-        impl = f"codegen-repl {'int8' if int8 else 'fp32'}"
-        emit(setup | bench_project(decoder, impl, prompt, SampleParams(args.new), args.repeats))
-        del decoder
-    run = functools.partial(bench_transformers, folder, prompt, args.new, repeats=args.repeats)
-    emit(setup | guarded(run, "transformers fp32"))
-    for quantization, compute in ((None, "float32"), ("int8", "int8")):
-        run = functools.partial(ctranslate2_run, args, folder, prompt, quantization, compute)
-        emit(setup | guarded(run, f"ctranslate2 {compute}"))
+    for impl in args.impls:
+        if args.isolate:
+            emit(setup | isolated(args, impl))
+            continue
+        emit(setup | cpu_impl(args, folder, impl))
+
+
+def cpu_impl(args: argparse.Namespace, folder: Path, impl: str) -> dict:
+    prompt = prompt_ids(args.prompt)
+    if impl in ("fp32", "int8", "bf16"):
+        from codegen_repl.model import cpu_matmul
+
+        dtype = "bfloat16" if impl == "bf16" else "float32"
+        decoder = LocalDecoder.load(folder, dtype=dtype, int8=impl == "int8")
+        sample = SampleParams(args.new)
+        record = bench_project(decoder, f"codegen-repl {impl}", prompt, sample, args.repeats)
+        return record | {"matmul": cpu_matmul.status()}
+    if impl == "transformers":
+        run = functools.partial(bench_transformers, folder, prompt, args.new, repeats=args.repeats)
+        return guarded(run, "transformers fp32")
+    compute = impl.removeprefix("ct2-")
+    quantization = None if compute == "float32" else compute
+    run = functools.partial(ctranslate2_run, args, folder, prompt, quantization, compute)
+    return guarded(run, f"ctranslate2 {compute}")
+
+
+def isolated(args: argparse.Namespace, impl: str) -> dict:
+    """Run one impl in a child process; its JSON record plus the child's peak RSS (MB)."""
+    command = [sys.executable, __file__, "cpu", "--size", args.size, "--prompt", str(args.prompt),
+               "--new", str(args.new), "--repeats", str(args.repeats), "--impls", impl]  # fmt: skip
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    out = child.stdout.read() if child.stdout else ""
+    _, status, usage = os.wait4(child.pid, 0)
+    child.returncode = os.waitstatus_to_exitcode(status)
+    lines = [line for line in out.splitlines() if line.startswith("{")]
+    if child.returncode != 0 or not lines:
+        return {"impl": impl, "failed": f"exit {child.returncode}"}
+    record = json.loads(lines[-1])
+    record.pop("machine", None)
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+    return record | {"peak_rss_mb": round(usage.ru_maxrss * scale / 2**20)}
 
 
 def ctranslate2_run(
@@ -360,6 +396,10 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=None)
     parser.add_argument("--new", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--impls", default=",".join(CPU_IMPLS), help=f"cpu: which to run, of {','.join(CPU_IMPLS)}"
+    )
+    parser.add_argument("--isolate", action="store_true", help="cpu: one process per impl (RSS)")
     parser.add_argument("--chunks", default="16", help="gpu: decode chunk sizes to time (b1)")
     parser.add_argument("--trace", default="", help="gpu: write a profiler trace here")
     parser.add_argument("--trace-size", default="350M")
@@ -374,6 +414,9 @@ def main() -> None:
     args.prompt = args.prompt or (512 if gpu_run else 128)
     args.new = args.new or (128 if gpu_run else 64)
     args.sizes, args.peer_sizes = args.sizes.split(","), args.peer_sizes.split(",")
+    args.impls = args.impls.split(",")
+    if unknown := set(args.impls) - set(CPU_IMPLS):
+        parser.error(f"unknown --impls {sorted(unknown)}; choose from {','.join(CPU_IMPLS)}")
     {"cpu": cpu, "gpu": gpu, "multiturn": multiturn, "coldstart": coldstart}[args.what](args)
 
 

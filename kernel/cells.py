@@ -82,8 +82,8 @@ def parse_cell(source: str) -> Cell:
         return Cell("magics", magics=tuple(parse_magic(line) for line in lines))
     if any(bangs) or any(magics):
         raise ConfigError(
-            "this cell mixes a step with `!` code or `%` magic lines; put each in its own cell "
-            "(a step; `%%python` then code, or `!` before every line of code; magic lines only)"
+            "this cell mixes a step with ! code or % magic lines; put each in its own cell "
+            "(a step; %%python then code, or ! before every line of code; magic lines only)"
         )
     return Cell("step", step=source.strip())
 

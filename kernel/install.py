@@ -1,5 +1,10 @@
 """The `codegen` kernelspec: written to a temp folder, installed by jupyter_client's
-KernelSpecManager (so `jupyter kernelspec list` and every frontend find it)."""
+KernelSpecManager (so `jupyter kernelspec list` and every frontend find it).
+
+The folder holds `kernel.json` and the logo files Jupyter looks for by name (`logo-svg.svg`,
+`logo-32x32.png`, `logo-64x64.png`: the kernelspec format, jupyter_client's "Kernel specs"
+documentation); the display name says which model the kernel runs and how big it is.
+"""
 
 from __future__ import annotations
 
@@ -93,6 +98,44 @@ def shown_model(model: str | None, server: str | None) -> str:
 
 
 def _model_name(model: str) -> str:
+    """The model's name, and for a checkpoint folder its size from its config.json (a folder's
+    name alone may say nothing of what it holds)."""
+    name = _folder_name(model)
+    config = Path(model).expanduser() / "config.json"
+    try:
+        hf = json.loads(config.read_text())
+        size = _rounded(parameter_count(hf))
+    except (OSError, ValueError, KeyError, TypeError):
+        return name
+    origin = hf.get("_name_or_path")
+    if isinstance(origin, str) and HUB_ID.match(origin) and origin.split("/")[1] != name:
+        name = f"{name} from {origin.split('/')[1]}"
+    return f"{name}, {size} parameters"
+
+
+def parameter_count(hf: dict[str, Any]) -> int:
+    """The parameter count of a CodeGen model from its HF config.json (as transformers'
+    CodeGenForCausalLM has them).
+
+    Raises:
+        KeyError, TypeError, ValueError: the config lacks n_layer, n_embd or vocab_size, or they
+            are not numbers.
+    """
+    layers, width, vocab = int(hf["n_layer"]), int(hf["n_embd"]), int(hf["vocab_size"])
+    inner = int(hf.get("n_inner") or 4 * width)
+    # per layer: LayerNorm, fused qkv and out projections (no bias), the MLP (with biases)
+    layer = 2 * width + 4 * width * width + 2 * width * inner + inner + width
+    return layers * layer + 2 * width + 2 * vocab * width + vocab  # final norm, wte, lm_head
+
+
+def _rounded(count: int) -> str:
+    """357M, 2.8B, 0.3M."""
+    if count >= 10**9:
+        return f"{count / 10**9:.1f}B"
+    return f"{count / 10**6:.0f}M" if count >= 10**8 else f"{count / 10**6:.1f}M"
+
+
+def _folder_name(model: str) -> str:
     """A model's name: a hub id's repository, or the folder's name, skipping the folder names
     that do not say which model (`checkpoint`, `export`, step numbers, hub snapshot hashes)."""
     path = Path(model).expanduser()
@@ -124,6 +167,7 @@ def install_kernel(options: KernelInstall) -> Path:
         prefix = str(options.prefix.expanduser().resolve())
     with tempfile.TemporaryDirectory() as folder:
         (Path(folder) / "kernel.json").write_text(json.dumps(options.spec(), indent=1) + "\n")
+        write_logos(Path(folder))
         try:
             installed = KernelSpecManager().install_kernel_spec(
                 folder, kernel_name=options.name, user=options.place == "user", prefix=prefix
@@ -134,3 +178,26 @@ def install_kernel(options: KernelInstall) -> Path:
                 "(--user, --sys-prefix or --prefix FOLDER)"
             ) from error
     return Path(installed)
+
+
+_LOGO_SVG = """<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 64 64">
+<rect width="64" height="64" rx="12" fill="#1f4e79"/>
+<text x="32" y="42" font-family="monospace" font-size="26" font-weight="bold" fill="#ffffff"
+ text-anchor="middle">&lt;/&gt;</text>
+</svg>
+"""
+
+
+def write_logos(folder: Path) -> None:
+    """The kernel's logo in `folder`: an SVG (JupyterLab's launcher) and 32 and 64 pixel PNGs
+    (drawn with Pillow, the imaging library that textual-image and matplotlib bring)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    (folder / "logo-svg.svg").write_text(_LOGO_SVG)
+    for size in (32, 64):
+        image = Image.new("RGBA", (size, size), (0, 0, 0, 0))
+        draw = ImageDraw.Draw(image)
+        draw.rounded_rectangle((0, 0, size - 1, size - 1), radius=size // 5, fill="#1f4e79")
+        font = ImageFont.load_default(size=size * 2 // 5)
+        draw.text((size / 2, size / 2), "</>", fill="#ffffff", font=font, anchor="mm")
+        image.save(folder / f"logo-{size}x{size}.png")

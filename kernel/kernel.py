@@ -6,6 +6,9 @@ requests and shutdown while a model writes or the child kernel runs. What the ru
 sent on IOPub as it happens: the code while it streams (one display, updated in place), then the
 child kernel's outputs. Options come from the kernelspec's argv (`--CodeGenKernel.model=...`,
 written by `codegen-repl install-kernel`) or any traitlets config file.
+
+The session autosaves to `.codegen/<notebook>.ipynb` beside the notebook (a hidden folder, out of
+the file browser's way); a restarted kernel keeps the previous file under a numbered name.
 """
 
 from __future__ import annotations
@@ -32,15 +35,14 @@ from codegen_repl.core.notebook import new_session_path
 from codegen_repl.core.session import SessionSettings
 from codegen_repl.errors import CodeGenError, ConfigError
 from codegen_repl.kernel.cells import Cell, CodeView, magic_completions, parse_cell
-from codegen_repl.kernel.display import CODE_METADATA, code_bundle
+from codegen_repl.kernel.display import CODE_METADATA, PLACEHOLDER, code_bundle
 from codegen_repl.kernel.options import ModelOptions
 from codegen_repl.kernel.runner import CellOutcome, KernelRunner, RunnerOptions
 
-SESSION_SUFFIX = ".codegen.ipynb"
+AUTOSAVE_FOLDER = ".codegen"  # beside the notebook; hidden in Jupyter's file browser
 CHILD_START_WAIT_S = 60.0  # a completion request waits this long for the child to be up
 REQUEST_TIMEOUT_S = 15.0  # IPython's first completion imports jedi: seconds on a busy CPU
 T = TypeVar("T")
-_PLACEHOLDER = {"text/plain": "", "text/html": "<pre style='opacity: 0.6'>writing code…</pre>"}
 
 
 class CodeGenKernel(Kernel, ModelOptions):
@@ -49,13 +51,15 @@ class CodeGenKernel(Kernel, ModelOptions):
     implementation = "codegen-repl"
     implementation_version = __version__
     banner = "codegen: write a natural-language step per cell; %help lists the magics"
+    # Cells are edited as IPython: `%%python` cells (and `!` lines) get Python highlighting, the
+    # magics IPython's; a step is plain words, which that mode leaves mostly plain.
     language_info: dict[str, object] = {  # noqa: RUF012 (declared so by ipykernel's Kernel)
         "name": "codegen",
         "version": __version__,
-        "mimetype": "text/plain",
+        "mimetype": "text/x-ipython",
         "file_extension": ".txt",
-        "pygments_lexer": "text",
-        "codemirror_mode": "text/plain",
+        "pygments_lexer": "ipython3",
+        "codemirror_mode": {"name": "ipython", "version": 3},
     }
 
     # model, server, api_key and the sampling options: see ModelOptions
@@ -66,7 +70,7 @@ class CodeGenKernel(Kernel, ModelOptions):
         None, allow_none=True, help="Seconds a turn may run (0: no limit; default 60)."
     ).tag(config=True)
     session_path = Unicode(
-        "", help=f"Autosave notebook; default: <notebook>{SESSION_SUFFIX} beside the notebook."
+        "", help=f"Autosave notebook; default: {AUTOSAVE_FOLDER}/<notebook>.ipynb beside it."
     ).tag(config=True)
     autosave = Bool(True, help="Save the session as a notebook after every turn.").tag(config=True)
 
@@ -105,10 +109,11 @@ class CodeGenKernel(Kernel, ModelOptions):
             return None
         if self.session_path:
             return cwd / Path(self.session_path).expanduser()
+        folder = cwd / AUTOSAVE_FOLDER
         notebook = os.environ.get("JPY_SESSION_NAME")  # set by jupyter_server for its kernels
         if notebook:
-            return cwd / (Path(notebook).stem + SESSION_SUFFIX)
-        return new_session_path(cwd)
+            return folder / (Path(notebook).stem + ".ipynb")
+        return new_session_path(folder)
 
     def _prestart(self) -> None:
         assert self.runner is not None
@@ -138,7 +143,9 @@ class CodeGenKernel(Kernel, ModelOptions):
             )
         self._cells_running += 1
         try:
-            outcome = await self._in_thread(self._worker, self.runner.run_cell, code, frontend)
+            outcome = await self._in_thread(
+                self._worker, self.runner.run_cell, code, frontend, cell_id or ""
+            )
         finally:
             self._cells_running -= 1
         return outcome.reply(self.execution_count)
@@ -273,8 +280,9 @@ class IOPubFrontend:
 
     def show_code(self, code: str, final: bool) -> None:
         """One display per generation, updated in place; after the final code, the next
-        generation (the next turn of `%mtpb`) gets a display of its own."""
-        bundle = code_bundle(code) if code or final else _PLACEHOLDER
+        generation (the next turn of `%mtpb`) gets a display of its own. The final code ends
+        with a rule, which sets it apart from its outputs."""
+        bundle = code_bundle(code, rule=final) if code or final else PLACEHOLDER
         content = {"data": bundle, "metadata": CODE_METADATA}
         if self._code_display is None:
             self._code_display = uuid.uuid4().hex

@@ -2,9 +2,12 @@
 
 The notebook itself is the session: the context of a step is the steps written so far with
 their code, plus the user's own cells that ran successfully since the extension was loaded, in
-CodeGen's multi-turn format. Generated code is streamed into one display (updated in place), then
-runs in this kernel as if it were the cell (its last expression is shown, its errors fail the
-cell), or with `--insert` goes into the next cell instead. Options come from IPython's config
+CodeGen's multi-turn format. A cell is one entry: run again (JupyterLab sends its cell id), it
+replaces its entry in place. A step whose code failed stays out of the context unless
+`%codegen_config keep` keeps it; `%codegen_config undo` drops the last entry. Generated code is
+streamed into one display (updated in place), then runs in this kernel as if it were the cell
+(its last expression is shown, its errors fail the cell), or with `--insert` goes into a new
+cell below instead. Options come from IPython's config
 system (`c.CodeGenMagics.model = ...`) and `%codegen_config key=value`.
 """
 
@@ -33,7 +36,7 @@ from traitlets import Bool, Integer, TraitError
 from codegen_repl.core.context import TurnText, fit_context, step_line
 from codegen_repl.core.settings import Settings
 from codegen_repl.errors import CodeGenError
-from codegen_repl.kernel.display import CODE_METADATA, code_bundle
+from codegen_repl.kernel.display import CODE_METADATA, PLACEHOLDER, code_bundle
 from codegen_repl.kernel.options import ModelOptions
 
 if TYPE_CHECKING:
@@ -42,7 +45,7 @@ if TYPE_CHECKING:
 
 _SHOW_EVERY_S = 0.1
 _RESOLVED = {field.name for field in dataclasses.fields(Settings)}  # the rest: this class's own
-_PLACEHOLDER = {"text/plain": "", "text/html": "<pre style='opacity: 0.6'>writing code…</pre>"}
+INSERTED = {"text/markdown": "*inserted below*", "text/plain": "inserted below"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,23 +118,58 @@ def _is_number(word: str) -> bool:
     return True
 
 
+@dataclasses.dataclass
+class Entry:
+    """One cell's part of the context: a step and its code, or the user's own code."""
+
+    text: TurnText
+    failed: bool = False  # its code raised: left out of the context unless kept
+    kept: bool = False
+    cell_id: str | None = None
+
+    @property
+    def in_context(self) -> bool:
+        return self.kept or not self.failed
+
+
 class NotebookHistory:
-    """The turns of the notebook-level session, in the order they ran."""
+    """The entries of the notebook-level session, in the order their cells first ran."""
 
     def __init__(self) -> None:
-        self.turns: list[TurnText] = []
+        self.entries: list[Entry] = []
 
-    def add_step(self, step: str, code: str) -> None:
-        self.turns.append(TurnText(step, code))
+    @property
+    def turns(self) -> list[TurnText]:
+        """What the model sees, in order (failed steps not kept are left out)."""
+        return [entry.text for entry in self.entries if entry.in_context]
 
-    def add_cell(self, raw_cell: str) -> None:
+    def before(self, cell_id: str | None) -> list[TurnText]:
+        """The context for cell `cell_id`: what comes before its entry (all: a new cell)."""
+        ids = [entry.cell_id for entry in self.entries]
+        end = ids.index(cell_id) if cell_id and cell_id in ids else len(ids)
+        return [entry.text for entry in self.entries[:end] if entry.in_context]
+
+    def add(self, entry: Entry) -> None:
+        """Append `entry`, or put it in place of the entry of the same cell (a re-run)."""
+        for at, old in enumerate(self.entries):
+            if entry.cell_id and old.cell_id == entry.cell_id:
+                self.entries[at] = entry
+                return
+        self.entries.append(entry)
+
+    def add_step(
+        self, step: str, code: str, failed: bool = False, cell_id: str | None = None
+    ) -> None:
+        self.add(Entry(TurnText(step, code), failed, cell_id=cell_id))
+
+    def add_cell(self, raw_cell: str, cell_id: str | None = None, failed: bool = False) -> None:
         """A cell the user ran: its Python, without IPython's `%magic` and `!shell` lines."""
         if raw_cell.lstrip().startswith("%%"):
             return  # a cell magic (ours included): not Python
         lines = [line for line in raw_cell.splitlines() if not line.lstrip().startswith(("%", "!"))]
         code = "\n".join(lines).strip("\n")
         if code.strip():
-            self.turns.append(TurnText(None, code))
+            self.add(Entry(TurnText(None, code), failed, cell_id=cell_id))
 
 
 @magics_class
@@ -149,9 +187,12 @@ class CodeGenMagics(Magics, ModelOptions):
         self.history = NotebookHistory()
         self._decoders: dict[tuple[str, str, str, str], Decoder] = {}
         self.ipython = shell  # Magics.shell is typed Optional; ours always has one
+        self._cell_id: str | None = None  # the running cell's (JupyterLab sends it)
+        shell.events.register("pre_run_cell", self._before_cell)
         shell.events.register("post_run_cell", self._after_cell)
 
     def close(self) -> None:
+        self.ipython.events.unregister("pre_run_cell", self._before_cell)
         self.ipython.events.unregister("post_run_cell", self._after_cell)
 
     # ------------------------------------------------------------------------- magics
@@ -170,22 +211,25 @@ class CodeGenMagics(Magics, ModelOptions):
         options, rest = parse_options(line, cell_form=cell is not None)
         step = (cell if cell is not None else rest).strip()
         if not step:
-            raise UsageError("write the step: `%codegen STEP`, or `%%codegen` with the step below")
+            raise UsageError("write the step: %codegen STEP, or %%codegen with the step below")
+        insert = options.insert or self.insert
         # Trailing blank lines (CodeGen's cut keeps them) would pile up between turns.
-        code = self._generate(step, options).rstrip("\n")
+        code = self._generate(step, options, insert).rstrip("\n")
         if not code.strip():
             print("(the model wrote no code)", file=sys.stderr)
-        if options.insert or self.insert:
+        if insert:  # a new cell below, which JupyterLab selects
             self.ipython.set_next_input(step_line(step) + code, replace=False)
             return
-        self.history.add_step(step, code)
-        run_in_shell(self.ipython, code)
+        failed = not run_in_shell(self.ipython, code)
+        self.history.add_step(step, code, failed, self._cell_id)
 
     @line_magic
     def codegen_config(self, line: str) -> None:
         """Show the options, or set them: %codegen_config key=value [key=value ...].
 
         %codegen_config context   shows what the model sees so far
+        %codegen_config undo      drops the last step or cell from it
+        %codegen_config keep      keeps the last failed step in it
         %codegen_config reset     forgets the steps and cells so far
         """
         words = line.split()
@@ -200,8 +244,11 @@ class CodeGenMagics(Magics, ModelOptions):
             print(self.context_text() or "(nothing yet)")
             return
         if words == ["reset"]:
-            self.history.turns.clear()
+            self.history.entries.clear()
             print("the steps and cells so far are forgotten")
+            return
+        if words in (["undo"], ["keep"]):
+            print(self._undo() if words == ["undo"] else self._keep())
             return
         for word in words:
             self._set(word)
@@ -225,6 +272,21 @@ class CodeGenMagics(Magics, ModelOptions):
         prefix = self.resolved().prefix
         return prefix + "".join(turn.render() for turn in self.history.turns)
 
+    def _undo(self) -> str:
+        if not self.history.entries:
+            return "nothing to undo"
+        entry = self.history.entries.pop()
+        title = entry.text.step if entry.text.step is not None else "your code"
+        return (f"dropped from the context: {title} (the variables its code set stay in this "
+                "kernel)")  # fmt: skip
+
+    def _keep(self) -> str:
+        for entry in reversed(self.history.entries):
+            if entry.failed and not entry.kept:
+                entry.kept = True
+                return f"kept in the context: {entry.text.step or 'your code'}"
+        raise UsageError("no failed step is left out of the context")
+
     def _set(self, assignment: str) -> None:
         key, equals, value = assignment.partition("=")
         names = sorted(self.trait_names(config=True))
@@ -245,7 +307,7 @@ class CodeGenMagics(Magics, ModelOptions):
         resolved = self.resolved()
         dataclasses.replace(resolved.sample, top_k=self.top_k, seed=self.seed)
 
-    def _generate(self, step: str, options: StepOptions) -> str:
+    def _generate(self, step: str, options: StepOptions, insert: bool) -> str:
         """Stream the step's code into a display; the code, truncated by CodeGen's rules."""
         resolved = self.resolved()
         decoder = self._decoder(options.model or resolved.model, resolved)
@@ -255,13 +317,13 @@ class CodeGenMagics(Magics, ModelOptions):
                 resolved.sample, top_k=self.top_k, seed=self.seed, codegen_rules=True, **chosen
             )
             budget = decoder.max_context - sample.max_new_tokens
-            turns = self.history.turns
+            turns = self.history.before(self._cell_id)
             fitted = fit_context(resolved.prefix, turns, step, budget, decoder.count_tokens)
         except CodeGenError as error:
             raise UsageError(str(error)) from None
         if fitted.warning:
             print(fitted.warning, file=sys.stderr)
-        return stream_code(decoder, fitted.text, sample)
+        return stream_code(decoder, fitted.text, sample, insert)
 
     def _decoder(self, model: str, resolved: Settings) -> Decoder:
         key = (model, resolved.server or "", resolved.dtype or "", str(resolved.context_window))
@@ -277,18 +339,23 @@ class CodeGenMagics(Magics, ModelOptions):
                 raise UsageError(f"{error} (set another with %codegen_config model=NAME)") from None
         return self._decoders[key]
 
+    def _before_cell(self, info: Any) -> None:
+        self._cell_id = getattr(info, "cell_id", None) or None
+
     def _after_cell(self, result: Any) -> None:
         info = getattr(result, "info", None)
         if info is None or not getattr(info, "store_history", True) or info.silent:
             return
-        if result.success and info.raw_cell:
-            self.history.add_cell(info.raw_cell)
+        cell_id = getattr(info, "cell_id", None) or None
+        if info.raw_cell and (result.success or cell_id):  # a re-run that failed: marked so
+            self.history.add_cell(info.raw_cell, cell_id, failed=not result.success)
 
 
-def stream_code(decoder: Decoder, prompt: str, sample: SampleParams) -> str:
+def stream_code(decoder: Decoder, prompt: str, sample: SampleParams, insert: bool = False) -> str:
     """Generate into a display that is updated as pieces arrive; Ctrl-C stops it (and stops
-    the cell)."""
-    handle = display(_PLACEHOLDER, raw=True, metadata=CODE_METADATA, display_id=True)
+    the cell). The final display is the code and a rule before its outputs, or (`insert`) a
+    line saying it went into a new cell below."""
+    handle = display(PLACEHOLDER, raw=True, metadata=CODE_METADATA, display_id=True)
     pieces: list[str] = []
     shown_at = time.monotonic()
     try:
@@ -300,15 +367,19 @@ def stream_code(decoder: Decoder, prompt: str, sample: SampleParams) -> str:
                     shown_at = time.monotonic()
     except CodeGenError as error:
         raise UsageError(str(error)) from None
-    finally:
+    except BaseException:
         handle.update(code_bundle("".join(pieces)), raw=True, metadata=CODE_METADATA)
+        raise
+    final = INSERTED if insert else code_bundle("".join(pieces), rule=True)
+    handle.update(final, raw=True, metadata=CODE_METADATA)
     return "".join(pieces)
 
 
-def run_in_shell(shell: Any, code: str) -> None:
+def run_in_shell(shell: Any, code: str) -> bool:
     """Run code as the body of the current cell: shown in tracebacks like a cell, its last
     expression displayed. Its exception fails the cell with a traceback of the generated code's
     frames only (raised on, it would also show the `%%codegen` call and IPython's magic frames).
+    Returns whether it ran without an exception.
     """
     filename = shell.compile.cache(code, shell.execution_count)
     namespace = (shell.user_global_ns, shell.user_ns)
@@ -323,9 +394,10 @@ def run_in_shell(shell: Any, code: str) -> None:
             value = eval(compile(ast.Expression(last.value), filename, "eval"), *namespace)
     except (Exception, KeyboardInterrupt) as error:
         _fail_cell(shell, error)
-        return
+        return False
     if value is not None:
         shell.displayhook(value)
+    return True
 
 
 def _fail_cell(shell: Any, error: BaseException) -> None:

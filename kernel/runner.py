@@ -8,31 +8,37 @@ be called from any thread: it stops a generation (between streamed pieces) or in
 child kernel. The model loads in the background from the start; a cell that needs it waits for
 it, and a load that failed is reported in that cell (the kernel stays up; `%model NAME` loads
 another).
+
+A cell is its step: a cell that comes with a cell id (JupyterLab and Notebook send
+`metadata.cellId`) and already made a turn replaces that turn when it runs again, as `%edit N`
+does (the kernel is rebuilt from the turns before it, the later turns that ran run again); a cell
+without one adds a turn each time, and says so. The autosaved session never overwrites the one a
+previous kernel left: that one is kept under a numbered name.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
+import datetime
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from codegen_repl.core.commands import Commands
+from codegen_repl.core.decoding import BackgroundDecoder  # no JAX: the load imports it
 from codegen_repl.core.executor import Executor, ExecutorConfig
 from codegen_repl.core.frontend import Command, TextStyle
 from codegen_repl.core.session import Session, SessionSettings, Turn
 from codegen_repl.core.settings import RunMode
-from codegen_repl.errors import CheckpointError, CodeGenError, ConfigError
-from codegen_repl.kernel.cells import PREFIX, parse_cell
+from codegen_repl.errors import CodeGenError, ConfigError
+from codegen_repl.kernel.cells import PREFIX, Cell, Magic, parse_cell
 from codegen_repl.kernel.display import code_bundle
 
-if TYPE_CHECKING:  # decoder.py imports JAX: the kernel does that in the background, not here
+if TYPE_CHECKING:
     from codegen_repl.core.decoding import Decoder
-    from codegen_repl.model.sample_params import SampleParams
 
 LoadDecoder = Callable[[str], "Decoder"]
 STATUS_ERRORS = {
@@ -119,56 +125,25 @@ class GenerationStopped(Exception):
     """An interrupt arrived while the model was writing."""
 
 
-class DeferredDecoder:
-    """A Decoder that is still loading: every use waits for it, and a failed load raises a
-    CodeGenError that says how to go on."""
-
-    def __init__(self, future: concurrent.futures.Future[Decoder], name: str) -> None:
-        self._future, self.name = future, name
-
-    def get(self) -> Decoder:
-        try:
-            return self._future.result()
-        except CodeGenError as error:
-            raise type(error)(f"{error} (load another model with %model NAME)") from error
-        except Exception as error:
-            raise CheckpointError(
-                f"could not load the model {self.name}: {type(error).__name__}: {error} "
-                "(load another model with %model NAME)"
-            ) from error
-
-    @property
-    def max_context(self) -> int:
-        return self.get().max_context
-
-    def count_tokens(self, text: str) -> int:
-        return self.get().count_tokens(text)
-
-    def describe(self) -> str:
-        return self.get().describe()
-
-    def generate(self, prompt: str, sample: SampleParams) -> Iterator[str]:
-        return self.get().generate(prompt, sample)
-
-    def complete(self, prompt: str, sample: SampleParams) -> list[str]:
-        return self.get().complete(prompt, sample)
-
-
 class KernelRunner:
     """One session of the kernel. Cells run one at a time, in one worker thread."""
 
     def __init__(self, options: RunnerOptions, load_decoder: LoadDecoder | None = None) -> None:
         self.options = options
         self._load = load_decoder or self._open_decoder
-        self._loader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="model-load")
         name = options.model or str(options.server)
-        self.decoder: Decoder = DeferredDecoder(self._loader.submit(self._load, name), name)
+        self.decoder: Decoder = BackgroundDecoder(  # the REPL's mechanism (core/decoding.py)
+            lambda: self._load(name), name, "load another model with %model NAME"
+        )
         self.model_name = name
         self.executor = Executor(ExecutorConfig(cwd=options.cwd))
         self.commands: Commands | None = None
         self._cancel = threading.Event()
         self._phase: Phase | None = None
         self._cell_number = 0
+        self._cells: dict[str, Turn] = {}  # cell id -> the turn that cell made
+        self._told_no_id = False
+        self._notes: list[str] = []  # for the next cell (the session start has no cell)
 
     def _open_decoder(self, model: str) -> Decoder:
         from codegen_repl.core.decoding import open_decoder
@@ -194,7 +169,12 @@ class KernelRunner:
         if self.commands is None:
             self.executor.start()
             options = self.options
+            kept = None if options.session_path is None else keep_previous(options.session_path)
+            if kept is not None:
+                self._notes.append(f"the session of the previous kernel is kept as {kept.name}; "
+                                   f"this one autosaves to {options.session_path}")  # fmt: skip
             session = Session(self.decoder, self.executor, options.session_path, options.settings)
+            session.prepare_next()  # the model prefills and compiles ahead (once loaded)
             self.commands = Commands(
                 session, KernelFrontend(self, _NoSink()), options.run_mode, self.model_name,
                 self._load, options.cwd,
@@ -221,13 +201,20 @@ class KernelRunner:
                 self.executor.interrupt()
 
     def shutdown(self) -> None:
-        self._loader.shutdown(wait=False, cancel_futures=True)
-        self.executor.shutdown()
+        self.executor.shutdown()  # a load still running ends with the process (daemon thread)
 
     # ------------------------------------------------------------------------- cells
 
-    def run_cell(self, source: str, sink: CellSink) -> CellOutcome:
-        """Do what the cell asks; never raises (errors become the cell's error output)."""
+    def run_cell(self, source: str, sink: CellSink, cell_id: str | None = None) -> CellOutcome:
+        """Do what the cell asks; never raises (errors become the cell's error output).
+
+        Args:
+            source: the cell's text.
+            sink: where its results go.
+            cell_id: the front end's id of the cell (`metadata.cellId`): a cell that made a
+                turn replaces it when run again; "" when the front end sent none (a note says
+                that each run adds a turn); None when the caller is no notebook (tests).
+        """
         self._cell_number += 1
         self._cancel.clear()
         try:
@@ -236,21 +223,22 @@ class KernelRunner:
                 return OK
             self.start()
             assert self.commands is not None
-            commands = self.commands
-            commands.frontend = KernelFrontend(self, sink)
-            if cell.kind == "step":
-                return self._outcome(commands.step(cell.step), sink)
-            if cell.kind == "code":
-                return self._outcome(commands.user_code(cell.code), sink)
+            self.commands.frontend = KernelFrontend(self, sink)
+            while self._notes:
+                sink.stream("stdout", self._notes.pop(0) + "\n")
+            if cell.kind != "magics":
+                return self._outcome(self._turn_cell(cell, sink, cell_id), sink)
             for magic in cell.magics:
                 self._phase = "running"  # replays and MTPB runs: an interrupt stops them
-                outcome = self._outcome(commands.run(Command(magic.name, magic.argument)), sink)
+                outcome = self._outcome(self._magic(magic, sink), sink)
                 if outcome.status != "ok":
                     return outcome
             return OK
         except GenerationStopped:
             note = "generation stopped; the partial code was dropped"
             return self._fail(sink, "KeyboardInterrupt", note)
+        except ConfigError as error:  # a usage mistake, named as IPython names them
+            return self._fail(sink, "UsageError", str(error))
         except CodeGenError as error:
             return self._fail(sink, type(error).__name__, str(error))
         except Exception as bug:  # a bug must not cost the user the kernel
@@ -258,6 +246,63 @@ class KernelRunner:
             return self._fail(sink, "InternalError", f"{type(bug).__name__}: {bug}", lines)
         finally:
             self._phase = None
+
+    def _turn_cell(self, cell: Cell, sink: CellSink, cell_id: str | None) -> Turn | None:
+        """A step or code cell: a new turn, or the one this cell made, replaced."""
+        assert self.commands is not None
+        commands, session = self.commands, self.commands.session
+        if cell.kind == "step":
+            self._say_loading(sink)
+        made = self._cells.get(cell_id or "")
+        number = next((at for at, turn in enumerate(session.turns, 1) if turn is made), None)
+        if number is not None:
+            replace = commands.replace_step if cell.kind == "step" else commands.replace_code
+            turn = replace(number, cell.step or cell.code)
+        else:
+            if cell_id == "":
+                self._say_no_cell_id(cell, sink)
+            add = commands.step if cell.kind == "step" else commands.user_code
+            turn = add(cell.step or cell.code)
+        if cell_id and turn is not None:
+            self._cells[cell_id] = turn
+        return turn
+
+    def _magic(self, magic: Magic, sink: CellSink) -> Turn | None:
+        """One magic line; the cell whose step `%retry` samples again owns the new turn."""
+        assert self.commands is not None
+        session = self.commands.session
+        if magic.name in ("retry", "fix", "mtpb"):
+            self._say_loading(sink)
+        last = session.turns[-1] if session.turns else None
+        turn = self.commands.run(Command(magic.name, magic.argument))
+        if magic.name == "retry" and turn is not None:
+            for cell_id, made in list(self._cells.items()):
+                if made is last:
+                    self._cells[cell_id] = turn
+        return turn
+
+    def _say_loading(self, sink: CellSink) -> None:
+        assert self.commands is not None
+        if not getattr(self.commands.session.decoder, "loaded", True):
+            sink.stream("stdout", f"loading the model {self.commands.model_name} (the first "
+                        "step waits for it) ...\n")  # fmt: skip
+
+    def _say_no_cell_id(self, cell: Cell, sink: CellSink) -> None:
+        """On the first step cell, and on any cell that repeats a turn: without cell ids, a
+        cell run again cannot be told from a new one."""
+        assert self.commands is not None
+        turns = self.commands.session.turns
+        repeated = any(turn.step == cell.step if cell.kind == "step" else turn.code == cell.code
+                       for turn in turns)  # fmt: skip
+        first = cell.kind == "step" and not self._told_no_id
+        if not (first or repeated):
+            return
+        self._told_no_id = self._told_no_id or cell.kind == "step"
+        sink.stream(
+            "stdout",
+            f"(this front end sent no cell id: the cell adds turn "
+            f"{len(turns) + 1}, even if it ran before; {PREFIX}drop N deletes a turn)\n",
+        )
 
     def _outcome(self, turn: Turn | None, sink: CellSink) -> CellOutcome:
         """The execute_reply for a cell whose last turn is `turn` (None: no turn ran)."""
@@ -276,6 +321,23 @@ class KernelRunner:
         shown = lines or [f"\x1b[0;31m{ename}\x1b[0m: {evalue}"]
         sink.error(ename, evalue, shown)
         return CellOutcome("error", ename, evalue, tuple(shown))
+
+
+def keep_previous(path: Path) -> Path | None:
+    """Move the session a previous kernel autosaved at `path` aside, to
+    `<stem>.<its save time>.ipynb` beside it (numbered further if that exists), so a new session
+    never overwrites it; returns where it went (None: there was none)."""
+    try:
+        saved = path.stat().st_mtime
+    except FileNotFoundError:
+        return None
+    stamp = datetime.datetime.fromtimestamp(saved).strftime("%Y%m%d-%H%M%S")
+    kept, number = path.with_name(f"{path.stem}.{stamp}{path.suffix}"), 1
+    while kept.exists():
+        number += 1
+        kept = path.with_name(f"{path.stem}.{stamp}-{number}{path.suffix}")
+    path.rename(kept)
+    return kept
 
 
 class KernelFrontend:

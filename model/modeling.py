@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from codegen_repl.model import cpu_matmul
 from codegen_repl.model.attention import causal_attention
 from codegen_repl.model.config import CodeGenConfig
 
@@ -183,6 +184,9 @@ class Linear(nn.Module):
     The kernel is [*in_shape, *out_shape]. With `int8`, the params hold an int8 `kernel` and a
     per-output-channel fp32 `scale` (see `quantize_int8`); the kernel is widened to the compute
     dtype inside the matmul, so where XLA fuses the conversion only int8 weights are read.
+    On the CPU, int8 and bf16 kernels over up to `cpu_matmul.MAX_ROWS` rows (decode steps) go
+    through the C++ kernel of cpu_matmul.py instead (fp32 activations and sums): XLA's CPU
+    backend widens them in memory first, slower than fp32.
     """
 
     features: tuple[int, ...]
@@ -203,15 +207,20 @@ class Linear(nn.Module):
             out_axis = tuple(range(self.in_axes, len(shape)))
             init = nn.initializers.lecun_normal(in_axis=in_axis, out_axis=out_axis)
             kernel = self.param("kernel", init, shape, self.param_dtype)
-        contract = (tuple(range(x.ndim - self.in_axes, x.ndim)), tuple(range(self.in_axes)))
-        y = jax.lax.dot_general(
-            x.astype(self.dtype),
-            kernel.astype(self.dtype),
-            (contract, ((), ())),
-            precision=precision(self.dtype),
-        )
-        if self.int8:
-            y = (y * scale).astype(self.dtype)
+        rows = int(np.prod(x.shape[: x.ndim - self.in_axes]))
+        if cpu_matmul.applies(kernel.dtype, rows):
+            scales = scale if self.int8 else None
+            y = cpu_matmul.linear(x, kernel, scales, self.in_axes).astype(self.dtype)
+        else:
+            contract = (tuple(range(x.ndim - self.in_axes, x.ndim)), tuple(range(self.in_axes)))
+            y = jax.lax.dot_general(
+                x.astype(self.dtype),
+                kernel.astype(self.dtype),
+                (contract, ((), ())),
+                precision=precision(self.dtype),
+            )
+            if self.int8:
+                y = (y * scale).astype(self.dtype)
         if self.use_bias:
             bias = self.param("bias", nn.initializers.zeros, self.features, self.param_dtype)
             y = y + bias.astype(self.dtype)

@@ -34,7 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from codegen_repl.model.modeling import CodeGen, KVCache, cache_length, write_cache
+from codegen_repl.model.config import CodeGenConfig
+from codegen_repl.model.modeling import CodeGen, KVCache, cache_length, init_cache, write_cache
 from codegen_repl.model.sample_params import SampleMode, SampleParams
 
 Params = Any  # a params pytree (see checkpoint.Params); a fake model may use anything
@@ -69,6 +70,24 @@ def bucket(length: int, smallest: int = MIN_CACHE) -> int:
     raise AssertionError("unreachable")
 
 
+def cache_bucket(length: int, limit: int) -> int:
+    """A cache length (positions) for `length` tokens: `bucket()`'s sizes (64, 96, 128, 192,
+    256, 384, ...), at most max(length, limit) (`limit`: the model's context). Not coarser:
+    each decode step touches every cache position, and on the CPU a 256-position cache made
+    the 350M shape's steps 15% slower than a 192-position one at bench/decode.py's 192 tokens
+    (measured); a session growing to 1,500 tokens meets 6 lengths, each compiled ahead of
+    time (see the local decoder's `prepare`)."""
+    return min(bucket(length), max(length, limit))
+
+
+def prefill_width(length: int, room: int) -> int:
+    """The padded width (tokens) of a prefill of `length` tokens with `room` positions left
+    in the cache: 16, 32 or 64 up to 64 tokens (a turn's new text is short: three programs
+    cover it), then bucket() widths (1.5x steps, at most a third wasted on a long prompt)."""
+    width = bucket(length, smallest=16)
+    return min(width * 4 // 3 if width in (24, 48) else width, room)
+
+
 def common_prefix(cached: Sequence[int], prompt: Sequence[int]) -> int:
     """How many leading tokens of `prompt` a cache holding `cached` can reuse: the common
     prefix, leaving at least one token to prefill (the prefill gives the next logits)."""
@@ -84,12 +103,17 @@ def decode_steps(max_new_tokens: int, chunk_size: int) -> int:
 
 
 def padded_suffix(
-    prompt_ids: Sequence[int], reuse: int, cache_len: int, smallest: int
+    prompt_ids: Sequence[int], reuse: int, cache_len: int, smallest: int | None
 ) -> np.ndarray:
     """The tokens to prefill after `reuse` cached ones, right-padded to a bucket width (at
-    least `smallest`) that still fits in the cache: [1, width] int32."""
+    least `smallest`; None: `prefill_width`'s coarse widths) that still fits in the cache:
+    [1, width] int32."""
     suffix = prompt_ids[reuse:]
-    width = min(bucket(len(suffix), smallest=smallest), cache_len - reuse)
+    room = cache_len - reuse
+    if smallest is None:
+        width = prefill_width(len(suffix), room)
+    else:
+        width = min(bucket(len(suffix), smallest=smallest), room)
     padded = np.zeros((1, width), np.int32)
     padded[0, : len(suffix)] = suffix
     return padded
@@ -122,9 +146,18 @@ def empty_state(cache: KVCache, vocab_size: int) -> DecodeState:
     return DecodeState(cache, logits, jnp.zeros((rows,), jnp.int32), jnp.zeros((rows,), jnp.int32))
 
 
+@functools.partial(jax.jit, static_argnames=("config", "rows", "length", "dtype"))
+def fresh_state(config: CodeGenConfig, rows: int, length: int, dtype: jnp.dtype) -> DecodeState:
+    """An empty state of `rows` rows over a cache of `length` positions, as one program (so
+    it can be compiled ahead, like the others)."""
+    return empty_state(init_cache(config, rows, length, dtype), config.vocab_size)
+
+
+@functools.partial(jax.jit, static_argnames=("rows", "length"))
 def resize_state(state: DecodeState, rows: int, length: int) -> DecodeState:
     """The state with `rows` rows and a cache of `length` positions (padded with zeros or cut:
-    a cut row or position is forgotten)."""
+    a cut row or position is forgotten). One program per pair of shapes (compiled ahead by
+    the local decoder's `prepare`)."""
 
     def fit(x: jax.Array, axis: int, size: int) -> jax.Array:
         if x.shape[axis] >= size:
@@ -262,15 +295,16 @@ def prefill_prompt(
     prompt_ids: Sequence[int],
     reuse: int,
     rows: Sequence[int],
-    smallest: int = 1,
+    smallest: int | None = 1,
 ) -> DecodeState:
     """Prefill what row rows[0] lacks of `prompt_ids` (it holds the first `reuse` tokens) and
     start every row of `rows` on the prompt (see prefill_rows; `smallest` is the narrowest
-    prefill width, a bucket)."""
+    prefill width, a bucket; None: `prefill_width`'s coarse widths)."""
     padded = padded_suffix(prompt_ids, reuse, cache_length(state.cache), smallest)
+    # numpy in, not jnp.asarray: that runs (and first compiles) a small program per shape
     return prefill_rows(
-        logits_fn, params, state, jnp.asarray(padded), jnp.int32(len(prompt_ids) - reuse),
-        jnp.int32(reuse), jnp.asarray(rows, jnp.int32), cold=reuse == 0,
+        logits_fn, params, state, padded, np.int32(len(prompt_ids) - reuse), np.int32(reuse),
+        np.asarray(rows, np.int32), cold=reuse == 0,
     )  # fmt: skip
 
 
@@ -315,3 +349,26 @@ def model_logits_fn(model: CodeGen) -> LogitsFn:
         return model.apply({"params": params}, tokens, positions, cache, logits_at)
 
     return logits_fn
+
+
+# ----------------------------------------------------------------------------- ahead of time
+
+
+def lower_prefill(
+    logits_fn: LogitsFn, params: Params, state: Any, width: int, rows: int, cold: bool
+) -> Any:
+    """prefill_rows lowered for a state shaped like `state` (a DecodeState of arrays or of
+    jax.ShapeDtypeStruct), a [1, width] suffix and `rows` rows: `.compile()` it (in any
+    thread) and the jitted call with those shapes finds it compiled."""
+    scalar = jax.ShapeDtypeStruct((), jnp.int32)
+    return prefill_rows.lower(
+        logits_fn, params, state, jax.ShapeDtypeStruct((1, width), jnp.int32), scalar, scalar,
+        jax.ShapeDtypeStruct((rows,), jnp.int32), cold=cold,
+    )  # fmt: skip
+
+
+def lower_decode(
+    logits_fn: LogitsFn, params: Params, state: Any, knobs: Any, num_steps: int, mode: SampleMode
+) -> Any:
+    """decode_chunk lowered for a state and knobs shaped like these (see lower_prefill)."""
+    return decode_chunk.lower(logits_fn, params, state, knobs, num_steps, mode)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 
@@ -221,3 +222,15 @@ def no_user_config(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest
     """Tests (and the commands they start) never read the developer's own config.toml."""
     folder = tmp_path_factory.getbasetemp() / "no-user-config"
     monkeypatch.setenv("CODEGEN_REPL_CONFIG", str(folder / "config.toml"))
+
+
+@pytest.fixture(autouse=True)
+def sigint_handler_restored():
+    """A test leaves Python's SIGINT handler as it found it: a leaked handler (a held or
+    redirected Ctrl-C) makes a later test's Ctrl-C vanish, far from the cause."""
+    before = signal.getsignal(signal.SIGINT)
+    yield
+    after = signal.getsignal(signal.SIGINT)
+    if after is not before:
+        signal.signal(signal.SIGINT, before)
+        pytest.fail(f"the test left SIGINT handled by {after!r} (was {before!r})")

@@ -74,6 +74,9 @@ def generate(
         str | None, typer.Option(help="Hub revision (branch, tag, commit).")
     ] = None,
     cache_dir: Annotated[Path | None, typer.Option(help="HF cache folder.")] = None,
+    verbose: Annotated[
+        bool, typer.Option(help="Say on stderr what runs the model (device, dtype, kernels).")
+    ] = False,
 ) -> None:
     """Complete PROMPT with a CodeGen model, in this process, and print only the completion.
 
@@ -84,6 +87,7 @@ def generate(
     """
     from codegen_repl.core.settings import Overrides, resolve
     from codegen_repl.decoders.local import LocalDecoder
+    from codegen_repl.model import cpu_matmul
     from codegen_repl.model.sample_params import SampleParams
     from codegen_repl.paths import default_cache_dir
     from codegen_repl.userconfig import UserConfig
@@ -99,16 +103,19 @@ def generate(
             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
             n=n, seed=seed, stop=tuple(stop or ()), codegen_rules=truncate,
         )  # fmt: skip
-        if int8 and default_dtype() == "float32":
+        on_cpu = default_dtype() == "float32"
+        if on_cpu and (int8 or chosen.dtype == "bfloat16") and not cpu_matmul.available():
             typer.echo(
-                "note: --int8 on CPU saves memory but decodes slower than fp32 (XLA's CPU "
-                "backend has no fast int8 matmul); it pays off on GPUs",
+                f"note: int8/bf16 weights on CPU save memory but decode slower than fp32 here: "
+                f"{cpu_matmul.status()}",
                 err=True,
             )
         decoder = LocalDecoder.load(
             chosen.model, dtype=chosen.dtype, int8=int8, revision=revision, cache_dir=cache_dir,
             compilation_cache=default_cache_dir() / "jax",
         )  # fmt: skip
+        if verbose:  # on CPU with int8/bf16 weights it says which matmul runs them
+            typer.echo(f"{chosen.model}: {decoder.describe()}", err=True)
         written = ""
         if stream and n == 1:
             for piece in decoder.generate(prompt, sample):

@@ -5,32 +5,31 @@
 question (the shape of aider's `Commands(io)`). The terminal REPL and the `codegen` kernel are two
 Frontends, so both get the same help table, the same validation and the same messages, spelled
 with the front end's prefix (`/undo`, `%undo`). Turns are numbered from 1 everywhere. The
-Frontend protocol, the command table and the parsers are in `frontend.py`.
+Frontend protocol, the command table and the parsers are in `frontend.py`; save, load, reset
+and mtpb in `notebook_commands.py`.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import difflib
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from codegen_repl.core.context import MTPB_PREFIX
 from codegen_repl.core.frontend import (
     COMMAND_TABLE,
     SET_KEYS,
     Command,
     Frontend,
-    LiveCode,
     help_text,
     parse,
     parse_edit,
-    parse_mtpb,
     parse_turn_number,
     unknown_text,
 )
-from codegen_repl.core.notebook import new_session_path, written_here
+from codegen_repl.core.notebook import FAILED
+from codegen_repl.core.notebook_commands import NotebookCommands, count_of
 from codegen_repl.core.outputs import compact_outputs
 from codegen_repl.core.session import RunChoice, Session, Turn
 from codegen_repl.core.settings import RunMode, apply_setting, run_mode_of
@@ -44,7 +43,7 @@ RUN_QUESTION = "run it? [Enter] run · n no · e edit: "
 KEEP_QUESTION = "keep the partial code? k keep · [Enter] drop: "
 
 
-class Commands:
+class Commands(NotebookCommands):
     """The session commands over one Frontend.
 
     Args:
@@ -104,9 +103,9 @@ class Commands:
         actions: dict[str, Callable[[str], Turn | None]] = {
             "empty": lambda _: None, "step": self.step, "user_code": self.user_code,
             "unknown": self._unknown, "help": self._help, "undo": self._undo,
-            "retry": lambda _: self.step(self.session.prepare_retry()), "edit": self._edit,
-            "run": self._run, "fix": lambda _: self.step(self.session.fix_step()),
-            "code": self._code, "context": self._context, "model": self._model,
+            "drop": self._drop, "retry": self._retry, "edit": self._edit, "run": self._run,
+            "fix": self._fix, "keep": self._keep, "code": self._code, "context": self._context,
+            "model": self._model,
             "set": self._set, "save": self._save, "load": self._load, "reset": self._reset,
             "mtpb": self._mtpb, "exit": lambda _: None,
         }  # fmt: skip
@@ -131,16 +130,63 @@ class Commands:
 
     def user_code(self, code: str) -> Turn:
         if not code.strip():
-            raise ConfigError("write the code after the `!`, e.g. !print(x)")
+            raise ConfigError("write the code after the !, e.g. !print(x)")
         number = len(self.session.turns) + 1
         self.frontend.begin_turn(number)
         turn = self.session.run_code(code, on_output=self.frontend.output)
         self.show_status(turn, number)
         return turn
 
-    def _generate(self, step: str) -> tuple[str, float] | None:
+    def replace_step(self, number: int, text: str) -> Turn | None:
+        """Turn `number` gets a new step (a notebook cell run again, maybe edited): its code is
+        generated from the turns before it (shown live), then `Session.replace` rebuilds the
+        kernel, runs it and runs the later turns again. None when Ctrl-C dropped the code (turn
+        `number` is then as it was)."""
+        step = text.strip()
+        if not step:
+            raise ConfigError("the step is empty; describe what the next code should do")
+        self._say_replacing(number)
+        generated = self._generate(step, before=number - 1)
+        if generated is None:
+            return None
+        choice, code = self._decide(generated[0])
+        turn = self.session.step_turn(step, code, generated[1])
+        return self._replace(number, turn, choice)
+
+    def replace_code(self, number: int, code: str) -> Turn:
+        """Turn `number` becomes code the user wrote (a `!` or `%%python` cell run again)."""
+        if not code.strip():
+            raise ConfigError("write the code after the !, e.g. !print(x)")
+        self._say_replacing(number)
+        return self._replace(number, Turn(None, code), "run")
+
+    def _say_replacing(self, number: int) -> None:
+        later = len(self.session.turns) - number
+        after = f"; the {count_of(later, 'later turn')} that ran will run again" if later else ""
+        self.frontend.show_text(f"this replaces turn {number} ({self.session.turn(number).title})"
+                                f"{after}", "note")  # fmt: skip
+
+    def _replace(self, number: int, turn: Turn, choice: RunChoice) -> Turn:
+        self.frontend.begin_turn(number)
+        later = self.session.replace(number, turn, self.frontend.output, choice)[1:]
+        self.show_status(turn, number)
+        self._show_notice()
+        self._show_reruns(later, number + 1)
+        return turn
+
+    def _show_reruns(self, turns: list[Turn], first: int) -> None:
+        """What became of the later turns run again after a replaced or dropped turn: their
+        own outputs are not shown here (in a notebook they stay in their cells)."""
+        failed = [(number, turn) for number, turn in enumerate(turns, first)
+                  if turn.status in FAILED]  # fmt: skip
+        for number, turn in failed:
+            errors = [o for o in turn.outputs if o.get("output_type") == "error"]
+            why = f"{errors[-1]['ename']}: {errors[-1]['evalue']}" if errors else turn.status
+            self.frontend.show_text(f"turn {number} ({turn.title}) now fails: {why}", "warning")
+
+    def _generate(self, step: str, before: int | None = None) -> tuple[str, float] | None:
         """The step's code and seconds, streamed live; None when Ctrl-C stopped it and the
-        partial code was dropped."""
+        partial code was dropped. `before`: see `Session.context`."""
         live, pieces, started = self.frontend.live_code(), list[str](), time.perf_counter()
 
         def on_text(piece: str) -> None:
@@ -148,7 +194,7 @@ class Commands:
             live.add(piece)
 
         try:
-            code, seconds = self.session.generate(step, on_text)
+            code, seconds = self.session.generate(step, on_text, before)
         except KeyboardInterrupt:
             live.finish("".join(pieces))
             kept = self._keep_partial("".join(pieces))
@@ -216,6 +262,9 @@ class Commands:
             show(f"[{turn.status}]", "warning")
         if turn.message:
             show(turn.message, "note")
+        if not turn.in_context and turn.in_program:
+            show(f"(turn {number} failed: it is left out of the model's context; {prefix}keep "
+                 f"{number} keeps it there, {prefix}drop {number} deletes it)", "note")  # fmt: skip
 
     def show_turns(self, turns: list[Turn], first: int, compact: bool = False) -> None:
         """Turns as they were recorded, numbered: in full after /edit, compactly (outputs cut
@@ -254,6 +303,56 @@ class Commands:
         self.frontend.show_text(f"undone: turn {number}"
                                 + (f" ({dropped.title})" if dropped else ""))  # fmt: skip
         self._show_notice()
+
+    def _drop(self, argument: str) -> None:
+        number = parse_turn_number(argument, self.frontend.prefix, "drop")
+        turn = self.session.turn(len(self.session.turns) if number is None else number)
+        number = self.session.turns.index(turn) + 1
+        dropped, later = self.session.drop(number)
+        self.frontend.show_text(
+            f"deleted turn {number} ({dropped.title})"
+            + (f"; turns from {number} on are renumbered" if later else "")
+        )
+        self._show_notice()
+        self._show_reruns(later, number)
+
+    def _keep(self, argument: str) -> None:
+        number = parse_turn_number(argument, self.frontend.prefix, "keep")
+        turn = self.session.turn(len(self.session.turns) if number is None else number)
+        number = self.session.turns.index(turn) + 1
+        self.session.keep_in_context(number)
+        self.frontend.show_text(f"turn {number} ({turn.title}) is kept in the model's context")
+
+    def _fix(self, _: str) -> Turn | None:
+        """A step asking for a fix of the last error; the failed turn stays in the context (the
+        model must see the code it fixes)."""
+        step = self.session.fix_step()
+        for number in range(len(self.session.turns), 0, -1):
+            turn = self.session.turn(number)
+            if any(output.get("output_type") == "error" for output in turn.outputs):
+                if turn.status in FAILED and not turn.kept:
+                    self.session.keep_in_context(number)
+                break
+        return self.step(step)
+
+    def _retry(self, _: str) -> Turn | None:
+        """Resample the last step (a new seed) and say what changed."""
+        before = self.session.turns[-1].code if self.session.turns else ""
+        turn = self.step(self.session.prepare_retry())
+        if turn is None:
+            return None
+        seed = self.session.settings.sample.seed
+        if turn.code == before:
+            note = "the same code as before"
+            if self.session.settings.sample.temperature == 0:
+                note += (" (temperature 0 always writes the same; "
+                         f"{self.frontend.prefix}set temperature=0.8 samples others)")  # fmt: skip
+        else:
+            changed = sum(line[:1] in "+-" for line in difflib.ndiff(
+                before.splitlines(), turn.code.splitlines()) if line[:1] != "?")  # fmt: skip
+            note = f"new code: {count_of(changed, 'line')} changed"
+        self.frontend.show_text(f"retried with seed {seed}: {note}", "note")
+        return turn
 
     def _edit(self, argument: str) -> None:
         number, code = parse_edit(argument, self.frontend.prefix)
@@ -336,112 +435,6 @@ class Commands:
                               "run=never")  # fmt: skip
         return run_mode_of(mode)
 
-    def _save(self, argument: str) -> None:
-        if not argument and self.session.path is None:
-            raise ConfigError(f"this session has no file; use {self.frontend.prefix}save "
-                              "PATH.ipynb or PATH.py")  # fmt: skip
-        path = self._path(argument) if argument else None
-        self.frontend.show_text(f"saved to {self.session.save(path)}")
-
-    def _load(self, argument: str) -> None:
-        if not argument:
-            raise ConfigError(f"use {self.frontend.prefix}load PATH.ipynb")
-        path, old = self._path(argument), self.session
-        new_path = None
-        if path.exists() and not written_here(path):
-            new_path = new_session_path(path.parent)
-            self._confirm_foreign(path, new_path)
-        self._switch(Session.open(path, old.decoder, old.executor, self._progress, new_path))
-        as_new = f", as a new session {new_path}" if new_path else ""
-        self.frontend.show_text(f"loaded {path}: {_count(len(self.session.turns), 'turn')}{as_new}")
-        self.show_turns(self.session.turns, 1, compact=True)
-        self._show_notice()
-
-    def _confirm_foreign(self, path: Path, new_path: Path) -> None:
-        """A notebook this tool did not write is opened as the first turns of a new session
-        file (it is never rewritten), where the user agrees (a kernel cannot ask: it does)."""
-        question = (f"{path.name} was not written by codegen-repl: open its code cells as the "
-                    f"first turns of a new session {new_path.name} (they run now)? [Enter] yes "
-                    "· n no: ")  # fmt: skip
-        if self._answer(question, "y") in ("n", "no"):
-            raise ConfigError(f"{path} not opened")
-
-    def _reset(self, _: str) -> None:
-        old = self.session
-        old.executor.restart()
-        path = None if old.path is None else new_session_path(old.path.parent)
-        self._switch(Session(old.decoder, old.executor, path, old.settings))
-        self.session.save()
-        self.frontend.show_text(f"new session: {path or '(no file)'}")
-
-    def _mtpb(self, argument: str) -> None:
-        """Play an MTPB problem turn by turn in a fresh session (restarted kernel, no earlier
-        turns, so the score is the problem's alone), then show MTPB's verdict."""
-        from codegen_repl.evals import mtpb
-
-        request = parse_mtpb(argument, self.frontend.prefix)
-        given = Path(request.problems).expanduser() if request.problems else None
-        problem = mtpb.find_problem(mtpb.load_problems(given or self.mtpb_problems),
-                                    request.problem)  # fmt: skip
-        session = self._fresh_session(f"mtpb-{problem.id}-{request.index}")
-        saved = f", saved in {session.path}" if session.path else ""
-        self.frontend.show_text(f"MTPB problem {problem.id} ({problem.name}), input "
-                                f"{request.index}: a fresh session{saved}", "title")  # fmt: skip
-        live: list[LiveCode] = []
-        streamed: list[str] = []
-
-        def on_turn(number: int, prompt: str) -> None:
-            self.frontend.show_text(f"[{number}] {prompt}", "title")
-            streamed.clear()
-            live.append(self.frontend.live_code())
-
-        def on_text(piece: str) -> None:
-            streamed.append(piece)
-            live[-1].add(piece)
-
-        def confirm(code: str) -> bool:
-            live.pop().finish(code)
-            choice = self._decide(code)[0]
-            self.frontend.begin_turn(len(session.turns) + 1)
-            return choice == "run"
-
-        try:
-            result = mtpb.replay(session, problem, request.index, on_turn, on_text,
-                                 self.frontend.output, confirm)  # fmt: skip
-        finally:
-            while live:  # Ctrl-C or an error while a turn streamed
-                live.pop().finish("".join(streamed))
-        verdict = "PASS" if result.passed else "FAIL"
-        self.frontend.show_text(f"{verdict}: MTPB problem {problem.id}; got {result.got}, "
-                                f"expected {result.expected!r}", "title")  # fmt: skip
-        if not result.passed and result.detail:
-            self.frontend.show_text(result.detail, "note")
-
-    def _fresh_session(self, name: str) -> Session:
-        """A new session beside the current one (`<stem>.<name>.ipynb`), with the current model
-        and settings (MTPB's prefix) in a restarted kernel."""
-        old = self.session
-        old.executor.restart()
-        path = old.path
-        if path is not None:
-            path = path.with_name(f"{path.name.split('.')[0]}.{name}.ipynb")
-        settings = dataclasses.replace(old.settings, prefix=MTPB_PREFIX)
-        self._switch(Session(old.decoder, old.executor, path, settings))
-        self.session.on_input = None  # a benchmark's code gets no typed input
-        return self.session
-
-    def _switch(self, session: Session) -> None:
-        self.session = session
-        self.frontend.session_opened(session)
-
-    def _show_notice(self) -> None:
-        if self.session.notice:
-            self.frontend.show_text(missing_text(self.session, self.frontend.prefix), "warning")
-
-    def _path(self, argument: str) -> Path:
-        path = Path(argument).expanduser()
-        return path if path.is_absolute() else self.folder / path
-
 
 def numbered_program(session: Session, prefix: str = "/") -> str:
     """The program with a `# --- turn N ---` line before each turn; a declined turn is named
@@ -452,21 +445,13 @@ def numbered_program(session: Session, prefix: str = "/") -> str:
             parts.append(f"# --- turn {number}: declined, not run: {turn.title} "
                          f"({prefix}run {number} runs it) ---\n\n")  # fmt: skip
             continue
+        if not turn.in_context:
+            parts.append(f"# --- turn {number}: {turn.status}, left out of the context: "
+                         f"{turn.title} ({prefix}keep {number} keeps it) ---\n\n")  # fmt: skip
+            continue
         mark = "" if turn.step is not None else " (your code)"
         parts.append(f"# --- turn {number}{mark} ---\n{turn.text.render()}")
     return "".join(parts)
-
-
-def missing_text(session: Session, prefix: str = "/") -> str:
-    """The session's notice, with how to give the kernel the state it lacks."""
-    if not session.missing:
-        return session.notice
-    runs = " then ".join(f"{prefix}run {number}" for number in session.missing)
-    return f"{session.notice}; to replay them: {runs}"
-
-
-def _count(number: int, noun: str) -> str:
-    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
 
 
 def _open_decoder(model: str) -> Decoder:

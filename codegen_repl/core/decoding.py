@@ -2,12 +2,22 @@
 
 Nothing here imports JAX: a REPL talking to a decoder server never pays for it. `open_decoder`
 imports the decoder it was asked for (`codegen_repl.decoders.local` or `.remote`) only then.
+
+`BackgroundDecoder` is a decoder still loading in a background thread: the front ends (REPL,
+kernel, magics, MTPB replay) show their prompt at once and a step that needs the model waits
+for it, telling a status callback ("loading the model …"). A decoder that can `prepare(prompt,
+sample)` (the local one: prefill and compile ahead) is told what the session will ask next
+(`prepare_decoder`).
 """
 
 from __future__ import annotations
 
+import atexit
+import concurrent.futures
+import contextlib
 import dataclasses
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -49,20 +59,185 @@ def open_decoder(
     dtype: str | None = None,
     int8: bool = False,
     context_window: int | None = None,
+    background: str | None = None,
 ) -> Decoder:
     """The decoder a front end asked for: a decoder server's when `server` is a URL (then
     `model` names the served model to ask for, and `context_window` is its window in tokens
-    where the server does not report it), else `model` loaded in this process."""
+    where the server does not report it), else `model` loaded in this process: at once, or,
+    when `background` is given (the hint a failed load ends with), as a BackgroundDecoder."""
     if server:
         from codegen_repl.decoders.remote import RemoteDecoder
 
         name = str(model) if model else None
         return RemoteDecoder(server, api_key=api_key, model=name, context_window=context_window)
-    from codegen_repl.decoders.local import LocalDecoder  # imports JAX: only when asked for
 
-    return LocalDecoder.load(
-        model, dtype=dtype, int8=int8, compilation_cache=default_cache_dir() / "jax"
-    )
+    def load() -> Decoder:
+        from codegen_repl.decoders.local import LocalDecoder  # imports JAX: only when asked for
+
+        return LocalDecoder.load(
+            model, dtype=dtype, int8=int8, compilation_cache=default_cache_dir() / "jax"
+        )
+
+    def check() -> object:
+        from codegen_repl.model.checkpoint import resolve_checkpoint
+
+        return resolve_checkpoint(model)  # a bad path or an uncached hub id fails here
+
+    if background is None:
+        return load()
+    return BackgroundDecoder(load, str(model), background, check)
+
+
+LOAD_EXIT_WAIT_S = 60.0
+Status = Callable[[str], None]  # told when a call waits: "loading the model codegen-350M …"
+
+
+Prompt = str | Callable[[], str]  # a prompt, or how to build it (once the decoder can count)
+
+
+def prepare_decoder(decoder: Decoder, prompt: Prompt, sample: SampleParams) -> None:
+    """Tell `decoder` that the next request will be `prompt` plus a step, with `sample`'s n and
+    mode, so it can get ready in the background; decoders without `prepare` ignore it."""
+    prepare = getattr(decoder, "prepare", None)
+    if prepare is not None:
+        prepare(prompt, sample)
+
+
+class BackgroundDecoder:
+    """A Decoder that loads in a daemon thread: `loaded` says whether it is ready, `wait`
+    blocks until it is (telling `status` first); every Decoder call waits the same way, telling
+    `on_status`. A failed load raises, at each use, a CodeGenError that ends with `hint` (what to
+    do, e.g. "load another model with %model NAME")."""
+
+    def __init__(
+        self,
+        load: Callable[[], Decoder],
+        name: str,
+        hint: str = "",
+        check: Callable[[], object] | None = None,
+    ) -> None:
+        self.name, self.hint = name, hint
+        self._status: Status | None = None
+        self._check = check  # quick, before the load: is the model there at all?
+        self._checked: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._future: concurrent.futures.Future[Decoder] = concurrent.futures.Future()
+        self._prepared: tuple[Prompt, SampleParams] | None = None  # asked before the load ended
+        self._lock = threading.Lock()
+        self._decoder: Decoder | None = None  # set in the load thread, before _future
+        self._thread = threading.Thread(
+            target=self._load, args=(load,), name="model-load", daemon=True
+        )
+        self._thread.start()
+        # A daemon thread inside XLA when Python finalizes aborts the process: at exit, wait
+        # for the load (at most LOAD_EXIT_WAIT_S; a download is Python code, safe to abandon).
+        atexit.register(self._thread.join, LOAD_EXIT_WAIT_S)
+
+    def _load(self, load: Callable[[], Decoder]) -> None:
+        self._future.set_running_or_notify_cancel()
+        try:
+            if self._check is not None:
+                self._check()
+            self._checked.set_result(None)
+        except BaseException as error:
+            self._checked.set_exception(error)
+            self._future.set_exception(error)
+            return
+        try:
+            decoder = load()
+        except BaseException as error:  # reported at each use, see get()
+            self._future.set_exception(error)
+            return
+        self._decoder = decoder  # for the prompts built below (they count tokens)
+        while True:  # pass on what was asked meanwhile, then open the doors
+            with self._lock:
+                if hasattr(decoder, "on_status"):
+                    decoder.on_status = self._status  # type: ignore[attr-defined]
+                prepared, self._prepared = self._prepared, None
+                if prepared is None:
+                    self._future.set_result(decoder)
+                    return
+            with contextlib.suppress(Exception):  # only work ahead lost: the step does it
+                prepare_decoder(decoder, *prepared)
+
+    def checked(self) -> None:
+        """Block until the quick check before the load has passed; its error is raised as it
+        is (a front end that starts reports it as a bad option)."""
+        self._checked.result()
+
+    @property
+    def loaded(self) -> bool:
+        """Whether the load has ended (well or not: `get` then returns or raises at once)."""
+        return self._future.done()
+
+    def wait(self, status: Status | None = None, timeout: float | None = None) -> Decoder:
+        """The loaded decoder; while it loads, `status` is told once and the call blocks (at
+        most `timeout` seconds: TimeoutError). Raises the load's error as `get` does."""
+        if self._decoder is not None and threading.current_thread() is self._thread:
+            return self._decoder  # a prompt built for prepare, in the load thread
+        if not self._future.done() and status is not None:
+            status(f"loading the model {self.name} …")
+        try:
+            self._future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            raise TimeoutError(f"the model {self.name} is still loading") from None
+        except BaseException:
+            pass  # get() reports it
+        return self.get()
+
+    def get(self) -> Decoder:
+        """The decoder, once loaded (blocks until then); a failed load raises a CodeGenError."""
+        from codegen_repl.errors import CheckpointError, CodeGenError
+
+        hint = f" ({self.hint})" if self.hint else ""
+        try:
+            return self._future.result()
+        except CodeGenError as error:
+            raise type(error)(f"{error}{hint}") from error
+        except Exception as error:
+            raise CheckpointError(
+                f"could not load the model {self.name}: {type(error).__name__}: {error}{hint}"
+            ) from error
+
+    @property
+    def on_status(self) -> Status | None:
+        """Where waits are told, here and (once loaded) in the decoder's own waits (a local
+        decoder waiting for its background prefill)."""
+        return self._status
+
+    @on_status.setter
+    def on_status(self, status: Status | None) -> None:
+        with self._lock:
+            self._status = status
+            if self._future.done() and self._future.exception() is None:
+                decoder = self._future.result()
+                if hasattr(decoder, "on_status"):
+                    decoder.on_status = status  # type: ignore[attr-defined]
+
+    def prepare(self, prompt: Prompt, sample: SampleParams) -> None:
+        """Pass on to the decoder now, or once it has loaded (the latest ask wins; a callable
+        prompt is built then)."""
+        with self._lock:
+            if not self._future.done():
+                self._prepared = (prompt, sample)
+                return
+        if self._future.exception() is None:
+            prepare_decoder(self._future.result(), prompt, sample)
+
+    @property
+    def max_context(self) -> int:
+        return self.wait(self.on_status).max_context
+
+    def count_tokens(self, text: str) -> int:
+        return self.wait(self.on_status).count_tokens(text)
+
+    def describe(self) -> str:
+        return self.wait(self.on_status).describe()
+
+    def generate(self, prompt: str, sample: SampleParams) -> Iterator[str]:
+        return self.wait(self.on_status).generate(prompt, sample)
+
+    def complete(self, prompt: str, sample: SampleParams) -> list[str]:
+        return self.wait(self.on_status).complete(prompt, sample)
 
 
 @dataclasses.dataclass

@@ -20,8 +20,8 @@ if TYPE_CHECKING:
     from codegen_repl.core.session import Session
 
 CommandName = Literal[
-    "help", "undo", "retry", "edit", "run", "fix", "code", "context", "model", "set", "save",
-    "load", "reset", "mtpb", "exit",
+    "help", "undo", "drop", "retry", "edit", "run", "fix", "keep", "code", "context", "model",
+    "set", "save", "load", "reset", "mtpb", "exit",
 ]  # fmt: skip
 InputName = Literal[CommandName, "empty", "step", "user_code", "unknown"]
 COMMAND_NAMES: tuple[CommandName, ...] = get_args(CommandName)
@@ -94,13 +94,18 @@ class CommandInfo:
 COMMAND_TABLE: tuple[CommandInfo, ...] = (
     CommandInfo("help", "show this help"),
     CommandInfo("undo", "drop the last turn (the kernel forgets it too)"),
+    CommandInfo("drop", "delete turn N (default: the last); the kernel is rebuilt without it and "
+                "the later turns that ran are run again", "[N]"),
     CommandInfo("retry", "resample the last step (a new seed)"),
     CommandInfo("edit", "replace turn N's code (default: the last) with the lines after it "
                 "(or, in the terminal, $EDITOR), then re-run it and the later turns that ran",
                 "[N]"),
     CommandInfo("run", "run turn N again, now, without a replay (default: the last turn); a "
                 "declined turn runs on this request", "[N]"),
-    CommandInfo("fix", "add a step asking the model to fix the last error"),
+    CommandInfo("fix", "add a step asking the model to fix the last error (the failed turn is "
+                "kept in the context, so the model sees it)"),
+    CommandInfo("keep", "keep failed turn N (default: the last) in the model's context; a "
+                "failed turn is left out of it otherwise", "[N]"),
     CommandInfo("code", "show the whole program, numbered by turn"),
     CommandInfo("context", "show what the model sees, with its token count"),
     CommandInfo("model", "load another checkpoint folder or hub id", "NAME"),
@@ -126,7 +131,7 @@ def help_text(prefix: str = "/") -> str:
     for info in commands_for(prefix):
         head = f"{prefix}{info.name} {info.usage}".rstrip()
         rows.append(f"  {head:<24} {info.about}")
-    extra = [f"  {'!CODE':<24} run Python you wrote (`!` before each line); it enters the context"]
+    extra = [f"  {'!CODE':<24} run Python you wrote (! before each line); it enters the context"]
     if prefix == "%":
         extra.append(f"  {PYTHON_HEADER:<24} first line of a cell of Python you wrote")
     extra.append("  anything else is a step: the model writes its code")

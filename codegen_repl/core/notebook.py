@@ -36,6 +36,10 @@ TurnStatus = Literal[
 ]
 TURN_STATUSES: tuple[TurnStatus, ...] = get_args(TurnStatus)
 NOT_RUN: tuple[TurnStatus, ...] = ("skipped", "declined", "pending")
+# A turn whose code raised or did not finish: it stays (in the notebook, in `/code`), but it is
+# left out of the model's context unless the user keeps it (`/keep N`): a failed attempt must not
+# steer the next steps.
+FAILED: tuple[TurnStatus, ...] = ("error", "interrupted", "timeout", "died")
 DECLINED_TAG = "codegen-declined"  # the notebook tag of a declined turn's code cell
 DECLINED_NOTE = "(declined: this code was not run and is not part of the program)"
 SAVE_SUFFIXES = (".ipynb", ".py")
@@ -45,6 +49,7 @@ _CELL_FIELDS: dict[str, type | tuple[type, ...]] = {
     "sample": dict,
     "timings": dict,
     "message": str,
+    "kept": bool,
 }  # a session as a notebook, or its program
 
 
@@ -121,6 +126,7 @@ class Turn:
     sample: dict[str, Any] = dataclasses.field(default_factory=dict)
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
     message: str = ""  # what the executor had to say (a restart, a replay)
+    kept: bool = False  # a failed turn the user keeps in the model's context (`/keep N`)
 
     @property
     def text(self) -> TurnText:
@@ -130,6 +136,12 @@ class Turn:
     def in_program(self) -> bool:
         """Whether the turn is part of the program (every turn but a declined one)."""
         return self.status != "declined"
+
+    @property
+    def in_context(self) -> bool:
+        """Whether the model sees the turn: part of the program, and not failed (FAILED)
+        unless the user kept it."""
+        return self.in_program and (self.kept or self.status not in FAILED)
 
     @property
     def title(self) -> str:
@@ -150,8 +162,10 @@ def notebook_of(turns: list[Turn], settings: SessionSettings) -> nbformat.Notebo
     for turn in turns:
         if turn.step is not None:
             cells.append(nbformat.v4.new_markdown_cell(_step_markdown(turn)))
-        meta = {"step": turn.step, "status": turn.status, "sample": turn.sample,
+        meta: dict[str, Any] = {"step": turn.step, "status": turn.status, "sample": turn.sample,
                 "timings": turn.timings, "message": turn.message}  # fmt: skip
+        if turn.kept:
+            meta["kept"] = True
         metadata: dict[str, Any] = {NOTEBOOK_KEY: meta}
         if not turn.in_program:
             metadata["tags"] = [DECLINED_TAG]
@@ -224,6 +238,7 @@ def turns_from_cells(cells: list[Any]) -> Iterator[Turn]:
             sample=dict(meta.get("sample", {})),
             timings=dict(meta.get("timings", {})),
             message=meta.get("message", ""),
+            kept=meta.get("kept", False),
         )
 
 

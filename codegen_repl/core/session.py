@@ -10,7 +10,10 @@ Turns are numbered from 1 wherever a person sees or names them (`/undo`, `/edit 
 `/code`). Code that did not run is never run behind the user's back: every replay (undo, edit,
 resume) runs only turns whose status is "ok", each under the session's timeout. A declined
 turn (the user answered "no") is also left out of the program (context, `/code`, `.py`
-export); it stays in the notebook, marked, and `run_turn(N)` runs it on request.
+export); it stays in the notebook, marked, and `run_turn(N)` runs it on request. A turn whose code
+failed (raised, was interrupted, timed out, killed its kernel) stays in the notebook but leaves the
+model's context, so a failed attempt does not steer the next steps, unless the user keeps it
+(`keep(N)`, `/keep N`).
 """
 
 from __future__ import annotations
@@ -24,11 +27,12 @@ from typing import Literal
 
 import nbformat
 
-from codegen_repl.core.context import fit_context
-from codegen_repl.core.decoding import Decoder
+from codegen_repl.core.context import fit_context, step_line
+from codegen_repl.core.decoding import Decoder, prepare_decoder
 from codegen_repl.core.executor import Executor, RunResult
 from codegen_repl.core.interrupts import held_interrupts, interrupts_call
 from codegen_repl.core.notebook import (
+    FAILED,
     NOT_RUN,
     NOTEBOOK_KEY,
     SAVE_SUFFIXES,
@@ -76,20 +80,20 @@ class Session:
 
     # ------------------------------------------------------------------------- the model's view
 
-    def context(self, step: str) -> str:
-        """The prompt for `step`: prefix, every turn so far, then the step's comment line."""
+    def context(self, step: str, before: int | None = None) -> str:
+        """The prompt for `step`: prefix, the turns so far in the model's context (or those
+        before index `before`, for a turn that replaces another), then the step's comment
+        line."""
         budget = self.decoder.max_context - self.settings.sample.max_new_tokens
-        fitted = fit_context(
-            self.settings.prefix, [t.text for t in self.turns if t.in_program], step, budget,
-            self.decoder.count_tokens,
-        )  # fmt: skip
+        turns = [turn.text for turn in self.turns[:before] if turn.in_context]
+        fitted = fit_context(self.settings.prefix, turns, step, budget, self.decoder.count_tokens)
         self.warning = fitted.warning
         return fitted.text
 
     def program(self) -> str:
-        """The whole program as the model sees it (also the `.py` export); declined turns are
-        left out."""
-        turns = "".join(turn.text.render() for turn in self.turns if turn.in_program)
+        """The whole program as the model sees it (also the `.py` export); declined turns and
+        failed ones not kept are left out."""
+        turns = "".join(turn.text.render() for turn in self.turns if turn.in_context)
         return self.settings.prefix + turns
 
     def turn(self, number: int) -> Turn:
@@ -102,13 +106,15 @@ class Session:
 
     # ------------------------------------------------------------------------- turns
 
-    def generate(self, step: str, on_text: TextCallback | None = None) -> tuple[str, float]:
+    def generate(
+        self, step: str, on_text: TextCallback | None = None, before: int | None = None
+    ) -> tuple[str, float]:
         """The code for `step` (truncated by CodeGen's rules, without the blank lines the cut
-        leaves: the context adds its own) and the seconds it took."""
+        leaves: the context adds its own) and the seconds it took; `before`: see `context`."""
         sample = dataclasses.replace(self.settings.sample, codegen_rules=True, n=1)
         start = self._clock()
         pieces = []
-        for piece in self.decoder.generate(self.context(step), sample):
+        for piece in self.decoder.generate(self.context(step, before), sample):
             pieces.append(piece)
             if on_text:
                 on_text(piece)
@@ -139,9 +145,13 @@ class Session:
     ) -> Turn:
         """Record a step whose code was generated (and maybe edited) in `seconds`: run it,
         keep it unrun (`run` "skip" or False) or record it declined ("decline"); save."""
+        return self.keep(self.step_turn(step, code, seconds), on_output, run)
+
+    def step_turn(self, step: str, code: str, seconds: float) -> Turn:
+        """A new, not yet run turn for a step whose code was generated in `seconds`."""
         turn = Turn(step, code, sample=dataclasses.asdict(self.settings.sample))
         turn.timings["generate_s"] = round(seconds, 4)
-        return self.keep(turn, on_output, run)
+        return turn
 
     def run_code(self, code: str, on_output: OutputCallback | None = None) -> Turn:
         """A turn of code the user wrote: it runs and enters the context as code."""
@@ -196,16 +206,83 @@ class Session:
         self.notice, self.missing = self._rebuild_kernel(self.turns[:index])
         reruns = [(position == 0 and turn.status not in NOT_RUN) or turn.status in ("ok", "error")
                   for position, turn in enumerate(self.turns[index:])]  # fmt: skip
+        self._run_again(index, reruns, on_output, on_output)
+        return self.turns[index:]
+
+    def replace(
+        self,
+        number: int,
+        turn: Turn,
+        on_output: OutputCallback | None = None,
+        run: RunChoice = "run",
+    ) -> list[Turn]:
+        """Put `turn` (new, not run yet) in place of turn `number` (from 1), as a notebook
+        cell run again replaces its step: when any turn from `number` on had run, the kernel
+        is rebuilt from the "ok" turns before it; `turn` runs (or is recorded unrun, as `run`
+        says; its outputs go to `on_output`), then the later turns that ran to the end before
+        ("ok" or "error") run again, as after `edit`. Returns the turns from `number` on."""
+        index = self.turns.index(self.turn(number))
+        ran = any(later.status not in NOT_RUN for later in self.turns[index:])
+        self.turns[index] = turn
+        self.save()
+        self.notice, self.missing = self._rebuild_kernel(self.turns[:index]) if ran else ("", ())
+        if run != "run":
+            turn.status = "declined" if run == "decline" else "skipped"
+        reruns = [run == "run"] + [later.status in ("ok", "error")
+                                   for later in self.turns[index + 1 :]]  # fmt: skip
+        self._run_again(index, reruns, on_output, None)
+        return self.turns[index:]
+
+    def drop(self, number: int) -> tuple[Turn, list[Turn]]:
+        """Delete turn `number` (from 1): the kernel is rebuilt from the "ok" turns before it
+        when it or a later turn had run, and the later turns that ran to the end before run
+        again (as after `edit`). Returns the dropped turn and the turns after it."""
+        index = self.turns.index(self.turn(number))
+        if index == len(self.turns) - 1:
+            dropped = self.undo()
+            assert dropped is not None
+            return dropped, []
+        ran = any(later.status not in NOT_RUN for later in self.turns[index:])
+        dropped = self.turns.pop(index)
+        self.save()
+        if not ran:
+            return dropped, self.turns[index:]
+        self.notice, self.missing = self._rebuild_kernel(self.turns[:index])
+        reruns = [later.status in ("ok", "error") for later in self.turns[index:]]
+        self._run_again(index, reruns, None, None)
+        return dropped, self.turns[index:]
+
+    def keep_in_context(self, number: int, kept: bool = True) -> Turn:
+        """Put failed turn `number` back into the model's context (`kept` False: leave it out
+        again); saved. A ConfigError when the turn did not fail (it is in the context)."""
+        turn = self.turn(number)
+        if turn.status not in FAILED:
+            raise ConfigError(f"turn {number} did not fail ({turn.status}); only a failed turn "
+                              "is left out of the model's context")  # fmt: skip
+        turn.kept = kept
+        self.save()
+        return turn
+
+    def _run_again(
+        self,
+        index: int,
+        reruns: list[bool],
+        first_output: OutputCallback | None,
+        later_output: OutputCallback | None,
+    ) -> None:
+        """Run the turns from `index` on whose `reruns` entry is True (the first one's outputs
+        to `first_output`, the others' to `later_output`), saving after each; where the kernel
+        lacks earlier state (`notice`), run none: they are named in `missing` instead."""
         if self.notice:  # the kernel lacks earlier state: running later turns would mislead
             wanted = [index + 1 + at for at, rerun in enumerate(reruns) if rerun]
             self.missing = (*self.missing, *wanted)
             self.notice = f"{self.notice}; turns {_numbers(wanted)} were not run again"
-            return self.turns[index:]
-        for turn, rerun in zip(self.turns[index:], reruns, strict=True):
+            return
+        for position, (turn, rerun) in enumerate(zip(self.turns[index:], reruns, strict=True)):
             if rerun:
-                turn.record(self._run(turn.code, on_output))
+                output = first_output if position == 0 else later_output
+                turn.record(self._run(turn.code, output))
                 self.save()
-        return self.turns[index:]
 
     def run_turn(self, number: int, on_output: OutputCallback | None = None) -> Turn:
         """Run turn `number`'s code again, now, in the live kernel (no restart, no replay):
@@ -252,7 +329,26 @@ class Session:
             turn.status = "declined" if choice == "decline" else status
         self.turns.append(turn)
         self.save()
+        self.prepare_next()
         return turn
+
+    def prepare_next(self) -> None:
+        """Let the decoder get ready for the next step while the user types: a local decoder
+        prefills the context so far and compiles what a step after it runs (decoders/local.py);
+        a loading one does it once loaded. Returns at once."""
+        sample = dataclasses.replace(self.settings.sample, codegen_rules=True, n=1)
+        prepare_decoder(self.decoder, self._context_so_far, sample)
+
+    def _context_so_far(self) -> str:
+        """The context of the next step without its step line (what `context` will start
+        with), leaving `warning` as it is."""
+        budget = self.decoder.max_context - self.settings.sample.max_new_tokens
+        turns = [turn.text for turn in self.turns if turn.in_context]
+        try:
+            fitted = fit_context(self.settings.prefix, turns, "", budget, self.decoder.count_tokens)
+        except CodeGenError:  # nothing fits: the step itself will say so; prepare for nothing
+            return ""
+        return fitted.text.removesuffix(step_line(""))
 
     def _run(self, code: str, on_output: OutputCallback | None) -> RunResult:
         return self.executor.run(code, self.settings.timeout, on_output, self.on_input)
@@ -359,6 +455,7 @@ class Session:
         session = cls(decoder, executor, new_path or path, settings)
         session.turns = turns
         session.on_progress = on_progress
+        session.prepare_next()  # the decoder prefills the context while the kernel replays
         session.notice, session.missing = session._rebuild_kernel(session.turns)
         if new_path is not None:
             session.save()

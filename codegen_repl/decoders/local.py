@@ -4,6 +4,14 @@
 context: when the next prompt starts with the same tokens (the next turn of a session), only the
 new tokens are prefilled; after an undo or an edit it falls back to the longest common prefix.
 
+`prepare(prompt, sample)` gets ready for the next request while the user types: in one
+background thread it prefills `prompt` (the session so far) into the kept cache and compiles
+ahead of time (`jit(...).lower(...).compile()`) the programs a request that adds a step to it
+will run: the cache resize, the prefill widths 16/32/64, the decode chunk, for the one or two
+cache lengths (`cache_bucket`) that request can need. The request then compiles nothing. A
+request that comes while a job it needs still runs waits for it (telling `on_status`); queued
+jobs it does not need are dropped.
+
 `load_for_decoding` loads a checkpoint ready to decode (quantized when asked, split over the
 local devices when asked): the local decoder and the decoder server's engine both start from
 it, and both decode through model/sampling.py.
@@ -11,9 +19,16 @@ it, and both decode through model/sampling.py.
 
 from __future__ import annotations
 
+import atexit
+import concurrent.futures
 import dataclasses
-from collections.abc import Iterator
+import functools
+import queue
+import threading
+import weakref
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -22,21 +37,25 @@ import numpy as np
 from codegen_repl.core.decoding import SampleText
 from codegen_repl.core.truncation import Cutter
 from codegen_repl.errors import ConfigError
+from codegen_repl.model import cpu_matmul
 from codegen_repl.model.checkpoint import Params, load_model
 from codegen_repl.model.config import CodeGenConfig
-from codegen_repl.model.modeling import CodeGen, DecodeAttention, init_cache, quantize_int8
+from codegen_repl.model.modeling import CodeGen, DecodeAttention, quantize_int8
 from codegen_repl.model.sample_params import SampleParams
 from codegen_repl.model.sampling import (
     DecodeState,
     LogitsFn,
-    bucket,
+    cache_bucket,
     common_prefix,
     decode_chunk,
     decode_steps,
     default_chunk_size,
-    empty_state,
+    fresh_state,
+    lower_decode,
+    lower_prefill,
     model_logits_fn,
     prefill_prompt,
+    prefill_width,
     request_knobs,
     resize_state,
 )
@@ -70,9 +89,12 @@ class DecodingModel:
         int8: bool = False,
         decode_attention: DecodeAttention = "auto",
     ) -> DecodingModel:
-        """Wrap loaded params (of one dtype, the compute dtype); int8 quantizes them."""
+        """Wrap loaded params (of one dtype, the compute dtype); int8 quantizes them. bf16
+        params on a CPU with the C++ matmul compute in fp32: the kernel reads the bf16 weights,
+        and XLA's CPU backend runs fp32 faster than bf16 everywhere else."""
         dtype = jax.tree_util.tree_leaves(params)[0].dtype
-        model = CodeGen(config, int8, dtype, dtype, decode_attention)
+        compute = jnp.float32 if cpu_matmul.takes(dtype) else dtype
+        model = CodeGen(config, int8, compute, dtype, decode_attention)
         return cls(config, quantize_int8(params) if int8 else params, tokenizer, model)
 
     @property
@@ -113,16 +135,89 @@ def load_for_decoding(
     return dataclasses.replace(ready, params=params, cache_sharding=cache_sharding)
 
 
+Status = Callable[[str], None]  # "preparing the context": a request waits for background work
+# What a request that adds a step to a prepared context may add to it (tokens): the cache
+# lengths and prefill widths compiled ahead cover a step of up to this many tokens.
+STEP_TOKENS = 64
+AHEAD_WIDTHS = (16, 32, 64)  # the warm prefill widths compiled ahead, likeliest first
+# A program: ("prefill", length, rows, width, cold), ("decode", length, rows, steps, mode),
+# ("resize", from_rows, from_length, rows, length), ("fresh", rows, length); "context" is the
+# background prefill of a prepared prompt.
+Job = tuple[Any, ...]
+
+
+class Ahead:
+    """One thread running jobs in order, while there are any. Our own rather than a
+    ThreadPoolExecutor, whose idle workers live as long as it does. A daemon thread, so it never
+    keeps the process alive; but a daemon thread that is inside XLA when Python finalizes aborts
+    the process, so at exit the queued jobs are dropped and the running one is waited for."""
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[tuple[concurrent.futures.Future[None], Callable[[], None]]]
+        self._queue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        _RUNNING.add(self)
+
+    def submit(self, work: Callable[[], None]) -> concurrent.futures.Future[None]:
+        future: concurrent.futures.Future[None] = concurrent.futures.Future()
+        with self._lock:
+            self._queue.put((future, work))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="decoder-ahead", daemon=True)
+                self._thread.start()
+        return future
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                if self._queue.empty():
+                    self._thread = None
+                    return
+                future, work = self._queue.get()
+            if future.set_running_or_notify_cancel():
+                try:
+                    work()
+                    future.set_result(None)
+                except BaseException as error:  # kept on the future; the request redoes it
+                    future.set_exception(error)
+            del future, work  # the job's decoder is not kept alive by an idle thread
+
+    def stop(self) -> None:
+        """Drop the queued jobs and wait for the running one."""
+        with self._lock:
+            while not self._queue.empty():
+                self._queue.get()[0].cancel()
+            thread = self._thread
+        if thread is not None:
+            thread.join()
+
+
+_RUNNING: weakref.WeakSet[Ahead] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_ahead() -> None:
+    for ahead in list(_RUNNING):
+        ahead.stop()
+
+
 class LocalDecoder:
-    """CodeGen in this process: jitted prefill and chunked decode, with prefix reuse."""
+    """CodeGen in this process: jitted prefill and chunked decode, with prefix reuse, and the
+    next request's work done ahead (`prepare`)."""
 
     def __init__(self, ready: DecodingModel, chunk_size: int | None = None) -> None:
         self.ready = ready
         self.config, self.tokenizer, self.params = ready.config, ready.tokenizer, ready.params
         self.model, self.dtype, self.logits_fn = ready.model, ready.dtype, ready.logits_fn
         self.chunk_size = chunk_size or default_chunk_size()
+        self.on_status: Status | None = None  # told when a request waits for background work
         self._tokens: list[int] = []  # the tokens whose keys/values are in _kept
         self._kept: DecodeState | None = None  # row 0 of the last request
+        self._lock = threading.Lock()  # guards _kept/_tokens/_streaming between the threads
+        self._streaming = False  # a request owns the state (between _start and _keep)
+        self._ahead = Ahead()
+        self._jobs: dict[Job, concurrent.futures.Future[None]] = {}
 
     @classmethod
     def create(
@@ -163,7 +258,12 @@ class LocalDecoder:
         count = sum(int(leaf.size) for leaf in jax.tree_util.tree_leaves(self.params))
         device = jax.devices()[0]
         kind = getattr(device, "device_kind", "") or device.platform
-        return f"{count / 1e6:,.1f}M parameters · {device.platform.upper()} ({kind}) · {self.dtype}"
+        text = f"{count / 1e6:,.1f}M parameters · {device.platform.upper()} ({kind}) · {self.dtype}"
+        weights = "int8" if self.model.int8 else jnp.dtype(self.model.param_dtype).name
+        if device.platform == "cpu" and weights in ("int8", "bfloat16"):
+            note = "" if weights == self.dtype else f" · {weights} weights"
+            text += f"{note} · {cpu_matmul.status()}"  # which path the weights take
+        return text
 
     def reused_tokens(self, prompt_ids: list[int]) -> int:
         """How many leading tokens of `prompt_ids` the cache already holds."""
@@ -172,6 +272,151 @@ class LocalDecoder:
     def forget(self) -> None:
         """Drop the kept cache: the next request prefills its whole prompt."""
         self._tokens, self._kept = [], None
+
+    def cache_length(self, tokens: int) -> int:
+        """The cache length (positions) of a request that needs `tokens` positions."""
+        return cache_bucket(tokens, self.max_context)
+
+    # ------------------------------------------------------------------------- ahead
+
+    def prepare(self, prompt: str | Callable[[], str], sample: SampleParams) -> None:
+        """Get ready, in the background, for a request of `sample` (its n and mode) whose
+        prompt is `prompt` plus up to STEP_TOKENS tokens: prefill `prompt` into the kept
+        cache, then compile the programs that request runs. Returns at once; a request that
+        comes first takes over (see module docstring). Calling it again with the same prompt
+        costs nothing. A callable `prompt` is built here, in the caller's thread."""
+        text = prompt() if callable(prompt) else prompt
+        ids = self.tokenizer.encode(text) if text else []
+        steps = decode_steps(sample.max_new_tokens, self.chunk_size)
+        self._jobs = {
+            job: f for job, f in self._jobs.items() if job[0] != "context" or not f.done()
+        }
+        if ids and len(ids) + STEP_TOKENS + steps <= self.max_context:
+            self._submit(("context", tuple(ids), steps), lambda: self._prefill_ahead(ids, steps))
+        for job in self._plan(len(ids), sample.n, sample):
+            self._submit(job, functools.partial(self._compile, job, sample))
+
+    def wait_prepared(self) -> None:
+        """Block until the background work `prepare` asked for is done (benchmarks and tests
+        use it to stand for a user who types slower than the machine prepares)."""
+        concurrent.futures.wait(list(self._jobs.values()))
+
+    def _plan(self, base: int, rows: int, sample: SampleParams) -> list[Job]:
+        """The programs a request of `rows` rows on `base` + 1..STEP_TOKENS tokens runs, the
+        likeliest first."""
+        steps = decode_steps(sample.max_new_tokens, self.chunk_size)
+        kept = self.cache_length(base + 1 + steps)  # what _prefill_ahead leaves
+        lengths = dict.fromkeys(
+            self.cache_length(base + extra + steps) for extra in (1, STEP_TOKENS)
+        )
+        cold = base == 0
+        first: list[Job] = []
+        later: list[Job] = []
+        for length in lengths:
+            first += self._programs(rows, kept, length, cold, sample)[:4]
+            later += self._programs(rows, kept, length, cold, sample)[4:]
+        # The cache length after those: compiled while the user types the turns before it
+        # needs them (a 350M compile is seconds on a CPU; a turn's typing may be too short).
+        beyond = self.cache_length(max(lengths) + 1)
+        if beyond > max(lengths) and not cold:
+            resized = ("resize", 1, max(lengths), rows, beyond)
+            later += [resized, *self._programs(rows, kept, beyond, cold, sample)[1:4]]
+        return first + later
+
+    def _programs(
+        self, rows: int, kept: int, length: int, cold: bool, sample: SampleParams
+    ) -> list[Job]:
+        """A request's programs at one cache length: the one that gives it its state (when
+        there is one), prefill 16, decode, prefill 32, then prefill 64 and what _keep runs."""
+        start: Job = ("fresh", rows, length) if cold else ("resize", 1, kept, rows, length)
+        if not cold and (rows, length) == (1, kept):
+            start = ()
+        decode: Job = ("decode", length, rows, self.chunk_size, sample.mode)
+        widths = [("prefill", length, rows, width, cold) for width in AHEAD_WIDTHS]
+        keep: Job = ("resize", rows, length, 1, length) if rows > 1 else ()
+        return [job for job in (start, widths[0], decode, widths[1], widths[2], keep) if job]
+
+    def _submit(self, job: Job, work: Callable[[], None]) -> None:
+        known = self._jobs.get(job)
+        failed = (
+            known is not None and known.done() and not known.cancelled() and bool(known.exception())
+        )
+        if known is not None and not known.cancelled() and not failed:
+            return  # queued, running or done (a failed one is tried again)
+        self._jobs[job] = self._ahead.submit(work)
+
+    def _compile(self, job: Job, sample: SampleParams) -> None:
+        """Compile one program of `_plan` (no run, no memory for its inputs)."""
+        kind = job[0]
+        if kind == "fresh":
+            fresh_state.lower(self.config, job[1], job[2], self.dtype).compile()
+            return
+        if kind == "resize":
+            resize_state.lower(self._state_shape(job[1], job[2]), job[3], job[4]).compile()
+            return
+        state = self._state_shape(job[2], job[1])
+        if kind == "prefill":
+            lower_prefill(self.logits_fn, self.params, state, job[3], job[2], job[4]).compile()
+        else:
+            knobs = request_knobs(sample)  # also compiles the few small programs knobs run
+            lower_decode(self.logits_fn, self.params, state, knobs, job[3], job[4]).compile()
+
+    def _state_shape(self, rows: int, length: int) -> Any:
+        return jax.eval_shape(lambda: fresh_state(self.config, rows, length, self.dtype))
+
+    def _prefill_ahead(self, ids: list[int], steps: int) -> None:
+        """Prefill `ids` into the kept cache (unless a request owns the state, or the cache
+        holds them already)."""
+        with self._lock:
+            if self._streaming:
+                return
+            length = self.cache_length(len(ids) + 1 + steps)
+            if self._kept is not None and self._tokens[: len(ids)] == ids:
+                if self._start_job(1, length):  # held already: only the planned length
+                    self._kept = resize_state(self._kept, 1, length)
+                return
+            state, reuse = self._take(ids, 1, length)
+            self._kept = prefill_prompt(self.logits_fn, self.params, state, ids, reuse, [0], None)
+            self._tokens = list(ids)
+
+    def _take(self, prompt_ids: list[int], rows: int, length: int) -> tuple[DecodeState, int]:
+        """The kept state fitted to `rows` x `length` (or a fresh one) and how many tokens of
+        `prompt_ids` it holds; the decoder forgets it (it is donated next). Under _lock."""
+        reuse = self.reused_tokens(prompt_ids)
+        start = self._start_job(rows, length)
+        if not start:
+            assert self._kept is not None
+            state = self._kept
+        elif start[0] == "fresh":
+            state = fresh_state(self.config, rows, length, self.dtype)
+        else:
+            state = resize_state(self._kept, rows, length)
+        self.forget()
+        return state, reuse
+
+    def _start_job(self, rows: int, length: int) -> Job:
+        """The program that gives a request its state: a fresh one, a resize, or () (the kept
+        state has the request's shape)."""
+        if self._kept is None:
+            return ("fresh", rows, length)
+        have = (self._kept.position.shape[0], self._kept.cache[0].keys.shape[2])
+        return () if have == (rows, length) else ("resize", *have, rows, length)
+
+    def _wait_ahead(self, needed: Callable[[Job], bool]) -> None:
+        """Before a request: drop the queued background jobs (the request does what it needs
+        of them itself) and wait for the running one if the request `needed` it."""
+        running = []
+        for job, future in list(self._jobs.items()):
+            if future.done():
+                continue
+            if future.cancel():
+                del self._jobs[job]
+            elif needed(job):
+                running.append(future)
+        if running and not all(future.done() for future in running):
+            if self.on_status is not None:
+                self.on_status("getting the model ready for this context…")
+            concurrent.futures.wait(running)
 
     # ------------------------------------------------------------------------- text
 
@@ -232,21 +477,31 @@ class LocalDecoder:
 
     def _start(self, prompt_ids: list[int], sample: SampleParams) -> DecodeState:
         """n rows on the prompt: prefill what the kept cache lacks into row 0, copy it to all."""
-        length = bucket(len(prompt_ids) + decode_steps(sample.max_new_tokens, self.chunk_size))
-        reuse = self.reused_tokens(prompt_ids)
-        if self._kept is None:
-            cache = init_cache(self.config, sample.n, length, self.dtype)
-            state = empty_state(cache, self.config.vocab_size)
-        else:
-            state = resize_state(self._kept, sample.n, length)
-        self.forget()  # the state is donated below: own it until _keep
-        rows = list(range(sample.n))
-        return prefill_prompt(self.logits_fn, self.params, state, prompt_ids, reuse, rows)
+        steps = decode_steps(sample.max_new_tokens, self.chunk_size)
+        length, rows = self.cache_length(len(prompt_ids) + steps), sample.n
+        self._wait_ahead(lambda job: job[0] == "context")
+        with self._lock:
+            reuse = self.reused_tokens(prompt_ids)
+            width = prefill_width(len(prompt_ids) - reuse, length - reuse)
+            needed = {
+                self._start_job(rows, length),
+                ("prefill", length, rows, width, reuse == 0),
+                ("decode", length, rows, self.chunk_size, sample.mode),
+            }
+            self._wait_ahead(needed.__contains__)
+            state, reuse = self._take(prompt_ids, rows, length)
+            self._streaming = True
+        return prefill_prompt(
+            self.logits_fn, self.params, state, prompt_ids, reuse, list(range(rows)), None
+        )
 
     def _keep(self, state: DecodeState, prompt_ids: list[int], new: list[np.ndarray]) -> None:
         """Keep row 0 for the next request (unless an interrupt left the state donated)."""
-        if any(leaf.is_deleted() for leaf in jax.tree_util.tree_leaves(state)):
-            return
-        self._kept = resize_state(state, 1, state.cache[0].keys.shape[2])
-        row0 = np.concatenate(new, axis=1)[0].tolist() if new else []
-        self._tokens = list(prompt_ids) + row0
+        with self._lock:
+            self._streaming = False
+            if any(leaf.is_deleted() for leaf in jax.tree_util.tree_leaves(state)):
+                return
+            rows, length = state.position.shape[0], state.cache[0].keys.shape[2]
+            self._kept = state if rows == 1 else resize_state(state, 1, length)
+            row0 = np.concatenate(new, axis=1)[0].tolist() if new else []
+            self._tokens = list(prompt_ids) + row0

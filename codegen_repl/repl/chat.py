@@ -15,8 +15,9 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 from rich.text import Text
 
-from codegen_repl.core.commands import missing_text
+from codegen_repl.core.decoding import BackgroundDecoder
 from codegen_repl.core.notebook import new_session_path, written_here
+from codegen_repl.core.notebook_commands import missing_text
 from codegen_repl.core.session import Session, SessionSettings
 from codegen_repl.core.settings import (
     DEFAULT_IMAGES,
@@ -57,13 +58,14 @@ class ChatOptions:
         apply_setting(SessionSettings(), "ask", f"run={self.run_mode}")
         self.apply(SessionSettings())  # a bad value fails before the model loads
 
-    def open_decoder(self, model: str) -> Decoder:
-        """`model` in this process, or asked of the server when there is one."""
+    def open_decoder(self, model: str, background: str | None = None) -> Decoder:
+        """`model` in this process (loading in the background when `background`, the hint a
+        failed load ends with, is given), or asked of the server when there is one."""
         from codegen_repl.core.decoding import open_decoder
 
         return open_decoder(
             model, server=self.server, api_key=self.api_key, dtype=self.dtype,
-            context_window=self.context_window,
+            context_window=self.context_window, background=background,
         )  # fmt: skip
 
     def resume_options(self) -> str:
@@ -93,7 +95,10 @@ def run_chat(options: ChatOptions, console: Console | None = None) -> int:
     from codegen_repl.repl import input as terminal_input
 
     console = console or Console()
-    decoder = options.open_decoder(options.model)
+    # The model loads (and then compiles ahead) in the background: the prompt comes at once.
+    decoder = options.open_decoder(options.model, "load another model with /model NAME")
+    if isinstance(decoder, BackgroundDecoder):
+        decoder.on_status = lambda text: console.print(Text(text, style="dim"))
     path = (options.session or new_session_path(Path.cwd())).expanduser().resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     show_banner(console, options, decoder, path)
@@ -105,6 +110,8 @@ def run_chat(options: ChatOptions, console: Console | None = None) -> int:
         if not _open_foreign(console, ask, path, new_path):
             return 1
     with Executor(ExecutorConfig(cwd=path.parent)) as executor:
+        if isinstance(decoder, BackgroundDecoder):
+            decoder.checked()  # no such model: one clear error now, not at the first step
         renderer = Renderer(console, images_folder(new_path or path), options.theme,
                             options.images)  # fmt: skip
         resumed = path.exists()
@@ -116,6 +123,7 @@ def run_chat(options: ChatOptions, console: Console | None = None) -> int:
         renderer.finish()
         session.settings = options.apply(session.settings)
         session.save()
+        session.prepare_next()
         repl = Repl(
             session, console, options.run_mode, ask=ask,
             model_name=options.model or str(getattr(decoder, "model", "")),
@@ -160,7 +168,8 @@ def _open_foreign(
 def show_banner(console: Console, options: ChatOptions, decoder: Decoder, path: Path) -> None:
     """The model, what runs it and the session file. The decoder describes itself (a server's
     is asked first, so an unreachable one fails before anything is printed)."""
-    where = decoder.describe()
+    loading = not getattr(decoder, "loaded", True)
+    where = "the model loads in the background" if loading else decoder.describe()
     name = getattr(decoder, "model", None) if options.server else options.model
     console.print(Text("codegen-repl", style="bold"), Text(f"· {name or options.model}", "cyan"))
     console.print(Text(f"{where} · session {path}", style="dim"))

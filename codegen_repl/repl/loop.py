@@ -205,14 +205,15 @@ class Repl:
         self.commands.show_turns(turns, first, compact)
 
     def toolbar(self) -> str:
-        used, window = self.context_tokens(), self.session.decoder.max_context
+        decoder = self.session.decoder
+        if getattr(decoder, "loaded", True):
+            context = f"context {self.context_tokens()}/{decoder.max_context} tokens"
+        else:  # a BackgroundDecoder still loading: asking it would freeze the prompt
+            context = "loading the model"
         kernel = "up" if self.session.executor.alive else "down"
         count = len(self.session.turns)
         turns = f"{count} turn" if count == 1 else f"{count} turns"
-        return (
-            f" {self.model_name} · context {used}/{window} tokens · run {self.run_mode}"
-            f" · kernel {kernel} · {turns} "
-        )
+        return f" {self.model_name} · {context} · run {self.run_mode} · kernel {kernel} · {turns} "
 
     def context_tokens(self) -> int:
         program = self.session.program()

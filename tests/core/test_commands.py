@@ -217,7 +217,7 @@ def test_ask_is_refused_where_no_one_can_answer(repl: Repl, runner: KernelRunner
     assert repl.handle("/set run=ask") and repl.run_mode == "ask"
     repl.commands.run_mode = "auto"
     refused = runner.run_cell("%set run=ask", Collected())
-    assert refused.ename == "ConfigError" and "use run=auto or run=never" in refused.evalue
+    assert refused.ename == "UsageError" and "use run=auto or run=never" in refused.evalue
     assert runner.run_mode == "auto"
 
 

@@ -41,9 +41,22 @@ class Ran:
         return [c["data"]["text/plain"] for c in self.of("execute_result")]
 
 
-def run_cell(client: BlockingKernelClient, code: str, timeout: float = CELL_TIMEOUT_S) -> Ran:
-    """Execute `code` and wait for its reply and for the kernel to go idle."""
-    msg_id = client.execute(code, allow_stdin=False)
+def run_cell(
+    client: BlockingKernelClient,
+    code: str,
+    timeout: float = CELL_TIMEOUT_S,
+    cell_id: str | None = None,
+) -> Ran:
+    """Execute `code` and wait for its reply and for the kernel to go idle; with `cell_id`, the
+    request's metadata carries it as JupyterLab sends it (`metadata.cellId`)."""
+    if cell_id is None:
+        msg_id = client.execute(code, allow_stdin=False)
+    else:
+        content = {"code": code, "silent": False, "store_history": True, "user_expressions": {},
+                   "allow_stdin": False, "stop_on_error": True}  # fmt: skip
+        msg = client.session.msg("execute_request", content, metadata={"cellId": cell_id})
+        client.shell_channel.send(msg)
+        msg_id = msg["header"]["msg_id"]
     deadline = time.monotonic() + timeout
     messages = []
     while True:

@@ -10,9 +10,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
+from safetensors.numpy import load_file
 
 from codegen_repl.errors import ConfigError
-from codegen_repl.kernel.install import KernelInstall
+from codegen_repl.kernel.install import KernelInstall, parameter_count
+from codegen_repl.model.config import CodeGenConfig
 
 BIN = Path(sys.executable).parent
 
@@ -34,7 +37,16 @@ def test_install_kernel_into_a_prefix_is_listed_by_jupyter(tmp_path, chat_checkp
     assert spec["argv"][1:3] == ["-m", "codegen_repl.kernel"]
     assert Path(spec["argv"][0]).parent == BIN  # this environment's Python (python or python3)
     assert f"--CodeGenKernel.model={chat_checkpoint}" in spec["argv"]
-    assert spec["display_name"] == f"CodeGen ({chat_checkpoint.name})"
+    # the name says what the folder holds: its size, counted as its weights file counts it
+    weights = load_file(chat_checkpoint / "model.safetensors")
+    count = sum(tensor.size for tensor in weights.values())
+    assert parameter_count(json.loads((chat_checkpoint / "config.json").read_text())) == count
+    size = f"{count / 10**6:.1f}M"
+    assert spec["display_name"] == f"CodeGen ({chat_checkpoint.name}, {size} parameters)"
+    assert (folder / "logo-svg.svg").read_text().startswith("<svg")
+    for pixels in (32, 64):  # the names and sizes Jupyter looks for
+        with Image.open(folder / f"logo-{pixels}x{pixels}.png") as logo:
+            assert (logo.format, logo.size) == ("PNG", (pixels, pixels))
     assert (spec["language"], spec["interrupt_mode"]) == ("codegen", "signal")
     listed = run("jupyter", "kernelspec", "list", "--json",
                  env={"JUPYTER_PATH": str(tmp_path / "share" / "jupyter")})  # fmt: skip
@@ -94,3 +106,12 @@ def test_the_display_name_says_the_model(tmp_path, monkeypatch, model, server, s
     if model and "/" in model and not model.startswith("Salesforce"):
         (tmp_path / model).mkdir(parents=True)
     assert KernelInstall(model=model, server=server).spec()["display_name"] == f"CodeGen ({shown})"
+
+
+def test_a_published_shape_is_named_by_its_size(tmp_path) -> None:
+    folder = tmp_path / "checkpoint"  # a name that says nothing: the folder above is used
+    folder.mkdir()
+    config = CodeGenConfig.preset("350M").to_hf_dict()
+    (folder / "config.json").write_text(json.dumps(config | {"_name_or_path": "Salesforce/x"}))
+    shown = KernelInstall(model=str(folder)).spec()["display_name"]
+    assert shown == f"CodeGen ({tmp_path.name} from x, 357M parameters)"

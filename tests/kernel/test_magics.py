@@ -63,8 +63,10 @@ def test_insert_puts_the_code_into_the_next_cell_instead_of_running_it(ipython) 
     ran = run_cell(ipython, "%%codegen --insert\nsay hello")
     assert ran.status == "ok" and ran.stdout() == ""
     [payload] = ran.reply["payload"]
-    assert payload["source"] == "set_next_input"
+    assert (payload["source"], payload["replace"]) == ("set_next_input", False)  # a new cell
     assert payload["text"] == f"# say hello\n{PAIRS['say hello']}"
+    final = ran.of("update_display_data")[-1]["data"]  # says where the code went, not the code
+    assert final == {"text/markdown": "*inserted below*", "text/plain": "inserted below"}
 
 
 def test_errors_of_generated_code_fail_the_cell_with_its_own_traceback(ipython) -> None:
@@ -76,6 +78,33 @@ def test_errors_of_generated_code_fail_the_cell_with_its_own_traceback(ipython) 
     assert "run_cell_magic" not in traceback and "hidden" not in traceback
     assert [c["traceback"] for c in ran.of("error")] == [ran.reply["traceback"]]
     assert run_cell(ipython, "1 + 1").results() == ["2"]
+
+
+def test_a_failed_step_leaves_the_context_unless_kept_and_undo_drops(ipython) -> None:
+    assert run_cell(ipython, "%codegen_config reset").status == "ok"  # other tests' steps
+    assert run_cell(ipython, "%%codegen\ndivide by zero").status == "error"
+    context = "%codegen_config context"
+    assert "# divide by zero" not in run_cell(ipython, context).stdout()
+    assert (
+        "kept in the context: divide by zero" in run_cell(ipython, "%codegen_config keep").stdout()
+    )
+    assert "# divide by zero\n1 / 0\n" in run_cell(ipython, context).stdout()
+    undone = run_cell(ipython, "%codegen_config undo").stdout()
+    assert undone.startswith("dropped from the context: divide by zero")
+    assert "# divide by zero" not in run_cell(ipython, context).stdout()
+    none = run_cell(ipython, "%codegen_config keep")
+    assert none.reply["ename"] == "UsageError" and "no failed step" in none.stderr()
+
+
+def test_a_cell_run_again_replaces_its_entry(ipython) -> None:
+    for _ in range(2):
+        ran = run_cell(ipython, "%%codegen\nmake squares", cell_id="squares-cell")
+        assert ran.status == "ok", ran.reply
+        assert run_cell(ipython, "n = len(squares)", cell_id="len-cell").status == "ok"
+    context = run_cell(ipython, "%codegen_config context").stdout()
+    assert context.count("# make squares\n") == 1 and context.count("n = len(squares)") == 1
+    code = [c for c in ran.of("update_display_data") if "text/markdown" in c["data"]][-1]
+    assert code["data"]["text/markdown"] == f"```python\n{PAIRS['make squares']}\n```\n\n---"
 
 
 def test_the_step_reaches_the_model_verbatim_in_both_forms(ipython) -> None:
@@ -100,12 +129,14 @@ def test_the_step_reaches_the_model_verbatim_in_both_forms(ipython) -> None:
         "%%codegen say\nhello",
         "%codegen --bogus say hello",
         "%codegen -t say hello",
+        "%codegen",
     ],
 )
 def test_a_bad_option_is_one_usage_error_and_no_step_runs(ipython, cell: str) -> None:
     ran = run_cell(ipython, cell)
     assert (ran.status, ran.reply["ename"]) == ("error", "UsageError"), ran.reply
-    assert ran.stderr().startswith("UsageError: %%codegen: ") and ran.stderr().count("\n") == 1
+    assert ran.stderr().startswith("UsageError: ") and ran.stderr().count("\n") == 1
+    assert "%codegen" in ran.stderr() and "`" not in ran.stderr()
     assert ran.of("display_data", "update_display_data", "execute_result") == []
     assert ran.stdout() == ""
 

@@ -33,8 +33,9 @@ PROBLEM = {"id": 7, "name": "add two numbers", "category": "math", "description"
            "prompts": ["define add", "use add"], "inputs": [{}], "outputs": [5]}  # fmt: skip
 
 
-def generated(shown: nbformat.NotebookNode) -> str:
+def generated(outputs: list[nbformat.NotebookNode]) -> str:
     """The code the kernel showed for a step (a display, updated in place while streaming)."""
+    [shown] = [out for out in outputs if out.get("metadata", {}).get("codegen")]
     assert shown["metadata"]["codegen"]["generated_code"] is True
     return shown["data"]["text/plain"].rstrip("\n")
 
@@ -62,14 +63,19 @@ def test_nbclient_runs_a_notebook_of_steps(
         client.execute()
     cells = notebook.cells
 
-    assert generated(cells[1].outputs[0]) == PAIRS["define add"]
-    assert generated(cells[2].outputs[0]) == PAIRS["use add"]
+    # nbclient sends no cell ids: the first step says that each run adds a turn
+    assert cells[1].outputs[0]["text"].startswith("(this front end sent no cell id")
+    assert generated(cells[1].outputs) == PAIRS["define add"]
+    assert generated(cells[2].outputs) == PAIRS["use add"]
     assert cells[2].outputs[1] == {"output_type": "stream", "name": "stdout", "text": "5\n"}
     assert any("image/png" in out.get("data", {}) for out in cells[3].outputs), cells[3].outputs
     [error] = [out for out in cells[4].outputs if out["output_type"] == "error"]
     assert error["ename"] == "ZeroDivisionError"
     undo = "".join(out.get("text", "") for out in cells[5].outputs)
     assert "undone: turn 4 (divide by zero)" in undo  # numbered from 1
+    assert "(turn 4 failed: it is left out of the model's context;" in "".join(
+        out.get("text", "") for out in cells[4].outputs
+    )
     assert "restarting the kernel to replay 3 turns" in undo  # long work says so
     program = cells[6].outputs[0]["data"]["text/plain"]
     assert PAIRS["plot a line"] in program and PAIRS["divide by zero"] not in program
@@ -77,14 +83,15 @@ def test_nbclient_runs_a_notebook_of_steps(
     assert "up to 48 new tokens" in cells[8].outputs[-1]["text"]
 
     mtpb = cells[9].outputs
-    turns = [generated(out) for out in mtpb if out.get("metadata", {}).get("codegen")]
+    turns = [generated([out]) for out in mtpb if out.get("metadata", {}).get("codegen")]
     assert turns == [PAIRS["define add"], PAIRS["use add"]]
     assert "PASS: MTPB problem 7; got 5, expected 5" in mtpb[-1]["text"]
     mtpb_program = cells[10].outputs[0]["data"]["text/plain"]
     assert PAIRS["plot a line"] not in mtpb_program  # a fresh session, with the problem's turns
 
-    saved = nbformat.read(folder / "steps.codegen.ipynb", as_version=4)
+    autosaves = folder / ".codegen"  # hidden, out of the file browser's way
+    saved = nbformat.read(autosaves / "steps.ipynb", as_version=4)
     steps = [cell.source for cell in saved.cells if cell.cell_type == "markdown"]
     assert steps == ["define add", "use add", "plot a line"]
-    played = nbformat.read(folder / "steps.mtpb-7-0.ipynb", as_version=4)
+    played = nbformat.read(autosaves / "steps.mtpb-7-0.ipynb", as_version=4)
     assert [c.source for c in played.cells if c.cell_type == "markdown"] == PROBLEM["prompts"]

@@ -41,7 +41,7 @@ class CodeGenKernelTests(jupyter_kernel_test.KernelTests):
     code_display_data: ClassVar[list[Any]] = [
         {"code": "%%python\nfrom IPython.display import HTML\ndisplay(HTML('<b>x</b>'))",
          "mime": "text/html"},
-        {"code": "%code", "mime": "text/html"},
+        {"code": "%code", "mime": "text/markdown"},
     ]  # fmt: skip
     completion_samples: ClassVar[list[Any]] = [
         {"text": "%%python\nimport itertoo", "matches": {"itertools"}},
@@ -70,6 +70,16 @@ class CodeGenKernelTests(jupyter_kernel_test.KernelTests):
     def tearDownClass(cls) -> None:
         super().tearDownClass()
         cls._folder.cleanup()
+
+    def test_error(self) -> None:
+        """jupyter_kernel_test's check, less its "one output" rule: after the one error, the
+        kernel says (one stdout note) that the failed turn left the model's context."""
+        self.flush_channels()
+        reply, outputs = self.execute_helper(self.code_generate_error)
+        self.assertEqual(reply["content"]["status"], "error")
+        self.assertEqual([m["msg_type"] for m in outputs], ["error", "stream"])
+        self.assertEqual(outputs[0]["content"]["ename"], "ValueError")
+        self.assertIn("left out of the model's context", outputs[1]["content"]["text"])
 
 
 def test_the_executor_answers_completions_between_runs_only(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@ test is about timing (a generation that an interrupt stops half-way)."""
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -131,8 +132,9 @@ def test_magics_set_retry_save_context_and_help(runner, tmp_path) -> None:
     assert runner.run_cell("Set x.", frontend).status == "ok"
     assert "(not run: run=never" in frontend.kinds("stream")[-1][1]
     refused = runner.run_cell("%set run=ask", frontend)
-    assert refused.ename == "ConfigError" and "run=auto or run=never" in refused.evalue
+    assert refused.ename == "UsageError" and "run=auto or run=never" in refused.evalue
     assert runner.run_cell("%set run=auto\n%retry", frontend).status == "ok"
+    assert "retried with seed 1: the same code as before" in frontend.kinds("stream")[-1][1]
     session = runner.session
     assert session is not None and [t.status for t in session.turns] == ["ok"]
     assert session.turns[0].sample["seed"] == 1  # a retry samples with the next seed
@@ -141,9 +143,14 @@ def test_magics_set_retry_save_context_and_help(runner, tmp_path) -> None:
     assert runner.run_cell("%context", frontend).status == "ok"
     assert frontend.kinds("display")[-1]["text/plain"] == session.program()
     assert runner.run_cell("%help", frontend).status == "ok"
-    assert "%mtpb" in frontend.kinds("stream")[-1][1]
+    shown = frontend.kinds("stream")[-1][1]
+    for name in ("help", "undo", "drop", "retry", "edit", "run", "fix", "keep", "mtpb"):
+        assert len(re.findall(rf"^  %{name}\b", shown, re.MULTILINE)) == 1, name
+    assert "`" not in shown and "%exit" not in shown
     bad = runner.run_cell("%mtpb one", frontend)
-    assert bad.ename == "ConfigError" and "%mtpb N [K]" in bad.evalue
+    assert bad.ename == "UsageError" and "%mtpb N [K]" in bad.evalue
+    mixed = runner.run_cell("Print x.\n!print(x)", frontend)
+    assert mixed.ename == "UsageError" and "`" not in mixed.evalue
 
 
 def test_undo_shows_its_progress_and_an_interrupt_says_what_is_missing(runner) -> None:

@@ -1,0 +1,157 @@
+"""Weight-only int8 and bf16 matmuls on the CPU: a C++ kernel called through `jax.ffi`.
+
+XLA's CPU backend has no fast matrix-vector product for int8 or bf16 weights (it widens them
+to fp32 in memory first, which makes `--int8` decode slower than fp32). The extension
+`codegen_repl.model._cpu_matmul` (csrc/cpu_matmul.cc, built by `pip install` when a C++
+compiler is there) streams the narrow weights and widens them in registers, on XLA's own
+intra-op thread pool. Without the extension everything runs on the XLA path, and `status()`
+says so.
+
+The op: y [rows, N] fp32 = x [rows, K] fp32 @ w [K, N] (int8 or bf16), times one fp32 scale
+per output channel for int8 (`quantize_int8`). Activations and sums stay fp32, so the kernel
+and the XLA path differ only by fp32 rounding: |y - exact| <= gamma(K + 2) * sum_k |x_k w_kn|
+(gamma(n) = n u / (1 - n u), u = 2^-24; Higham, Accuracy and Stability of Numerical
+Algorithms, 2nd ed., section 3.1).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from types import ModuleType
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Above this many rows (a prefill) XLA's blocked fp32 matmul of the widened weights wins:
+# the kernel keeps no more than 4 rows in registers (measured in bench/decode.py `kernels`).
+MAX_ROWS = int(os.environ.get("CODEGEN_CPU_MATMUL_MAX_ROWS", "16"))
+TARGETS = {"int8": "codegen_matmul_int8", "bf16": "codegen_matmul_bf16"}
+INSTALL_HINT = (
+    "reinstall with a C++ compiler (e.g. `apt install g++` or Xcode's command line tools), "
+    "then `pip install -e .`"
+)
+
+
+@functools.cache
+def _extension() -> tuple[ModuleType | None, str]:
+    """The loaded extension with its FFI targets registered, or None and why not."""
+    if os.environ.get("CODEGEN_CPU_MATMUL", "1") == "0":
+        return None, "turned off by CODEGEN_CPU_MATMUL=0"
+    try:
+        from codegen_repl.model import _cpu_matmul  # type: ignore[attr-defined]
+    except ImportError as missing:
+        return None, f"the C++ extension is not built ({missing}); {INSTALL_HINT}"
+    if not _registered:  # once per process, even if the cache above is cleared
+        for kind, capsule in _cpu_matmul.handlers().items():
+            jax.ffi.register_ffi_target(TARGETS[kind], capsule, platform="cpu")
+        _registered.append(True)
+    return _cpu_matmul, ""
+
+
+_registered: list[bool] = []
+
+
+def available() -> bool:
+    """Whether the C++ kernel is loaded (whatever the backend)."""
+    return _extension()[0] is not None
+
+
+def status() -> str:
+    """One line for the banner and `generate --verbose`: which path int8/bf16 weights take."""
+    module, why_not = _extension()
+    if module is None:
+        return f"int8/bf16 CPU matmul: XLA ({why_not})"
+    return f"int8/bf16 CPU matmul: C++ kernel ({module.isa()}, XLA's thread pool)"
+
+
+def set_isa(name: str) -> str:
+    """Use 'best' or a named instruction set ('avx512', 'avx2', 'generic') from now on; returns
+    the one in use. Raises RuntimeError without the extension, ValueError if the CPU lacks it."""
+    module, why_not = _extension()
+    if module is None:
+        raise RuntimeError(why_not)
+    return module.set_isa(name)
+
+
+def takes(weight_dtype: jnp.dtype) -> bool:
+    """Whether weights of `weight_dtype` take the kernel in decode steps (on this backend)."""
+    narrow = weight_dtype in (jnp.int8, jnp.bfloat16)
+    return narrow and jax.default_backend() == "cpu" and available()
+
+
+def applies(weight_dtype: jnp.dtype, rows: int) -> bool:
+    """Whether a Linear with weights of `weight_dtype` over `rows` rows takes the kernel."""
+    return rows <= MAX_ROWS and takes(weight_dtype)
+
+
+def reference(x: jax.Array, w: jax.Array, scale: jax.Array | None) -> jax.Array:
+    """The XLA path of the same op: x [rows, K] @ float32(w) [K, N] (* scale [N]), fp32."""
+    y = jnp.dot(x, w.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+    return y if scale is None else y * scale
+
+
+def _call(x: jax.Array, w: jax.Array, scale: jax.Array | None) -> jax.Array:
+    out = jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), jnp.float32)
+    if scale is None:
+        return jax.ffi.ffi_call(TARGETS["bf16"], out, vmap_method="sequential")(x, w)
+    return jax.ffi.ffi_call(TARGETS["int8"], out, vmap_method="sequential")(x, w, scale)
+
+
+@jax.custom_vjp
+def _matmul(x: jax.Array, w: jax.Array, scale: jax.Array | None) -> jax.Array:
+    return _call(x, w, scale)
+
+
+def _matmul_fwd(x: jax.Array, w: jax.Array, scale: jax.Array | None) -> tuple:
+    return _call(x, w, scale), (x, w, scale)
+
+
+def _matmul_bwd(residuals: tuple, grad: jax.Array) -> tuple:
+    # Gradients (rare: fine-tuning bf16 weights on a CPU) through the XLA path's own VJP.
+    return jax.vjp(reference, *residuals)[1](grad)
+
+
+_matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+def matmul(x: jax.Array, w: jax.Array, scale: jax.Array | None = None) -> jax.Array:
+    """y [rows, N] fp32 = x [rows, K] @ w [K, N] (int8 with scale [N], or bf16 without).
+
+    Runs the C++ kernel; callers check `applies` first (it needs the extension and the CPU
+    backend). x is taken in any float dtype and widened to fp32.
+    Raises ValueError for shapes or dtypes the kernel does not take, RuntimeError (saying how
+    to build it) without the extension.
+    """
+    module, why_not = _extension()  # registers the FFI targets before the first call
+    if module is None:
+        raise RuntimeError(why_not)
+    if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[0]:
+        raise ValueError(f"matmul takes x [rows, K] and w [K, N], got {x.shape} and {w.shape}")
+    if (w.dtype == jnp.int8) != (scale is not None) or w.dtype not in (jnp.int8, jnp.bfloat16):
+        raise ValueError(f"matmul takes int8 weights with a scale or bf16 without, got {w.dtype}")
+    if scale is not None:
+        scale = scale.reshape(-1).astype(jnp.float32)
+    return _matmul(x.astype(jnp.float32), w, scale)
+
+
+def linear(x: jax.Array, kernel: jax.Array, scale: jax.Array | None, in_axes: int) -> jax.Array:
+    """`Linear`'s contraction through the kernel: x [..., *in] @ kernel [*in, *out] -> [..., *out]
+    fp32 (reshapes only: XLA makes them free for row-major arrays)."""
+    lead, inner = x.shape[: x.ndim - in_axes], kernel.shape[:in_axes]
+    features = kernel.shape[in_axes:]
+    rows, k, n = math.prod(lead), math.prod(inner), math.prod(features)
+    y = matmul(x.reshape(rows, k), kernel.reshape(k, n), scale)
+    return y.reshape(*lead, *features)
+
+
+def max_error_bound(x: np.ndarray, w: np.ndarray, scale: np.ndarray | None = None) -> np.ndarray:
+    """The fp32 rounding bound above, per output [rows, N]: gamma(K + 2) * sum_k |x_k w_kn|
+    (* |scale_n|), computed in float64."""
+    k = x.shape[1]
+    unit = 2.0**-24
+    gamma = (k + 2) * unit / (1 - (k + 2) * unit)
+    bound = np.abs(x.astype(np.float64)) @ np.abs(w.astype(np.float64))
+    return gamma * (bound if scale is None else bound * np.abs(scale.astype(np.float64)))

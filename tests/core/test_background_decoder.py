@@ -1,0 +1,81 @@
+"""BackgroundDecoder: the front ends' decoder while the model loads in a thread (a real
+LocalDecoder loading a real checkpoint, held back by an event where a test needs it slow)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from codegen_repl.core.decoding import BackgroundDecoder, open_decoder
+from codegen_repl.decoders.local import LocalDecoder
+from codegen_repl.errors import CheckpointError
+from codegen_repl.model.sample_params import SampleParams
+
+SAMPLE = SampleParams(max_new_tokens=8)
+
+
+def held_load(folder: Path, gate: threading.Event) -> BackgroundDecoder:
+    def load() -> LocalDecoder:
+        assert gate.wait(60), "the test never let the load go on"
+        return LocalDecoder.load(folder)
+
+    return BackgroundDecoder(load, "tiny", "load another model with /model NAME")
+
+
+def eventually(condition, seconds: float = 30.0) -> bool:  # type: ignore[no-untyped-def]
+    end = time.monotonic() + seconds
+    while not condition() and time.monotonic() < end:
+        time.sleep(0.01)
+    return bool(condition())
+
+
+def test_a_step_waits_for_the_load_visibly_then_decodes(chat_checkpoint: Path) -> None:
+    gate, told, got = threading.Event(), list[str](), list[str]()
+    decoder = held_load(chat_checkpoint, gate)
+    decoder.on_status = told.append
+    assert not decoder.loaded
+    step = threading.Thread(target=lambda: got.extend(decoder.generate("import os\n", SAMPLE)))
+    step.start()
+    assert eventually(lambda: told == ["loading the model tiny …"])
+    assert step.is_alive() and not got  # waiting, not decoding
+    gate.set()
+    step.join(120)
+    assert decoder.loaded and not step.is_alive()
+    assert "".join(got) == "".join(
+        LocalDecoder.load(chat_checkpoint).generate("import os\n", SAMPLE)
+    )
+
+
+def test_prepare_asked_during_the_load_is_done_after_it(chat_checkpoint: Path) -> None:
+    gate = threading.Event()
+    decoder = held_load(chat_checkpoint, gate)
+    decoder.prepare(lambda: "import math\n", SAMPLE)  # built once the model can count
+    gate.set()
+    loaded = decoder.wait()
+    assert isinstance(loaded, LocalDecoder)
+    loaded.wait_prepared()
+    assert loaded._tokens == loaded.tokenizer.encode("import math\n")
+
+
+def test_a_model_that_is_not_there_fails_at_the_check_and_at_each_use(tmp_path: Path) -> None:
+    decoder = open_decoder(tmp_path / "nothing", background="load another model with /model NAME")
+    assert isinstance(decoder, BackgroundDecoder)
+    with pytest.raises(CheckpointError, match="neither a folder nor a hub id"):
+        decoder.checked()
+    with pytest.raises(
+        CheckpointError, match=r"neither a folder.*\(load another model with /model"
+    ):
+        decoder.generate("x = 1\n", SAMPLE)
+    assert decoder.loaded  # ended: the next use raises at once
+
+
+def test_wait_with_a_timeout_says_the_model_is_still_loading(chat_checkpoint: Path) -> None:
+    gate = threading.Event()
+    decoder = held_load(chat_checkpoint, gate)
+    with pytest.raises(TimeoutError, match="the model tiny is still loading"):
+        decoder.wait(timeout=0.05)
+    gate.set()
+    assert isinstance(decoder.wait(), LocalDecoder)

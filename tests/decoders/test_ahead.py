@@ -1,0 +1,107 @@
+"""LocalDecoder.prepare: once the background work is done, the turns of a growing session
+compile nothing (counted with JAX's own compile events, not timed) and decode as before."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator
+from pathlib import Path
+
+import jax
+import pytest
+
+from codegen_repl.decoders.local import STEP_TOKENS, LocalDecoder
+from codegen_repl.model.checkpoint import load_model
+from codegen_repl.model.sample_params import SampleParams
+from codegen_repl.model.sampling import decode_chunk, fresh_state, prefill_rows, resize_state
+from codegen_repl.model.tokenizer import CodeGenTokenizer
+
+SAMPLE = SampleParams(max_new_tokens=16, codegen_rules=True)
+STEPS = [f"step {n}: make the list {'longer ' * (n % 3)}and print it" for n in range(7)]
+
+
+@contextlib.contextmanager
+def compiles() -> Iterator[list[str]]:
+    """The functions JAX traces and compiles inside the block (any jit cache miss)."""
+    seen: list[str] = []
+
+    def listen(event: str, duration: float, **kwargs: object) -> None:
+        if event == "/jax/core/compile/jaxpr_trace_duration":
+            seen.append(str(kwargs.get("fun_name", "?")))
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        yield seen
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+
+
+def long_context_decoder(folder: Path) -> LocalDecoder:
+    """The chat checkpoint with a 1024-token window (rotary positions have no limit), so a
+    session crosses cache lengths (192 -> 256 -> 384)."""
+    loaded = load_model(folder)
+    config = dataclasses.replace(loaded.config, max_positions=1024)
+    return LocalDecoder.create(config, loaded.params, CodeGenTokenizer.from_dir(folder))
+
+
+def test_prepared_turns_compile_nothing(chat_checkpoint: Path) -> None:
+    for program in (prefill_rows, decode_chunk, resize_state, fresh_state):
+        program.clear_cache()  # what other tests compiled must not hide a compile here
+    decoder = long_context_decoder(chat_checkpoint)
+    context, lengths = "import math\n", set()
+    while decoder.count_tokens(context) < 170:  # a few turns cross cache lengths
+        context += "x = [1, 2, 3]\nprint(x)\n\n"
+    for step in STEPS[:4]:
+        decoder.prepare(context, SAMPLE)
+        decoder.wait_prepared()  # a user who types slower than the machine prepares
+        prompt = f"{context}# {step}\n"
+        assert decoder.count_tokens(prompt) - decoder.count_tokens(context) <= STEP_TOKENS
+        with compiles() as compiled:
+            code = "".join(decoder.generate(prompt, SAMPLE))
+        assert compiled == [], f"turn {step!r} compiled {compiled}"
+        lengths.add(decoder._kept.cache[0].keys.shape[2])  # type: ignore[union-attr]
+        context = f"{prompt}{code.rstrip()}\n\n"
+    assert len(lengths) >= 2, lengths  # the session grew across a cache length
+
+
+def test_prepared_turns_give_the_tokens_of_cold_runs(chat_checkpoint: Path) -> None:
+    warm, cold = long_context_decoder(chat_checkpoint), long_context_decoder(chat_checkpoint)
+    context = "import math\n"
+    for step in STEPS[:2]:
+        warm.prepare(context, SAMPLE)
+        prompt = f"{context}# {step}\n"
+        code = "".join(warm.generate(prompt, SAMPLE))  # may overtake the background work
+        cold.forget()
+        assert code == "".join(cold.generate(prompt, SAMPLE))
+        context = f"{prompt}{code.rstrip()}\n\n"
+
+
+def test_a_request_waits_for_the_context_prefill_and_says_so(chat_checkpoint: Path) -> None:
+    decoder = long_context_decoder(chat_checkpoint)
+    told: list[str] = []
+    decoder.on_status = told.append
+    context = "import math\n" + "x = [1, 2, 3]\nprint(x)\n\n" * 20
+    with decoder._lock:  # the context prefill cannot finish before the request comes
+        decoder.prepare(context, SAMPLE)
+        job = next(future for key, future in decoder._jobs.items() if key[0] == "context")
+        while not job.running():
+            pass
+    code = "".join(decoder.generate(f"{context}# {STEPS[0]}\n", SAMPLE))
+    assert told == ["getting the model ready for this context…"]
+    assert decoder.reused_tokens(decoder.tokenizer.encode(context)) > 0 and code is not None
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_prepare_plans_the_programs_of_a_request(chat_checkpoint: Path, rows: int) -> None:
+    decoder = long_context_decoder(chat_checkpoint)
+    sample = dataclasses.replace(SAMPLE, n=rows, temperature=0.5)
+    plan = decoder._plan(200, rows, sample)
+    steps = 16  # 16 new tokens, chunks of 4
+    next_lengths = [decoder.cache_length(200 + extra + steps) for extra in (1, STEP_TOKENS)]
+    assert next_lengths == [256, 384]
+    # the next request's two cache lengths, then the one after them (compiled while the user
+    # types the turns before it needs it)
+    assert [job[1] for job in plan if job[0] == "decode"] == [256, 384, 512]
+    assert {job[3] for job in plan if job[0] == "prefill"} == {16, 32, 64}
+    assert all(job[2] == rows for job in plan if job[0] in ("prefill", "decode"))

@@ -1,0 +1,239 @@
+"""The C++ int8/bf16 CPU matmul (model/cpu_matmul.py, csrc/): exactness within fp32 rounding,
+every instruction set this CPU has, the model's greedy tokens, and the XLA fallback.
+
+Error bounds (never loosened; see cpu_matmul.max_error_bound):
+- against the exact product of the stored weights (float64 of x @ dequantized w): the fp32
+  summation bound gamma(K + 2) * sum_k |x_k w_kn| per output;
+- against the unquantized fp32 weights: that plus the quantization's own error, at most
+  scale_n / 2 per int8 weight (round to nearest) and 2^-8 |w| per bf16 weight (8
+  significant bits, round to nearest).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from codegen_repl.model import cpu_matmul
+from codegen_repl.model.config import CodeGenConfig
+from codegen_repl.model.modeling import quantize_int8
+from codegen_repl.model.sample_params import SampleParams
+from tests.conftest import decoded_ids, local_decoder
+
+pytestmark = pytest.mark.skipif(
+    jax.default_backend() != "cpu", reason="a CPU kernel: the tests run on the CPU backend"
+)
+needs_kernel = pytest.mark.skipif(
+    not cpu_matmul.available(), reason="the C++ extension is not built (no compiler at install)"
+)
+
+
+def instruction_sets() -> list[str]:
+    if not cpu_matmul.available():
+        return []
+    found = []
+    for name in ("avx512", "avx2", "generic"):
+        with contextlib.suppress(ValueError):  # this CPU lacks it
+            found.append(cpu_matmul.set_isa(name))
+    cpu_matmul.set_isa("best")
+    return found
+
+
+@pytest.fixture(params=instruction_sets() or ["none"])
+def isa(request):
+    if request.param == "none":
+        pytest.skip("the C++ extension is not built (no compiler at install)")
+    yield cpu_matmul.set_isa(request.param)
+    cpu_matmul.set_isa("best")
+
+
+def random_weights(k: int, n: int, kind: str, seed: int = 0):
+    """(fp32 weights, stored weights, scale or None) as quantize_int8 / a bf16 load makes them."""
+    w32 = np.random.default_rng(seed).standard_normal((k, n), np.float32) * 0.05
+    if kind == "bf16":
+        return w32, w32.astype(ml_dtypes.bfloat16), None
+    q = quantize_int8({"kernel": jnp.asarray(w32)})
+    return w32, np.asarray(q["kernel"]), np.asarray(q["scale"])
+
+
+def exact(x: np.ndarray, w: np.ndarray, scale: np.ndarray | None) -> np.ndarray:
+    y = x.astype(np.float64) @ w.astype(np.float64)
+    return y if scale is None else y * scale.astype(np.float64)
+
+
+def check(x: np.ndarray, w32: np.ndarray, w: np.ndarray, scale: np.ndarray | None, y) -> None:
+    y = np.asarray(y, np.float64)
+    bound = cpu_matmul.max_error_bound(x, w, scale)
+    assert np.all(np.abs(y - exact(x, w, scale)) <= bound)
+    if scale is None:  # bf16: round to nearest, 8 significant bits: unit roundoff 2^-8
+        quantization = 2.0**-8 * (np.abs(x.astype(np.float64)) @ np.abs(w32.astype(np.float64)))
+    else:
+        quantization = np.abs(x.astype(np.float64)).sum(1, keepdims=True) * scale / 2
+    fp32_rounding = cpu_matmul.max_error_bound(x, w32)
+    assert np.all(np.abs(y - exact(x, w32, None)) <= bound + quantization + fp32_rounding)
+
+
+@needs_kernel
+@pytest.mark.parametrize("kind", ["int8", "bf16"])
+@pytest.mark.parametrize("k, n", [(1, 1), (5, 17), (37, 53), (64, 1003), (130, 16), (259, 2049)])
+def test_odd_shapes_every_row_count(isa: str, kind: str, k: int, n: int) -> None:
+    w32, w, scale = random_weights(k, n, kind)
+    call = jax.jit(cpu_matmul.matmul)
+    for rows in range(1, 17):
+        x = np.random.default_rng(rows).standard_normal((rows, k), np.float32)
+        y = call(jnp.asarray(x), jnp.asarray(w), None if scale is None else jnp.asarray(scale))
+        check(x, w32, w, scale, y)
+
+
+@needs_kernel
+@pytest.mark.parametrize("kind", ["int8", "bf16"])
+def test_agrees_with_the_xla_path(isa: str, kind: str) -> None:
+    """Both sum in fp32: each is within the bound of the exact result, so within twice of the
+    other."""
+    _, w, scale = random_weights(300, 700, kind)
+    x = np.random.default_rng(1).standard_normal((7, 300), np.float32)
+    args = (jnp.asarray(x), jnp.asarray(w), None if scale is None else jnp.asarray(scale))
+    ours, xla = jax.jit(cpu_matmul.matmul)(*args), jax.jit(cpu_matmul.reference)(*args)
+    gap = np.abs(np.asarray(ours, np.float64) - np.asarray(xla, np.float64))
+    assert np.all(gap <= 2 * cpu_matmul.max_error_bound(x, w, scale))
+
+
+SIZES = {  # hidden size of every CodeGen-1 size: qkv, fc_in and fc_out shapes
+    size: CodeGenConfig.preset(size).hidden_size for size in ("350M", "2B", "6B", "16B")
+}
+
+
+@needs_kernel
+@pytest.mark.parametrize("size", list(SIZES))
+def test_shapes_of_every_codegen_size(size: str) -> None:
+    """Full qkv, fc_in and fc_out shapes (1 and 16 rows); the float64 reference is computed
+    for 160 of the output columns, the last 32 among them (the column tail and last chunk)."""
+    hidden = SIZES[size]
+    rng = np.random.default_rng(6)
+    for k, n in ((hidden, 3 * hidden), (hidden, 4 * hidden), (4 * hidden, hidden)):
+        stored = {"int8": rng.integers(-127, 128, (k, n), dtype=np.int8)}
+        if hidden <= 2560:  # bf16 16B fc_in is 300 MB: int8 only there
+            stored["bf16"] = rng.standard_normal((k, n), np.float32).astype(ml_dtypes.bfloat16)
+        cols = np.concatenate([rng.choice(n - 32, 128, replace=False), np.arange(n - 32, n)])
+        for kind, w in stored.items():
+            scale = rng.uniform(1e-3, 1e-2, n).astype(np.float32) if kind == "int8" else None
+            for rows in (1, 16):
+                x = rng.standard_normal((rows, k), np.float32)
+                y = jax.jit(cpu_matmul.matmul)(
+                    jnp.asarray(x), jnp.asarray(w), None if scale is None else jnp.asarray(scale)
+                )
+                picked = None if scale is None else scale[cols]
+                error = np.abs(np.asarray(y)[:, cols] - exact(x, w[:, cols], picked))
+                assert np.all(error <= cpu_matmul.max_error_bound(x, w[:, cols], picked))
+
+
+@needs_kernel
+def test_non_contiguous_inputs() -> None:
+    """Transposed and strided operands: XLA hands the kernel row-major copies."""
+    w32, w, scale = random_weights(96, 80, "int8")
+    big = np.random.default_rng(2).standard_normal((3, 2 * 96), np.float32)
+
+    @jax.jit
+    def strided(big, w_transposed, scale):
+        return cpu_matmul.matmul(big[:, 1::2], w_transposed.T, scale)
+
+    y = strided(jnp.asarray(big), jnp.asarray(np.ascontiguousarray(w.T)), jnp.asarray(scale))
+    check(np.ascontiguousarray(big[:, 1::2]), w32, w, scale, y)
+
+
+def test_bad_operands_say_what_is_taken() -> None:
+    x = jnp.ones((2, 8), jnp.float32)
+    with pytest.raises(ValueError, match=r"x \[rows, K\] and w \[K, N\]"):
+        cpu_matmul.matmul(x, jnp.ones((9, 4), jnp.int8), jnp.ones(4))
+    with pytest.raises(ValueError, match="int8 weights with a scale or bf16 without"):
+        cpu_matmul.matmul(x, jnp.ones((8, 4), jnp.int8), None)
+
+
+@needs_kernel
+def test_gradients_flow_through_the_xla_path() -> None:
+    w = jnp.asarray(np.random.default_rng(3).standard_normal((8, 5)), jnp.bfloat16)
+    x = jnp.asarray(np.random.default_rng(4).standard_normal((2, 8)), jnp.float32)
+    ours = jax.grad(lambda x, w: cpu_matmul.matmul(x, w).sum(), argnums=(0, 1))(x, w)
+    xla = jax.grad(lambda x, w: cpu_matmul.reference(x, w, None).sum(), argnums=(0, 1))(x, w)
+    for a, b in zip(ours, xla, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+# ------------------------------------------------------------------ the model
+
+
+def greedy(checkpoint, tokenizer_files, **options) -> tuple[list[list[int]], str]:
+    """Greedy tokens of a fresh decoder, and its decode step's HLO (to see which path ran)."""
+    jax.clear_caches()  # a compiled step of the other path must not be reused
+    decoder = local_decoder(checkpoint, tokenizer_files, **options)
+    prompt = np.random.default_rng(5).integers(0, 1000, 11).tolist()
+    ids = decoded_ids(decoder, prompt, SampleParams(16))
+    step = jax.jit(decoder.model.apply).lower(
+        {"params": decoder.params}, jnp.zeros((1, 1), jnp.int32)
+    )
+    return ids, step.as_text()
+
+
+@needs_kernel
+@pytest.mark.parametrize("options", [{"int8": True}, {"dtype": "bfloat16"}])
+def test_greedy_tokens_equal_on_both_paths(
+    tiny_checkpoint, tokenizer_files, monkeypatch, options
+) -> None:
+    target = cpu_matmul.TARGETS["int8" if options.get("int8") else "bf16"]
+    kernel_ids, kernel_hlo = greedy(tiny_checkpoint, tokenizer_files, **options)
+    assert target in kernel_hlo
+    monkeypatch.setattr(cpu_matmul, "MAX_ROWS", 0)  # every Linear on the XLA path
+    xla_ids, xla_hlo = greedy(tiny_checkpoint, tokenizer_files, **options)
+    assert target not in xla_hlo
+    assert kernel_ids == xla_ids
+
+
+def test_without_the_extension_everything_runs_on_xla(
+    tiny_checkpoint, tokenizer_files, monkeypatch
+) -> None:
+    import codegen_repl.model as model_package
+
+    monkeypatch.setitem(sys.modules, "codegen_repl.model._cpu_matmul", None)  # unimportable
+    monkeypatch.delattr(model_package, "_cpu_matmul", raising=False)
+    cpu_matmul._extension.cache_clear()
+    try:
+        assert not cpu_matmul.available()
+        assert cpu_matmul.status().startswith("int8/bf16 CPU matmul: XLA (the C++ extension")
+        assert "pip install" in cpu_matmul.status()
+        ids, hlo = greedy(tiny_checkpoint, tokenizer_files, int8=True)
+        assert cpu_matmul.TARGETS["int8"] not in hlo
+        assert len(ids[0]) == 16
+    finally:
+        monkeypatch.undo()
+        cpu_matmul._extension.cache_clear()
+        jax.clear_caches()
+
+
+@pytest.mark.parametrize("switch", ["1", "0"])
+def test_generate_verbose_says_which_matmul_runs(chat_checkpoint, switch: str) -> None:
+    """`generate --int8 --verbose` names the path; on the XLA path a note says it is slower."""
+    script = Path(sys.executable).with_name("codegen-repl")
+    options = ["--model", str(chat_checkpoint), "--int8", "--verbose", "--max-new-tokens", "3"]
+    result = subprocess.run(
+        [str(script), "generate", *options, "def f():"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "JAX_PLATFORMS": "cpu", "CODEGEN_CPU_MATMUL": switch},
+    )
+    assert result.returncode == 0, result.stderr
+    if switch == "0" or not cpu_matmul.available():
+        assert "note: int8/bf16 weights on CPU save memory but decode slower" in result.stderr
+        assert "· int8 weights · int8/bf16 CPU matmul: XLA (" in result.stderr
+    else:
+        assert "note:" not in result.stderr
+        assert "· int8 weights · int8/bf16 CPU matmul: C++ kernel (" in result.stderr
