@@ -141,10 +141,12 @@ class CodeGenKernel(Kernel, ModelOptions):
             return CellOutcome("error", "ConfigError", self._startup_error).reply(
                 self.execution_count
             )
+        # JupyterLab's cellId is a string (a UUID); anything else counts as no cell id
+        cell = cell_id if isinstance(cell_id, str) else ""
         self._cells_running += 1
         try:
             outcome = await self._in_thread(
-                self._worker, self.runner.run_cell, code, frontend, cell_id or ""
+                self._worker, self.runner.run_cell, code, frontend, cell
             )
         finally:
             self._cells_running -= 1

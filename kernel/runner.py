@@ -170,8 +170,10 @@ class KernelRunner:
             self.executor.start()
             options = self.options
             kept = None if options.session_path is None else keep_previous(options.session_path)
-            if kept is not None:
-                self._notes.append(f"the session of the previous kernel is kept as {kept.name}; "
+            if kept is not None:  # named as `%load` takes it: relative to the folder
+                if kept.is_relative_to(options.cwd):
+                    kept = kept.relative_to(options.cwd)
+                self._notes.append(f"the session of the previous kernel is kept as {kept}; "
                                    f"this one autosaves to {options.session_path}")  # fmt: skip
             session = Session(self.decoder, self.executor, options.session_path, options.settings)
             session.prepare_next()  # the model prefills and compiles ahead (once loaded)

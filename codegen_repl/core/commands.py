@@ -281,13 +281,19 @@ class Commands(NotebookCommands):
 
     # ------------------------------------------------------------------------- commands
 
+    def _no_argument(self, name: str, argument: str, hint: str) -> None:
+        """A command that acts on the last turn refuses an argument (never ignores it)."""
+        if argument.strip():
+            raise ConfigError(f"{self.frontend.prefix}{name} takes no argument ({hint})")
+
     def _help(self, _: str) -> None:
         self.frontend.show_text(help_text(self.frontend.prefix))
 
     def _unknown(self, word: str) -> None:
         raise ConfigError(unknown_text(word, self.frontend.prefix))
 
-    def _undo(self, _: str) -> None:
+    def _undo(self, argument: str) -> None:
+        self._no_argument("undo", argument, f"{self.frontend.prefix}drop N deletes turn N")
         number = len(self.session.turns)
         try:
             dropped = self.session.undo()
@@ -335,7 +341,8 @@ class Commands(NotebookCommands):
                 break
         return self.step(step)
 
-    def _retry(self, _: str) -> Turn | None:
+    def _retry(self, argument: str) -> Turn | None:
+        self._no_argument("retry", argument, "it retries the last step")
         """Resample the last step (a new seed) and say what changed."""
         before = self.session.turns[-1].code if self.session.turns else ""
         turn = self.step(self.session.prepare_retry())

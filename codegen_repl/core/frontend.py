@@ -226,7 +226,7 @@ def parse_turn_number(argument: str, prefix: str, command: str) -> int | None:
     word = argument.strip()
     if not word:
         return None
-    if not word.isdigit():
+    if not (word.isascii() and word.isdigit()):  # int() refuses "²", which isdigit() takes
         raise ConfigError(f"use {prefix}{command} [N] with N a turn number (from 1), not {word!r}")
     return int(word)
 
@@ -236,7 +236,7 @@ def parse_edit(argument: str, prefix: str = "/") -> tuple[int | None, str | None
     code or None when none was given). `edit x = 1` is code for the last turn."""
     head, newline, code = argument.partition("\n")
     head = head.strip()
-    if head and not head.isdigit():
+    if head and not (head.isascii() and head.isdigit()):
         head, code, newline = "", argument, "\n"
     number = parse_turn_number(head, prefix, "edit")
     return number, (code if newline and code.strip() else None)
@@ -263,7 +263,7 @@ def parse_mtpb(argument: str, prefix: str = "/") -> MtpbRequest:
             raise ConfigError(f"--problems needs the path of an mtpb.jsonl file; {usage}")
         problems = words[at + 1]
         del words[at : at + 2]
-    if not 1 <= len(words) <= 2 or not all(word.isdigit() for word in words):
+    if not 1 <= len(words) <= 2 or not all(word.isascii() and word.isdigit() for word in words):
         raise ConfigError(usage)
     index = int(words[1]) if len(words) == 2 else 0
     if index > 4:

@@ -374,7 +374,8 @@ class Session:
         replay = [(number, turn) for number, turn in enumerate(turns, 1) if turn.status == "ok"]
         self._stop.clear()
         with interrupts_call(self.request_stop):
-            self._progress(f"restarting the kernel to replay {_count(len(replay), 'turn')}")
+            what = f" to replay {_count(len(replay), 'turn')}" if replay else ""
+            self._progress(f"restarting the kernel{what}")
             try:
                 self.executor.restart()
             except KeyboardInterrupt:  # held until the new kernel was up

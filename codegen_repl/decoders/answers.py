@@ -76,7 +76,7 @@ def ollama_context(shown: dict[str, Any]) -> int | None:
     if isinstance(parameters, str):
         for line in parameters.splitlines():
             name, _, value = line.strip().partition(" ")
-            if name == "num_ctx" and value.strip().isdigit():
+            if name == "num_ctx" and value.strip().isascii() and value.strip().isdigit():
                 return int(value.strip())
     info = shown.get("model_info")
     if isinstance(info, dict):

@@ -232,7 +232,7 @@ async def _read_json(state: _State, request: HttpRequest) -> object:
     """The body as JSON; 413 past the size limit (checked while reading, not only the header)."""
     limit = state.max_body_bytes
     declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
+    if declared and declared.isascii() and declared.isdigit() and int(declared) > limit:
         raise ApiError(413, f"the request body is over {limit} bytes", code="request_too_large")
     body = bytearray()
     try:

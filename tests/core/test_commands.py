@@ -221,6 +221,22 @@ def test_ask_is_refused_where_no_one_can_answer(repl: Repl, runner: KernelRunner
     assert runner.run_mode == "auto"
 
 
+def test_commands_on_the_last_turn_refuse_an_argument(repl: Repl, runner: KernelRunner) -> None:
+    """`undo 1` once undid the last turn whatever N said: an argument is refused, not ignored."""
+    refused = runner.run_cell("%undo 1", Collected())
+    assert refused.ename == "UsageError" and "%undo takes no argument" in refused.evalue
+    with pytest.raises(ConfigError, match=r"/retry takes no argument"):
+        repl.commands.handle("/retry again")
+
+
+@pytest.mark.parametrize("word", ["²", "١", "1²"])
+def test_turn_numbers_are_ascii_digits(word: str) -> None:
+    """ "²" passed str.isdigit() and then crashed int(); "١" silently meant turn 1."""
+    with pytest.raises(ConfigError, match="with N a turn number"):
+        parse_turn_number(word, "%", "drop")
+    assert parse_edit(f"{word}\nx = 1")[0] is None  # not a number: the whole text is code
+
+
 def test_turn_numbers_are_parsed_from_one() -> None:
     assert parse_edit("1\nx = 1") == (1, "x = 1") and parse_edit("\nx = 1") == (None, "x = 1")
     assert parse_turn_number("", "/", "run") is None and parse_turn_number("3", "%", "run") == 3

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import nbformat
 
-from codegen_repl.core.commands import Commands, missing_text
+from codegen_repl.core.commands import Commands
 from codegen_repl.core.executor import Executor, ExecutorConfig
+from codegen_repl.core.notebook_commands import missing_text
 from codegen_repl.core.session import Session, SessionSettings
 from tests.core.test_session import ScriptedDecoder
 

@@ -45,7 +45,7 @@ def run_cell(
     client: BlockingKernelClient,
     code: str,
     timeout: float = CELL_TIMEOUT_S,
-    cell_id: str | None = None,
+    cell_id: object = None,
 ) -> Ran:
     """Execute `code` and wait for its reply and for the kernel to go idle; with `cell_id`, the
     request's metadata carries it as JupyterLab sends it (`metadata.cellId`)."""

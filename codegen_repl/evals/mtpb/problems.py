@@ -126,7 +126,7 @@ def parse_ids(spec: str) -> set[int]:
     wanted: set[int] = set()
     for part in spec.split(","):
         low, _, high = part.strip().partition("-")
-        if not low.isdigit() or (high and not high.isdigit()):
+        if not _number(low) or (high and not _number(high)):
             raise ConfigError(f"bad id list {spec!r}; write ids and ranges like 1-10,42")
         wanted.update(range(int(low), int(high or low) + 1))
     return wanted
@@ -140,3 +140,8 @@ def select(problems: Sequence[Problem], spec: str | None) -> list[Problem]:
     if unknown := sorted(wanted - {p.id for p in problems}, key=int):
         raise ConfigError(f"unknown MTPB problems {unknown[:5]}; ids are 1..{len(problems)}")
     return [p for p in problems if p.id in wanted]
+
+
+def _number(word: str) -> bool:
+    """Digits int() takes: ASCII ones (str.isdigit() also takes "²", which int() refuses)."""
+    return word.isascii() and word.isdigit()
