@@ -29,9 +29,9 @@ from codegen_repl.core.frontend import (
     unknown_text,
 )
 from codegen_repl.core.notebook import FAILED
-from codegen_repl.core.notebook_commands import NotebookCommands, count_of
+from codegen_repl.core.notebook_commands import NotebookCommands
 from codegen_repl.core.outputs import compact_outputs
-from codegen_repl.core.session import RunChoice, Session, Turn
+from codegen_repl.core.session import RunChoice, Session, Turn, count_of
 from codegen_repl.core.settings import RunMode, apply_setting, run_mode_of
 from codegen_repl.errors import CheckpointError, CodeGenError, ConfigError
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from codegen_repl.core.context import MTPB_PREFIX
 from codegen_repl.core.frontend import Frontend, LiveCode, parse_mtpb
 from codegen_repl.core.notebook import new_session_path, written_here
-from codegen_repl.core.session import RunChoice, Session, Turn
+from codegen_repl.core.session import RunChoice, Session, Turn, count_of
 from codegen_repl.errors import ConfigError
 
 
@@ -147,8 +147,3 @@ def missing_text(session: Session, prefix: str = "/") -> str:
         return session.notice
     runs = " then ".join(f"{prefix}run {number}" for number in session.missing)
     return f"{session.notice}; to replay them: {runs}"
-
-
-def count_of(number: int, noun: str) -> str:
-    """`1 turn`, `3 turns`."""
-    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"

@@ -374,7 +374,7 @@ class Session:
         replay = [(number, turn) for number, turn in enumerate(turns, 1) if turn.status == "ok"]
         self._stop.clear()
         with interrupts_call(self.request_stop):
-            what = f" to replay {_count(len(replay), 'turn')}" if replay else ""
+            what = f" to replay {count_of(len(replay), 'turn')}" if replay else ""
             self._progress(f"restarting the kernel{what}")
             try:
                 self.executor.restart()
@@ -472,5 +472,6 @@ def _numbers(numbers: Sequence[int]) -> str:
     return ", ".join(str(number) for number in numbers)
 
 
-def _count(number: int, noun: str) -> str:
+def count_of(number: int, noun: str) -> str:
+    """`1 turn`, `3 turns`."""
     return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
