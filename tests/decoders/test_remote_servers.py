@@ -26,6 +26,7 @@ from codegen_repl.model.sample_params import SampleParams
 from codegen_repl.model.tokenizer import CodeGenTokenizer
 from codegen_repl.serve.app import serve_in_thread
 from tests.decoders.fake_servers import Kind, Served, fake_app
+from tests.terminal import plain, styled
 
 CONTEXT = 512
 HUB_ID = "test-org/tiny-codegen"  # in the test's own HF cache, as Ollama's hf.co/... model
@@ -257,7 +258,6 @@ def test_usage_without_prompt_tokens_is_a_server_error() -> None:
 
 pexpect = pytest.importorskip("pexpect", reason="pexpect is in the test extra")
 SCRIPT = str(Path(sys.executable).with_name("codegen-repl"))
-ANSI = r"(?:\x1b\[[0-9;?]*[A-Za-z])*"  # colour codes rich may put between characters
 
 
 def spawn_chat(url: str, tmp_path: Path, *options: str) -> pexpect.spawn:
@@ -275,7 +275,7 @@ def leave(child: pexpect.spawn) -> None:
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
-    assert "internal error" not in re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", child.before or "")
+    assert "internal error" not in plain(child.before or "")
 
 
 @pytest.mark.filterwarnings("ignore:os.fork\\(\\) was called:RuntimeWarning")
@@ -288,7 +288,7 @@ def test_the_repl_over_a_llama_cpp_server(tokenizer: CodeGenTokenizer, tmp_path:
             child.sendline("Assign 6 to a.")
             child.expect(">>>")
             child.sendline("Multiply a by 7 and print it.")
-            child.expect(ANSI.join(re.escape(c) for c in "\n42\r\n"))
+            child.expect(styled("\n42\r\n"))
             child.sendline("/context")
             child.expect(r"\d+ tokens of 512")
             leave(child)

@@ -10,6 +10,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
+from tests.terminal import styled
+
 pexpect = pytest.importorskip("pexpect", reason="pexpect is in the test extra")
 SCRIPT = str(Path(sys.executable).with_name("codegen-repl"))
 WAIT = 120  # a cold start imports JAX and compiles the tiny model on a 2-core machine
@@ -30,10 +32,12 @@ def spawn(*args: str, cwd: Path) -> pexpect.spawn:
     return child
 
 
-def styled(text: str) -> str:
-    """A pattern for `text` as rich prints it highlighted: colour codes may sit between any two
-    characters."""
-    return r"(?:\x1b\[[0-9;?]*[A-Za-z])*".join(re.escape(char) for char in text)
+def test_styled_text_is_found_after_a_live_display_stops() -> None:
+    """The bytes of a CI failure: rich's Live display ended with CR + erase line before the
+    cell's output, and the pattern (colour codes only) missed text the terminal showed."""
+    written = "print\x1b[0m(i)\x1b[0m\r\n\x1b[?25h\r\x1b[2K0\r\n1\r\n2\r\n\x1b[6n"
+    assert re.search(styled("\n0\r\n1\r\n2\r\n"), written)
+    assert not re.search(styled("\n0\r\n1\r\n3\r\n"), written)
 
 
 # pexpect forks to open the pseudo-terminal and execs the command at once, so JAX's threads in
