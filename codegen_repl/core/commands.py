@@ -109,7 +109,23 @@ class Commands(NotebookCommands):
             "set": self._set, "save": self._save, "load": self._load, "reset": self._reset,
             "mtpb": self._mtpb, "exit": lambda _: None,
         }  # fmt: skip
-        return actions[command.name](command.argument)
+        try:
+            return actions[command.name](command.argument)
+        finally:
+            self._show_background_news()
+
+    def _show_background_news(self) -> None:
+        """What went wrong out of sight during a command, told once: a replay behind the
+        prompt that fell short, an autosave that could not write the file."""
+        session = self.session
+        if session.new_notice:
+            session.new_notice = False
+            self._show_notice()
+        if session.save_error:
+            self.frontend.show_text(
+                f"{session.save_error} ({self.frontend.prefix}save PATH.ipynb)", "warning"
+            )
+            session.save_error = ""
 
     # ------------------------------------------------------------------------- turns
 
@@ -252,7 +268,7 @@ class Commands(NotebookCommands):
     def show_status(self, turn: Turn, number: int) -> None:
         """What became of a turn, when its outputs do not say it."""
         show, prefix = self.frontend.show_text, self.frontend.prefix
-        if turn.status == "skipped":
+        if turn.status == "skipped" and not turn.message:
             show(f"(not run: run=never; {prefix}set run=auto runs the next steps, "
                  f"{prefix}run {number} runs this one)", "note")  # fmt: skip
         elif turn.status == "declined":
@@ -342,12 +358,21 @@ class Commands(NotebookCommands):
         return self.step(step)
 
     def _retry(self, argument: str) -> Turn | None:
+        """Resample the last step (the next seed) and say what changed. The new code replaces
+        the last turn only once it is written: Ctrl-C while it streams changes nothing."""
         self._no_argument("retry", argument, "it retries the last step")
-        """Resample the last step (a new seed) and say what changed."""
-        before = self.session.turns[-1].code if self.session.turns else ""
-        turn = self.step(self.session.prepare_retry())
-        if turn is None:
+        number, step = self.session.retry_step()
+        before = self.session.turn(number).code
+        try:
+            generated = self._generate(step, before=number - 1)
+        except BaseException:
+            self.session.retry_step(back=True)
+            raise
+        if generated is None:  # Ctrl-C dropped the new code: the last turn stays
+            self.session.retry_step(back=True)
             return None
+        choice, code = self._decide(generated[0])
+        turn = self._replace(number, self.session.step_turn(step, code, generated[1]), choice)
         seed = self.session.settings.sample.seed
         if turn.code == before:
             note = "the same code as before"

@@ -79,7 +79,7 @@ def open_decoder(
         )
 
     def check() -> object:
-        from codegen_repl.model.checkpoint import resolve_checkpoint
+        from codegen_repl.model.files import resolve_checkpoint
 
         return resolve_checkpoint(model)  # a bad path or an uncached hub id fails here
 

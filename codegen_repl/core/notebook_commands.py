@@ -47,6 +47,7 @@ class NotebookCommands:
         if path.exists() and not written_here(path):
             new_path = new_session_path(path.parent)
             self._confirm_foreign(path, new_path)
+        old.stop_kernel_work()  # its replay behind the prompt, if one runs, is moot
         self._switch(Session.open(path, old.decoder, old.executor, self._progress, new_path))
         as_new = f", as a new session {new_path}" if new_path else ""
         self.frontend.show_text(
@@ -66,6 +67,7 @@ class NotebookCommands:
 
     def _reset(self, _: str) -> None:
         old = self.session
+        old.stop_kernel_work()
         old.executor.restart()
         path = None if old.path is None else new_session_path(old.path.parent)
         self._switch(Session(old.decoder, old.executor, path, old.settings))
@@ -119,6 +121,7 @@ class NotebookCommands:
         """A new session beside the current one (`<stem>.<name>.ipynb`), with the current model
         and settings (MTPB's prefix) in a restarted kernel."""
         old = self.session
+        old.stop_kernel_work()
         old.executor.restart()
         path = old.path
         if path is not None:
@@ -146,4 +149,5 @@ def missing_text(session: Session, prefix: str = "/") -> str:
     if not session.missing:
         return session.notice
     runs = " then ".join(f"{prefix}run {number}" for number in session.missing)
-    return f"{session.notice}; to replay them: {runs}"
+    them = "it" if len(session.missing) == 1 else "them"
+    return f"{session.notice}; to replay {them}: {runs}"

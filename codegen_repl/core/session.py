@@ -45,7 +45,7 @@ from codegen_repl.core.notebook import (
     write_atomically,
 )
 from codegen_repl.core.outputs import InputCallback
-from codegen_repl.errors import CodeGenError, ConfigError
+from codegen_repl.errors import CodeGenError, ConfigError, KernelError
 
 TextCallback = Callable[[str], None]
 ProgressCallback = Callable[[str], None]  # "replaying 3/11: turn 4", as long work goes on
@@ -53,6 +53,7 @@ OutputCallback = Callable[[dict], None]
 # What to do with a new turn's code: run it, keep it without running it, or decline it.
 # (True and False, as older callers pass them, mean "run" and "skip".)
 RunChoice = Literal["run", "skip", "decline"]
+_POLL_S = 0.1  # how often a wait for the kernel's background work redraws its status
 
 
 class Session:
@@ -77,6 +78,13 @@ class Session:
         self._clock = clock
         self._stop = threading.Event()  # an interrupt asked a replay to stop
         self._replaying = False
+        # The kernel's start or resume replay, behind the prompt (start_kernel, open):
+        self._kernel_job: threading.Thread | None = None
+        self._kernel_done = threading.Event()  # waited on, not the thread (see wait_kernel)
+        self._kernel_error: BaseException | None = None
+        self._kernel_status = ""
+        self.new_notice = False  # set when a background replay ended with a `notice`
+        self.save_error = ""  # why the last autosave failed ("": it did not)
 
     # ------------------------------------------------------------------------- the model's view
 
@@ -174,25 +182,39 @@ class Session:
             with held_interrupts(reraise=False):
                 self.turns.pop()
                 self.notice, self.missing = notice, missing
-                self.save()
+                self._autosave()
         return dropped
 
     def retry(
         self, on_text: TextCallback | None = None, on_output: OutputCallback | None = None
     ) -> Turn:
-        """Resample the last step from the state before it (a new seed each time)."""
-        return self.step(self.prepare_retry(), on_text, on_output)
+        """Resample the last step from the state before it (the next seed), then put the new
+        code in its place (`replace`: the kernel is rebuilt only then). Ctrl-C while the code
+        is written changes nothing: the last turn and the seed stay as they were."""
+        number, step = self.retry_step()
+        try:
+            code, seconds = self.generate(step, on_text, before=number - 1)
+        except BaseException:
+            self.retry_step(back=True)
+            raise
+        turn = self.step_turn(step, code, seconds)
+        self.replace(number, turn, on_output)
+        return turn
 
-    def prepare_retry(self) -> str:
-        """Undo the last step and move to the next seed; returns the step to sample again."""
+    def retry_step(self, back: bool = False) -> tuple[int, str]:
+        """The number and step of the turn a retry resamples (the last turn, a step), after
+        moving to the next seed (`back`: to the one before, as if no retry began).
+
+        Raises:
+            ConfigError: there is no step, or the last turn is the user's own code.
+        """
         last = self._last_step()
-        self.undo()
-        seed = int(last.sample.get("seed", self.settings.sample.seed)) + 1
+        seed = int(last.sample.get("seed", self.settings.sample.seed)) + (0 if back else 1)
         self.settings = dataclasses.replace(
             self.settings, sample=dataclasses.replace(self.settings.sample, seed=seed)
         )
         assert last.step is not None
-        return last.step
+        return len(self.turns), last.step
 
     def edit(self, number: int, code: str, on_output: OutputCallback | None = None) -> list[Turn]:
         """Replace turn `number`'s code (from 1), rebuild the kernel from the "ok" turns before
@@ -202,7 +224,7 @@ class Session:
         `number` on."""
         index = self.turns.index(self.turn(number))
         self.turns[index].code = code
-        self.save()
+        self._autosave()
         self.notice, self.missing = self._rebuild_kernel(self.turns[:index])
         reruns = [(position == 0 and turn.status not in NOT_RUN) or turn.status in ("ok", "error")
                   for position, turn in enumerate(self.turns[index:])]  # fmt: skip
@@ -224,7 +246,7 @@ class Session:
         index = self.turns.index(self.turn(number))
         ran = any(later.status not in NOT_RUN for later in self.turns[index:])
         self.turns[index] = turn
-        self.save()
+        self._autosave()
         self.notice, self.missing = self._rebuild_kernel(self.turns[:index]) if ran else ("", ())
         if run != "run":
             turn.status = "declined" if run == "decline" else "skipped"
@@ -244,7 +266,7 @@ class Session:
             return dropped, []
         ran = any(later.status not in NOT_RUN for later in self.turns[index:])
         dropped = self.turns.pop(index)
-        self.save()
+        self._autosave()
         if not ran:
             return dropped, self.turns[index:]
         self.notice, self.missing = self._rebuild_kernel(self.turns[:index])
@@ -260,7 +282,7 @@ class Session:
             raise ConfigError(f"turn {number} did not fail ({turn.status}); only a failed turn "
                               "is left out of the model's context")  # fmt: skip
         turn.kept = kept
-        self.save()
+        self._autosave()
         return turn
 
     def _run_again(
@@ -275,14 +297,19 @@ class Session:
         lacks earlier state (`notice`), run none: they are named in `missing` instead."""
         if self.notice:  # the kernel lacks earlier state: running later turns would mislead
             wanted = [index + 1 + at for at, rerun in enumerate(reruns) if rerun]
+            for turn in self.turns[index : index + len(reruns)]:
+                if turn.status == "pending":  # new code that was to run: kept, unrun
+                    turn.status = "skipped"
+                    turn.message = "not run: the kernel lacks the state of earlier turns"
             self.missing = (*self.missing, *wanted)
-            self.notice = f"{self.notice}; turns {_numbers(wanted)} were not run again"
+            were = "was" if len(wanted) == 1 else "were"
+            self.notice = f"{self.notice}; {turns_named(wanted)} {were} not run again"
             return
         for position, (turn, rerun) in enumerate(zip(self.turns[index:], reruns, strict=True)):
             if rerun:
                 output = first_output if position == 0 else later_output
                 turn.record(self._run(turn.code, output))
-                self.save()
+                self._autosave()
 
     def run_turn(self, number: int, on_output: OutputCallback | None = None) -> Turn:
         """Run turn `number`'s code again, now, in the live kernel (no restart, no replay):
@@ -291,7 +318,7 @@ class Session:
         turn = self.turn(number)
         turn.record(self._run(turn.code, on_output))
         self.missing = tuple(missing for missing in self.missing if missing != number)
-        self.save()
+        self._autosave()
         return turn
 
     def fix_step(self) -> str:
@@ -324,11 +351,20 @@ class Session:
         ("decline"), or with `status` (False or "skip"); append it and save."""
         choice = ("run" if run else "skip") if isinstance(run, bool) else run
         if choice == "run":
-            turn.record(self._run(turn.code, on_output))
+            try:
+                turn.record(self._run(turn.code, on_output))
+            except KeyboardInterrupt:  # while waiting for the kernel: the turn stays, unrun
+                turn.status, turn.message = (
+                    "skipped",
+                    "not run: Ctrl-C while it waited for the kernel",
+                )
+                self.turns.append(turn)
+                self._autosave()
+                raise
         else:
             turn.status = "declined" if choice == "decline" else status
         self.turns.append(turn)
-        self.save()
+        self._autosave()
         self.prepare_next()
         return turn
 
@@ -351,7 +387,87 @@ class Session:
         return fitted.text.removesuffix(step_line(""))
 
     def _run(self, code: str, on_output: OutputCallback | None) -> RunResult:
+        self.wait_kernel()
         return self.executor.run(code, self.settings.timeout, on_output, self.on_input)
+
+    # ------------------------------------------------------------------------- the kernel
+
+    def start_kernel(self, background: bool = False) -> None:
+        """Start the executor's kernel; with `background`, in a thread, so the prompt comes
+        at once (the first code to run waits for it: `wait_kernel`). Raises KernelError (not
+        in the background: the first `wait_kernel` raises it)."""
+        if background:
+            self._behind("starting", self.executor.start)
+        else:
+            self.executor.start()
+
+    @property
+    def kernel_status(self) -> str:
+        """What the kernel is busy with behind the prompt ("starting", "replaying 3/11: turn
+        4"); "" when nothing."""
+        job = self._kernel_job
+        return self._kernel_status if job is not None and not self._kernel_done.is_set() else ""
+
+    def wait_kernel(self) -> None:
+        """Block until the kernel's background start or replay has ended, telling
+        `on_progress` what it waits for as that changes. Ctrl-C stops a replay (`notice`
+        names the turns whose state the kernel then lacks) and raises KeyboardInterrupt.
+
+        Raises:
+            KernelError: the background start failed (the error says why).
+            KeyboardInterrupt: the user stopped waiting.
+        """
+        job = self._kernel_job
+        if job is None or job is threading.current_thread():
+            return
+        shown = ""
+        try:
+            # An Event, not Thread.join: a Ctrl-C inside join() marks the thread stopped
+            # while it still runs (CPython 3.11, the bpo-45274 handling in threading.py).
+            while not self._kernel_done.wait(_POLL_S):
+                status = self._kernel_status
+                if status != shown:
+                    self._progress(f"waiting for the kernel: {status}")
+                    shown = status
+        except KeyboardInterrupt:
+            self.stop_kernel_work()
+            raise
+        self._end_kernel_job()
+
+    def stop_kernel_work(self) -> None:
+        """Stop a background replay (the turn it replays is interrupted; `notice` says which
+        turns' state the kernel lacks) or wait out a background start; returns when neither
+        runs. Ctrl-C is held meanwhile: this is never long."""
+        job = self._kernel_job
+        if job is None or job is threading.current_thread():
+            return
+        with held_interrupts():
+            self.request_stop()
+            self._kernel_done.wait()
+        self._end_kernel_job()
+
+    def _behind(self, status: str, work: Callable[[], None]) -> None:
+        """Run `work` (a kernel start or replay) in a daemon thread; see `wait_kernel`."""
+        self._kernel_status, self._kernel_error = status, None
+        self._kernel_done.clear()
+
+        def job() -> None:
+            try:
+                work()
+            except BaseException as error:  # raised where the kernel is next waited for
+                self._kernel_error = error
+            finally:
+                self._kernel_done.set()
+
+        self._kernel_job = threading.Thread(target=job, name="codegen-kernel", daemon=True)
+        self._kernel_job.start()
+
+    def _end_kernel_job(self) -> None:
+        self._kernel_job, error, self._kernel_error = None, self._kernel_error, None
+        if isinstance(error, CodeGenError):
+            raise error
+        if error is not None:
+            raise KernelError(f"the kernel could not start: {type(error).__name__}: {error}")
 
     @property
     def replaying(self) -> bool:
@@ -372,6 +488,7 @@ class Session:
         ()) or what went wrong and the numbers of the turns whose state the kernel lacks; an
         interrupt (`request_stop`, Ctrl-C) stops the replay that way, never leaving no kernel."""
         replay = [(number, turn) for number, turn in enumerate(turns, 1) if turn.status == "ok"]
+        self.stop_kernel_work()  # a replay behind the prompt is moot: this one replaces it
         self._stop.clear()
         with interrupts_call(self.request_stop):
             what = f" to replay {count_of(len(replay), 'turn')}" if replay else ""
@@ -395,7 +512,9 @@ class Session:
         return "", ()
 
     def _progress(self, text: str) -> None:
-        if self.on_progress is not None:
+        if threading.current_thread() is self._kernel_job:  # behind the prompt: the status
+            self._kernel_status = text  # line of whoever waits for it (`wait_kernel`)
+        elif self.on_progress is not None:
             self.on_progress(text)
 
     # ------------------------------------------------------------------------- persistence
@@ -404,21 +523,38 @@ class Session:
         return notebook_of(self.turns, self.settings)
 
     def save(self, path: Path | None = None) -> Path | None:
-        """Write the notebook atomically; `.py` paths get the program instead. Any other suffix
-        is a ConfigError (nothing is written)."""
+        """Write the notebook atomically; `.py` paths get the program instead.
+
+        Raises:
+            ConfigError: any other suffix, or the file cannot be written (a read-only folder,
+                a full disk: the error says which); nothing is written then.
+        """
         path = path or self.path
         if path is None:
             return None
         if path.suffix not in SAVE_SUFFIXES:
             raise ConfigError(f"cannot save as {path.name}: use a .ipynb path (the session, "
                               "as a notebook) or a .py path (the program)")  # fmt: skip
-        if path.suffix == ".py":
-            write_atomically(path, self.program())
-        else:
-            notebook = self.to_notebook()
-            nbformat.validate(notebook)
-            write_atomically(path, nbformat.writes(notebook))
+        try:
+            if path.suffix == ".py":
+                write_atomically(path, self.program())
+            else:
+                notebook = self.to_notebook()
+                nbformat.validate(notebook)
+                write_atomically(path, nbformat.writes(notebook))
+        except OSError as error:
+            raise ConfigError(f"cannot write {path}: {error.strerror or error}") from None
         return path
+
+    def _autosave(self) -> None:
+        """`save` after a change; a file that cannot be written loses nothing: the turns stay
+        here and `save_error` says what failed, for the front end to tell (once per failure)."""
+        try:
+            self.save()
+        except ConfigError as error:
+            self.save_error = f"{error}; the session is kept in memory: save it elsewhere"
+        else:
+            self.save_error = ""
 
     @classmethod
     def open(
@@ -428,11 +564,13 @@ class Session:
         executor: Executor,
         on_progress: ProgressCallback | None = None,
         new_path: Path | None = None,
+        background: bool = False,
     ) -> Session:
         """Resume a saved session: turns back, kernel state rebuilt by replay (told to
         `on_progress`; Ctrl-C stops it, see `notice`). With `new_path` the notebook's turns
         begin a new session saved there (`path` is only read: a notebook this tool did not
-        write)."""
+        write). With `background` the replay runs behind the prompt: the first code to run
+        waits for it (`wait_kernel`), and `new_notice` is set if it fell short."""
         remove_stale_temps(path)
         try:
             notebook = nbformat.read(str(path), as_version=4)
@@ -457,19 +595,28 @@ class Session:
         session.turns = turns
         session.on_progress = on_progress
         session.prepare_next()  # the decoder prefills the context while the kernel replays
-        session.notice, session.missing = session._rebuild_kernel(session.turns)
+        if background:
+            session._behind("restarting", session._replay_behind)
+        else:
+            session.notice, session.missing = session._rebuild_kernel(session.turns)
         if new_path is not None:
-            session.save()
+            session._autosave()
         return session
+
+    def _replay_behind(self) -> None:
+        self.notice, self.missing = self._rebuild_kernel(self.turns)
+        self.new_notice = bool(self.notice)
 
 
 def _lacking(replay: list[tuple[int, Turn]], why: str) -> tuple[str, tuple[int, ...]]:
     numbers = tuple(number for number, _ in replay)
-    return f"{why}: the kernel lacks the state of turns {_numbers(numbers)}", numbers
+    return f"{why}: the kernel lacks the state of {turns_named(numbers)}", numbers
 
 
-def _numbers(numbers: Sequence[int]) -> str:
-    return ", ".join(str(number) for number in numbers)
+def turns_named(numbers: Sequence[int]) -> str:
+    """`turn 2`, `turns 2, 3`."""
+    listed = ", ".join(str(number) for number in numbers)
+    return f"turn {listed}" if len(numbers) == 1 else f"turns {listed}"
 
 
 def count_of(number: int, noun: str) -> str:

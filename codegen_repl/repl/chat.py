@@ -5,6 +5,7 @@ terminal's reader and answers (input.py) and renderer (render.py).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import shlex
 import sys
@@ -17,7 +18,6 @@ from rich.text import Text
 
 from codegen_repl.core.decoding import BackgroundDecoder
 from codegen_repl.core.notebook import new_session_path, written_here
-from codegen_repl.core.notebook_commands import missing_text
 from codegen_repl.core.session import Session, SessionSettings
 from codegen_repl.core.settings import (
     DEFAULT_IMAGES,
@@ -25,6 +25,7 @@ from codegen_repl.core.settings import (
     DEFAULT_THEME,
     apply_setting,
 )
+from codegen_repl.errors import CodeGenError
 from codegen_repl.paths import data_dir
 from codegen_repl.repl.loop import Repl
 from codegen_repl.repl.render import Renderer, images_folder
@@ -109,17 +110,22 @@ def run_chat(options: ChatOptions, console: Console | None = None) -> int:
         new_path = new_session_path(path.parent)
         if not _open_foreign(console, ask, path, new_path):
             return 1
-    with Executor(ExecutorConfig(cwd=path.parent)) as executor:
+    executor = Executor(ExecutorConfig(cwd=path.parent))
+    session: Session | None = None
+    repl: Repl | None = None
+    try:
         if isinstance(decoder, BackgroundDecoder):
             decoder.checked()  # no such model: one clear error now, not at the first step
         renderer = Renderer(console, images_folder(new_path or path), options.theme,
                             options.images)  # fmt: skip
         resumed = path.exists()
-        session = (
-            Session.open(path, decoder, executor, renderer.progress, new_path)
-            if resumed
-            else Session(decoder, executor, path)
-        )
+        # The kernel starts (and a resume replays) behind the prompt; code waits for it.
+        if resumed:
+            session = Session.open(path, decoder, executor, renderer.progress, new_path,
+                                   background=True)  # fmt: skip
+        else:
+            session = Session(decoder, executor, path)
+            session.start_kernel(background=True)
         renderer.finish()
         session.settings = options.apply(session.settings)
         session.save()
@@ -131,10 +137,8 @@ def run_chat(options: ChatOptions, console: Console | None = None) -> int:
             ask_input=terminal_input.prompt_input if interactive else None,
             resume_options=options.resume_options(),
         )  # fmt: skip
-        if resumed:
+        if resumed:  # what its replay lacks, if anything, is told after the next command
             repl.show_turns(session.turns, 1, compact=True)
-            if session.notice:
-                repl.frontend.show_text(missing_text(session), "warning")
         console.print(Text("type a step, !code, or /help; Ctrl-D leaves", style="dim"))
         reader = (
             terminal_input.prompt_reader(repl.toolbar, history_path())
@@ -142,6 +146,12 @@ def run_chat(options: ChatOptions, console: Console | None = None) -> int:
             else terminal_input.plain_reader()
         )
         repl.loop(reader)
+    finally:
+        current = repl.session if repl is not None else session
+        if current is not None:  # its kernel may still start or replay behind the prompt
+            with contextlib.suppress(CodeGenError):
+                current.stop_kernel_work()
+        executor.shutdown()
     return 0
 
 

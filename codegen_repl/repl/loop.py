@@ -8,6 +8,7 @@ outer loop around a line reader (input.py). What a line does is `core.commands.C
 
 from __future__ import annotations
 
+import contextlib
 import shlex
 from collections.abc import Callable
 from pathlib import Path
@@ -18,9 +19,11 @@ from rich.text import Text
 
 from codegen_repl.core.commands import Commands
 from codegen_repl.core.frontend import TextStyle, parse
-from codegen_repl.core.session import Session, Turn
+from codegen_repl.core.notebook import new_session_path
+from codegen_repl.core.session import Session, Turn, turns_named
 from codegen_repl.core.settings import RunMode
 from codegen_repl.errors import CodeGenError
+from codegen_repl.paths import data_dir
 from codegen_repl.repl.render import CodeStream, Renderer, images_folder
 
 if TYPE_CHECKING:
@@ -173,8 +176,15 @@ class Repl:
                 break
             if not self.handle(line):
                 break
+        with contextlib.suppress(CodeGenError):  # a failed start matters no more
+            self.session.stop_kernel_work()  # a replay behind the prompt is not waited out
         self.renderer.finish()
-        path = self.session.save()
+        try:
+            path = self.session.save()
+        except CodeGenError as error:  # e.g. the folder became read-only: keep them elsewhere
+            path = new_session_path(data_dir() / "unsaved")
+            self.frontend.show_text(f"error: {error}; saving to {path} instead", "error")
+            path = self.session.save(path)
         if path is None:
             self.console.print("bye (this session has no file)")
             return
@@ -210,7 +220,10 @@ class Repl:
             context = f"context {self.context_tokens()}/{decoder.max_context} tokens"
         else:  # a BackgroundDecoder still loading: asking it would freeze the prompt
             context = "loading the model"
-        kernel = "up" if self.session.executor.alive else "down"
+        busy = self.session.kernel_status  # its start or a resume's replay, behind the prompt
+        kernel = busy or ("up" if self.session.executor.alive else "down")
+        if not busy and self.session.missing:  # e.g. a resume's replay fell short
+            kernel += f" (lacks the state of {turns_named(self.session.missing)})"
         count = len(self.session.turns)
         turns = f"{count} turn" if count == 1 else f"{count} turns"
         return f" {self.model_name} · {context} · run {self.run_mode} · kernel {kernel} · {turns} "

@@ -18,7 +18,7 @@ import nbformat
 from codegen_repl.core.commands import Commands
 from codegen_repl.core.executor import Executor, ExecutorConfig
 from codegen_repl.core.notebook_commands import missing_text
-from codegen_repl.core.session import Session, SessionSettings
+from codegen_repl.core.session import Session, SessionSettings, Turn
 from tests.core.test_session import ScriptedDecoder
 
 TURNS = 4
@@ -154,3 +154,19 @@ def test_waiting_out_a_kernel_that_ignores_the_interrupt_is_shown(tmp_path: Path
             "1 cell",
         ]
         assert executor.run("print(kept)").outputs[0]["text"] == "1\n"
+
+
+def test_a_replace_stopped_mid_replay_keeps_the_new_code_unrun(tmp_path: Path) -> None:
+    """A cell run again (or /retry) whose rebuild is stopped: the new code is kept, "skipped"
+    (`/run N` runs it), not left "pending" as if it were still to be decided."""
+    with Executor(ExecutorConfig(cwd=tmp_path, inline_matplotlib=False)) as executor:
+        session = fresh_session(executor, tmp_path / "s.ipynb")
+
+        def stop_at_the_second(text: str) -> None:
+            if text.startswith("replaying 2/"):
+                session.request_stop()
+
+        session.on_progress = stop_at_the_second
+        session.replace(4, Turn(None, "print('new')"))
+        assert session.turns[3].status == "skipped" and session.turns[3].code == "print('new')"
+        assert session.missing == (2, 3, 4)

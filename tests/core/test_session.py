@@ -113,6 +113,25 @@ def test_retry_resamples_from_the_state_before(tmp_path, executor) -> None:
     assert decoder.prompts[2] == decoder.prompts[1]
 
 
+def test_ctrl_c_while_a_retry_writes_changes_nothing(tmp_path, executor) -> None:
+    class Stopped(ScriptedDecoder):
+        def generate(self, prompt: str, sample: SampleParams) -> Iterator[str]:
+            if len(self.prompts) == 2:
+                self.prompts.append(prompt)
+                yield "items.app"
+                raise KeyboardInterrupt  # Ctrl-C while the new code streams
+            yield from super().generate(prompt, sample)
+
+    session = Session(Stopped("items = []", "items.append(1)"), executor)
+    session.step("Make a list.")
+    session.step("Append something.")
+    with pytest.raises(KeyboardInterrupt):
+        session.retry()
+    assert [turn.code for turn in session.turns] == ["items = []", "items.append(1)"]
+    assert session.settings.sample.seed == 0  # as if no retry began
+    assert peek(executor, "items") == "[1]"  # the kernel was not rebuilt
+
+
 def test_edit_reruns_the_turn_and_those_after(tmp_path, executor) -> None:
     decoder = ScriptedDecoder("items = [0]", "items.append(1)", "total = sum(items)")
     session = Session(decoder, executor)
@@ -286,7 +305,7 @@ def test_replays_run_under_the_session_timeout(tmp_path, executor) -> None:
     session.undo()  # the replay of turn 1 hits the timeout, and says what the kernel lacks
     assert time.monotonic() - started < 30
     assert "replaying turn 1 ended with timeout" in session.notice
-    assert session.notice.endswith("the kernel lacks the state of turns 1")
+    assert session.notice.endswith("the kernel lacks the state of turn 1")
     assert session.missing == (1,)
 
 

@@ -170,8 +170,8 @@ def test_undo_shows_its_progress_and_an_interrupt_says_what_is_missing(runner) -
     assert texts[:3] == ["restarting the kernel to replay 2 turns\n", "replaying 1/2: turn 1\n",
                          "replaying 2/2: turn 2\n"]  # fmt: skip
     assert texts[3] == "undone: turn 3 (your code)\n"
-    assert texts[4] == ("the replay was interrupted: the kernel lacks the state of turns 2; to "
-                        "replay them: %run 2\n")  # fmt: skip
+    assert texts[4] == ("the replay was interrupted: the kernel lacks the state of turn 2; to "
+                        "replay it: %run 2\n")  # fmt: skip
     assert runner.run_cell("%run 2", frontend).status == "ok"
     assert runner.run_cell("%%python\nprint(v_1 + v_2)", frontend).status == "ok"
     assert frontend.kinds("output")[-1]["text"] == "3\n"

@@ -30,3 +30,24 @@ def test_the_toolbar_says_loading_instead_of_waiting(tmp_path: Path, chat_checkp
     gate.set()
     decoder.wait()
     assert re.search(r" · context \d+/128 tokens · ", repl.toolbar())
+
+
+def test_the_toolbar_says_what_the_kernel_does_behind_the_prompt(tmp_path: Path) -> None:
+    from tests.core.test_session import ScriptedDecoder
+
+    path = tmp_path / "s.ipynb"
+    with Executor(ExecutorConfig(cwd=tmp_path)) as first:
+        saved = Session(ScriptedDecoder(), first, path)
+        saved.run_code("import time; time.sleep(2)")
+        saved.run_code("1 / 0")
+        saved.turns[1].status = "ok"  # as if it had run: its replay now fails
+        saved.save()
+    executor = Executor(ExecutorConfig(cwd=tmp_path))
+    try:
+        session = Session.open(path, ScriptedDecoder(), executor, background=True)
+        repl = Repl(session, Console(file=io.StringIO()), model_name="scripted")
+        assert re.search(r" · kernel (restarting|replaying 1/2: turn 1)", repl.toolbar())
+        session.wait_kernel()
+        assert " · kernel up (lacks the state of turn 2) · " in repl.toolbar()
+    finally:
+        executor.shutdown()
