@@ -353,11 +353,10 @@ class Session:
         if choice == "run":
             try:
                 turn.record(self._run(turn.code, on_output))
-            except KeyboardInterrupt:  # while waiting for the kernel: the turn stays, unrun
-                turn.status, turn.message = (
-                    "skipped",
-                    "not run: Ctrl-C while it waited for the kernel",
-                )
+            except (KeyboardInterrupt, CodeGenError) as stopped:  # no kernel to run it in (Ctrl-C
+                # while waiting for it, a failed start): the turn stays, unrun
+                why = str(stopped) if isinstance(stopped, CodeGenError) else "Ctrl-C"
+                turn.status, turn.message = "skipped", f"not run: {why}"
                 self.turns.append(turn)
                 self._autosave()
                 raise

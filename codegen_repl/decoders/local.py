@@ -7,10 +7,10 @@ new tokens are prefilled; after an undo or an edit it falls back to the longest 
 `prepare(prompt, sample)` gets ready for the next request while the user types: in one
 background thread it prefills `prompt` (the session so far) into the kept cache and compiles
 ahead of time (`jit(...).lower(...).compile()`) the programs a request that adds a step to it
-will run: the cache resize, the prefill widths 16/32/64, the decode chunk, for the one or two
-cache lengths (`cache_bucket`) that request can need. The request then compiles nothing. A
-request that comes while a job it needs still runs waits for it (telling `on_status`); queued
-jobs it does not need are dropped.
+will run: the cache resize, the prefill of the step's text (one width, `STEP_TOKENS`) and the
+decode chunk, for the one or two cache lengths (`cache_bucket`) that request can need. The
+request then compiles nothing. A request that comes while a job it needs still runs waits for it
+(telling `on_status`); queued jobs it does not need are dropped.
 
 `load_for_decoding` loads a checkpoint ready to decode (quantized when asked, split over the
 local devices when asked): the local decoder and the decoder server's engine both start from
@@ -54,8 +54,8 @@ from codegen_repl.model.sampling import (
     lower_decode,
     lower_prefill,
     model_logits_fn,
+    padded_suffix,
     prefill_prompt,
-    prefill_width,
     request_knobs,
     resize_state,
 )
@@ -137,9 +137,16 @@ def load_for_decoding(
 
 Status = Callable[[str], None]  # "preparing the context": a request waits for background work
 # What a request that adds a step to a prepared context may add to it (tokens): the cache
-# lengths and prefill widths compiled ahead cover a step of up to this many tokens.
+# lengths and the prefill compiled ahead cover a step of up to this many tokens. After cached
+# tokens, a step's text is prefilled STEP_TOKENS wide whatever its length: one prefill program
+# per cache length to compile ahead, not three (16/32/64 wide; each one seconds of XLA compile
+# for 350M on a CPU). Measured on the 2-core CPU (350M fp32, 200 cached tokens, load ~3): a
+# warm prefill 16 / 32 / 64 wide took 0.33 / 0.47 / 0.42 s (median of 15), so a short step pays
+# ~0.1 s for the padding, a 17-64 token one nothing.
 STEP_TOKENS = 64
-AHEAD_WIDTHS = (16, 32, 64)  # the warm prefill widths compiled ahead, likeliest first
+# A request with no context at all prefills its step cold (nothing cached to read) at
+# prefill_width's widths, likeliest first: only the first turn of an empty session.
+COLD_WIDTHS = (16, 32, 64)
 # A program: ("prefill", length, rows, width, cold), ("decode", length, rows, steps, mode),
 # ("resize", from_rows, from_length, rows, length), ("fresh", rows, length); "context" is the
 # background prefill of a prepared prompt.
@@ -305,36 +312,56 @@ class LocalDecoder:
         """The programs a request of `rows` rows on `base` + 1..STEP_TOKENS tokens runs, the
         likeliest first."""
         steps = decode_steps(sample.max_new_tokens, self.chunk_size)
-        kept = self.cache_length(base + 1 + steps)  # what _prefill_ahead leaves
+        kept = self._request_length(base + 1, steps)  # what _prefill_ahead leaves
         lengths = dict.fromkeys(
-            self.cache_length(base + extra + steps) for extra in (1, STEP_TOKENS)
+            self._request_length(base + extra, steps) for extra in (1, STEP_TOKENS)
         )
         cold = base == 0
         first: list[Job] = []
         later: list[Job] = []
         for length in lengths:
-            first += self._programs(rows, kept, length, cold, sample)[:4]
-            later += self._programs(rows, kept, length, cold, sample)[4:]
+            now, after = self._programs(rows, kept, length, cold, sample)
+            first += now
+            later += after
         # The cache length after those: compiled while the user types the turns before it
         # needs them (a 350M compile is seconds on a CPU; a turn's typing may be too short).
         beyond = self.cache_length(max(lengths) + 1)
         if beyond > max(lengths) and not cold:
             resized = ("resize", 1, max(lengths), rows, beyond)
-            later += [resized, *self._programs(rows, kept, beyond, cold, sample)[1:4]]
+            now = self._programs(rows, kept, beyond, cold, sample)[0]
+            later += [resized, *(job for job in now if job[0] in ("prefill", "decode"))]
         return first + later
 
     def _programs(
         self, rows: int, kept: int, length: int, cold: bool, sample: SampleParams
-    ) -> list[Job]:
-        """A request's programs at one cache length: the one that gives it its state (when
-        there is one), prefill 16, decode, prefill 32, then prefill 64 and what _keep runs."""
+    ) -> tuple[list[Job], list[Job]]:
+        """A request's programs at one cache length: (the ones every step runs: what gives it
+        its state, when there is one, its prefill and the decode; the rest: the wider cold
+        prefills and what _keep runs). After cached tokens one prefill program serves every
+        step (STEP_TOKENS wide): three programs per cache length, not five."""
         start: Job = ("fresh", rows, length) if cold else ("resize", 1, kept, rows, length)
         if not cold and (rows, length) == (1, kept):
             start = ()
         decode: Job = ("decode", length, rows, self.chunk_size, sample.mode)
-        widths = [("prefill", length, rows, width, cold) for width in AHEAD_WIDTHS]
+        widths = COLD_WIDTHS if cold else (STEP_TOKENS,)
+        prefills = [("prefill", length, rows, width, cold) for width in widths]
         keep: Job = ("resize", rows, length, 1, length) if rows > 1 else ()
-        return [job for job in (start, widths[0], decode, widths[1], widths[2], keep) if job]
+        first = [job for job in (start, prefills[0], decode) if job]
+        return first, [job for job in (*prefills[1:], keep) if job]
+
+    def _request_length(self, tokens: int, steps: int) -> int:
+        """The cache length of a request on `tokens` tokens that decodes `steps`: room for at
+        least STEP_TOKENS more (up to the model's context), so that a step's prefill fits
+        STEP_TOKENS wide whatever `steps` (a narrower one would be another program)."""
+        room = min(tokens + STEP_TOKENS, self.max_context)
+        return self.cache_length(max(tokens + steps, room))
+
+    @staticmethod
+    def _smallest(suffix: int, reuse: int) -> int | None:
+        """The narrowest width of a prefill of `suffix` tokens after `reuse` cached ones (see
+        prefill_prompt): STEP_TOKENS for a step's text; None (prefill_width's widths) for a
+        cold prefill or a longer suffix."""
+        return STEP_TOKENS if reuse and suffix <= STEP_TOKENS else None
 
     def _submit(self, job: Job, work: Callable[[], None]) -> None:
         known = self._jobs.get(job)
@@ -370,7 +397,7 @@ class LocalDecoder:
         with self._lock:
             if self._streaming:
                 return
-            length = self.cache_length(len(ids) + 1 + steps)
+            length = self._request_length(len(ids) + 1, steps)
             if self._kept is not None and self._tokens[: len(ids)] == ids:
                 if self._start_job(1, length):  # held already: only the planned length
                     self._kept = resize_state(self._kept, 1, length)
@@ -478,11 +505,12 @@ class LocalDecoder:
     def _start(self, prompt_ids: list[int], sample: SampleParams) -> DecodeState:
         """n rows on the prompt: prefill what the kept cache lacks into row 0, copy it to all."""
         steps = decode_steps(sample.max_new_tokens, self.chunk_size)
-        length, rows = self.cache_length(len(prompt_ids) + steps), sample.n
+        length, rows = self._request_length(len(prompt_ids), steps), sample.n
         self._wait_ahead(lambda job: job[0] == "context")
         with self._lock:
             reuse = self.reused_tokens(prompt_ids)
-            width = prefill_width(len(prompt_ids) - reuse, length - reuse)
+            smallest = self._smallest(len(prompt_ids) - reuse, reuse)
+            width = padded_suffix(prompt_ids, reuse, length, smallest).shape[1]
             needed = {
                 self._start_job(rows, length),
                 ("prefill", length, rows, width, reuse == 0),
@@ -492,7 +520,7 @@ class LocalDecoder:
             state, reuse = self._take(prompt_ids, rows, length)
             self._streaming = True
         return prefill_prompt(
-            self.logits_fn, self.params, state, prompt_ids, reuse, list(range(rows)), None
+            self.logits_fn, self.params, state, prompt_ids, reuse, list(range(rows)), smallest
         )
 
     def _keep(self, state: DecodeState, prompt_ids: list[int], new: list[np.ndarray]) -> None:

@@ -90,7 +90,9 @@ def test_a_kernel_that_cannot_start_behind_the_prompt_says_so_at_first_use(
     session = Session(ScriptedDecoder(), executor, tmp_path / "s.ipynb")
     session.start_kernel(background=True)
     with pytest.raises(KernelError, match="ipykernel is gone"):
-        session.run_code("1")
+        session.run_code("print(1)")
+    assert session.turns[0].code == "print(1)"  # kept, unrun: the code is not lost
+    assert session.turns[0].status == "skipped" and "ipykernel is gone" in session.turns[0].message
 
 
 def test_a_new_sessions_kernel_starts_behind_the_prompt(tmp_path, executor) -> None:

@@ -95,13 +95,69 @@ def test_a_request_waits_for_the_context_prefill_and_says_so(chat_checkpoint: Pa
 @pytest.mark.parametrize("rows", [1, 3])
 def test_prepare_plans_the_programs_of_a_request(chat_checkpoint: Path, rows: int) -> None:
     decoder = long_context_decoder(chat_checkpoint)
-    sample = dataclasses.replace(SAMPLE, n=rows, temperature=0.5)
+    sample = dataclasses.replace(SAMPLE, n=rows, temperature=0.5, max_new_tokens=128)
     plan = decoder._plan(200, rows, sample)
-    steps = 16  # 16 new tokens, chunks of 4
+    steps = 128  # 128 new tokens, chunks of 4
     next_lengths = [decoder.cache_length(200 + extra + steps) for extra in (1, STEP_TOKENS)]
-    assert next_lengths == [256, 384]
+    assert next_lengths == [384, 512]
     # the next request's two cache lengths, then the one after them (compiled while the user
     # types the turns before it needs it)
-    assert [job[1] for job in plan if job[0] == "decode"] == [256, 384, 512]
-    assert {job[3] for job in plan if job[0] == "prefill"} == {16, 32, 64}
+    assert [job[1] for job in plan if job[0] == "decode"] == [384, 512, 768]
+    # one warm prefill program per cache length (a step's text is prefilled STEP_TOKENS wide)
+    assert [job[1:] for job in plan if job[0] == "prefill"] == [
+        (length, rows, STEP_TOKENS, False) for length in (384, 512, 768)
+    ]
+    # fewer new tokens than STEP_TOKENS: the cache still has room for a STEP_TOKENS-wide prefill
+    # (200 + 1 + 16 would fit in 256 positions, but not 200 + 1 + 64)
+    short = decoder._plan(200, rows, dataclasses.replace(sample, max_new_tokens=16))
+    assert [job[1] for job in short if job[0] == "decode"] == [384, 512]
     assert all(job[2] == rows for job in plan if job[0] in ("prefill", "decode"))
+
+
+def test_the_room_for_a_step_prefill_stops_at_the_context(chat_checkpoint: Path) -> None:
+    decoder = long_context_decoder(chat_checkpoint)  # a 1024-token context
+    assert decoder._request_length(200, 16) == 384  # 200 + 64 positions: a full-width prefill
+    assert decoder._request_length(1000, 16) == 1024  # not 1064: no cache past the context
+
+
+def test_a_first_turn_without_context_plans_the_cold_widths(chat_checkpoint: Path) -> None:
+    decoder = long_context_decoder(chat_checkpoint)
+    plan = decoder._plan(0, 1, SAMPLE)
+    prefills = [job[1:] for job in plan if job[0] == "prefill"]
+    lengths = sorted({job[1] for job in plan if job[0] == "decode"})
+    # nothing cached to read: each cache length gets the cold widths of a step (16, 32, 64)
+    assert sorted(prefills) == [(n, 1, width, True) for n in lengths for width in (16, 32, 64)]
+
+
+def test_prepare_compiles_one_prefill_program_per_cache_length(chat_checkpoint: Path) -> None:
+    for program in (prefill_rows, decode_chunk, resize_state, fresh_state):
+        program.clear_cache()
+    decoder = long_context_decoder(chat_checkpoint)
+    context = "import math\n" + "x = [1, 2, 3]\nprint(x)\n\n" * 8
+    plan = decoder._plan(decoder.count_tokens(context), 1, SAMPLE)
+    lengths = {job[1] for job in plan if job[0] == "decode"}
+    with compiles() as compiled:
+        decoder.prepare(context, SAMPLE)
+        decoder.wait_prepared()
+    # the context's own (cold) prefill, then one prefill per cache length: not three (16/32/64)
+    assert compiled.count("prefill_rows") == 1 + len(lengths), compiled
+    assert compiled.count("decode_chunk") == len(lengths), compiled
+
+
+def test_short_and_long_steps_after_a_prepared_context_compile_nothing(
+    chat_checkpoint: Path,
+) -> None:
+    """A step of 3 tokens and one of STEP_TOKENS run the one prefill program compiled ahead
+    (whatever max_new_tokens: SAMPLE's 16 leaves less room than that) and give the tokens of
+    a cold run."""
+    decoder, cold = long_context_decoder(chat_checkpoint), long_context_decoder(chat_checkpoint)
+    context = "import math\n" + "x = [1, 2, 3]\nprint(x)\n\n" * 8
+    ids = decoder.tokenizer.encode(context)
+    for step in (ids[-3:], (ids * 2)[-STEP_TOKENS:]):
+        decoder.prepare(context, SAMPLE)
+        decoder.wait_prepared()
+        with compiles() as compiled:
+            got = [chunk.tolist() for chunk in decoder.stream_tokens(ids + step, SAMPLE)]
+        assert compiled == [], f"a {len(step)}-token step compiled {compiled}"
+        cold.forget()
+        assert got == [chunk.tolist() for chunk in cold.stream_tokens(ids + step, SAMPLE)]
