@@ -6,6 +6,7 @@
     python bench/decode.py gpu --sizes tiny --peer-sizes none   # the same code path, in seconds
     python bench/decode.py multiturn  # time to first token at turn 10 / turn 1
     python bench/decode.py coldstart  # process start to first token, warm compilation cache
+    python bench/decode.py kernels    # the int8/bf16 CPU matmul per 350M shape, and streaming
 
 Every configuration runs the project and its peers in the same process on the same machine,
 with random weights in CodeGen's shapes (bench/make_random_checkpoint.py). Nothing here is a
@@ -361,6 +362,94 @@ def session_first_tokens(decoder: LocalDecoder, new_tokens: int) -> tuple[list[f
     return first_token_ms, context
 
 
+# --------------------------------------------------------------------------------- kernels
+
+
+def kernel_shapes(config: CodeGenConfig) -> dict[str, tuple[int, int]]:
+    """[K, N] of every Linear of a CodeGen layer, and lm_head."""
+    hidden, inner = config.hidden_size, config.intermediate_size
+    return {"qkv": (hidden, 3 * hidden), "out": (hidden, hidden), "fc_in": (hidden, inner),
+            "fc_out": (inner, hidden), "lm_head": (hidden, config.vocab_size)}  # fmt: skip
+
+
+def best_ms(run: Callable[[], jax.Array], seconds: float = 1.0) -> float:
+    """The fastest of the runs of `run` (after a warm-up) over about `seconds`, in ms."""
+    run().block_until_ready()
+    times: list[float] = []
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end or len(times) < 5:
+        start = time.perf_counter()
+        run().block_until_ready()
+        times.append(time.perf_counter() - start)
+    return 1000 * min(times)
+
+
+def narrow_weights(k: int, n: int, kind: str, rng: np.random.Generator) -> tuple:
+    if kind == "int8":
+        weights = jnp.asarray(rng.integers(-127, 128, (k, n), dtype=np.int8))
+        return weights, jnp.asarray(rng.uniform(1e-3, 1e-2, n).astype(np.float32))
+    return jnp.asarray(rng.standard_normal((k, n), np.float32)).astype(jnp.bfloat16), None
+
+
+def kernels(args: argparse.Namespace) -> None:
+    """Each int8/bf16 matmul of a layer alone (weights hot in the caches) on the C++ kernel and
+    on XLA's path, then a decode step's worth of them over 600 MB of weights (so that they
+    stream from memory, as in decoding): GB/s of weights read."""
+    from codegen_repl.model import cpu_matmul
+
+    if not cpu_matmul.takes(jnp.int8):
+        emit({"bench": "kernels", "skipped": cpu_matmul.status()})
+        return
+    rng = np.random.default_rng(0)
+    shapes = kernel_shapes(bench_config(args.size))
+    kernel, xla = jax.jit(cpu_matmul.matmul), jax.jit(cpu_matmul.reference)
+    for kind in ("int8", "bf16"):
+        for name, (k, n) in shapes.items():
+            w, scale = narrow_weights(k, n, kind, rng)
+            for rows in (1, cpu_matmul.MAX_ROWS, 64):  # 64: a prefill, which XLA's path takes
+                x = jnp.asarray(rng.standard_normal((rows, k), np.float32))
+                ours = best_ms(lambda: kernel(x, w, scale))  # noqa: B023 (used at once)
+                theirs = best_ms(lambda: xla(x, w, scale))  # noqa: B023
+                emit({"bench": "kernels", "size": args.size, "kind": kind, "shape": name,
+                      "k": k, "n": n, "rows": rows, "kernel_ms": round(ours, 3),
+                      "kernel_gb_s": round(w.nbytes / ours / 1e6, 1), "xla_ms": round(theirs, 3),
+                      "isa": cpu_matmul.set_isa("best")})  # fmt: skip
+        emit({"bench": "kernels", "size": args.size, "kind": kind} | streaming(shapes, kind, rng))
+
+
+STREAM_BYTES = 600 * 2**20  # twice what this machine's 300 MB L3 could hold
+
+
+def streaming(shapes: dict[str, tuple[int, int]], kind: str, rng: np.random.Generator) -> dict:
+    """One row through a stack of layers' matmuls (600 MB of weights, so that they stream from
+    memory as in decoding) and lm_head, in one jitted program."""
+    from codegen_repl.model import cpu_matmul
+
+    names = ("qkv", "out", "fc_in", "fc_out")
+    layer_bytes = sum(k * n for k, n in (shapes[name] for name in names))
+    layer_bytes *= 1 if kind == "int8" else 2
+    layers = [
+        [narrow_weights(*shapes[name], kind, rng) for name in names]
+        for _ in range(max(2, -(-STREAM_BYTES // layer_bytes)))
+    ]
+    head = narrow_weights(*shapes["lm_head"], kind, rng)
+    hidden = shapes["out"][1]
+
+    @jax.jit
+    def step(x: jax.Array, layers: list, head: tuple) -> jax.Array:
+        for qkv, out, fc_in, fc_out in layers:
+            h = jnp.tanh(cpu_matmul.matmul(x, *fc_in))
+            mixed = cpu_matmul.matmul(x, *qkv)[:, :hidden] + cpu_matmul.matmul(x, *out)
+            x = jnp.tanh(x + mixed + cpu_matmul.matmul(h, *fc_out))
+        return cpu_matmul.matmul(x, *head)
+
+    x = jnp.asarray(rng.standard_normal((1, shapes["qkv"][0]), np.float32))
+    ms = best_ms(lambda: step(x, layers, head), seconds=5.0)
+    weight_bytes = sum(w.nbytes for layer in layers for w, _ in layer) + head[0].nbytes
+    return {"shape": "stream", "layers": len(layers), "weights_mb": weight_bytes // 2**20,
+            "step_ms": round(ms, 2), "stream_gb_s": round(weight_bytes / ms / 1e6, 1)}  # fmt: skip
+
+
 # --------------------------------------------------------------------------------- cold start
 
 
@@ -389,7 +478,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
-    parser.add_argument("what", choices=["cpu", "gpu", "multiturn", "coldstart"])
+    parser.add_argument("what", choices=["cpu", "gpu", "multiturn", "coldstart", "kernels"])
     parser.add_argument("--size", default="350M")
     parser.add_argument("--sizes", default="350M,2B,16B")
     parser.add_argument("--peer-sizes", default="350M,2B,16B")
@@ -417,7 +506,8 @@ def main() -> None:
     args.impls = args.impls.split(",")
     if unknown := set(args.impls) - set(CPU_IMPLS):
         parser.error(f"unknown --impls {sorted(unknown)}; choose from {','.join(CPU_IMPLS)}")
-    {"cpu": cpu, "gpu": gpu, "multiturn": multiturn, "coldstart": coldstart}[args.what](args)
+    commands = {"cpu": cpu, "gpu": gpu, "multiturn": multiturn, "coldstart": coldstart}
+    (commands | {"kernels": kernels})[args.what](args)
 
 
 if __name__ == "__main__":

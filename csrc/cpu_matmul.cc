@@ -10,8 +10,9 @@
 //
 // The instruction set is chosen at run time (AVX-512, AVX2+FMA, portable C++ that the compiler
 // vectorizes, e.g. NEON on arm64); `set_isa` lowers it (tests run every path on one machine).
-// Work is split over output columns on XLA's own intra-op thread pool (the cores JAX uses):
-// the calling thread works too, and waits on a futex, never spinning.
+// Work is split into blocks of whole weight rows (and, for wide outputs, column ranges) on
+// XLA's own intra-op thread pool (the cores JAX uses), so that each thread streams contiguous
+// memory: the calling thread works too, and waits on a futex, never spinning.
 //
 // Built by setup.py as the Python extension `codegen_repl.model._cpu_matmul`; the module hands
 // the FFI handlers to Python as capsules for jax.ffi.register_ffi_target.
@@ -44,12 +45,13 @@ inline float widen(uint16_t v) {
 }
 
 // Plain loops over contiguous columns that compilers vectorize (NEON on arm64, SSE2 on x86).
+// y[m, n0:n1] = (scale[n] *) sum_{k0 <= k < k1} x[m, k] w[k, n]  (see matmul_body.h).
 template <typename W>
-void columns(const float* x, const W* w, const float* scale, float* y, int64_t M, int64_t K,
-             int64_t N, int64_t n0, int64_t n1) {
+void block(const float* x, const W* w, const float* scale, float* y, int64_t M, int64_t K,
+           int64_t N, int64_t k0, int64_t k1, int64_t n0, int64_t n1) {
   const int64_t width = n1 - n0;
   for (int64_t m = 0; m < M; ++m) std::memset(y + m * N + n0, 0, width * sizeof(float));
-  for (int64_t k = 0; k < K; ++k) {
+  for (int64_t k = k0; k < k1; ++k) {
     const W* row = w + k * N + n0;
     for (int64_t m = 0; m < M; ++m) {
       const float xv = x[m * K + k];
@@ -62,14 +64,25 @@ void columns(const float* x, const W* w, const float* scale, float* y, int64_t M
       for (int64_t j = n0; j < n1; ++j) y[m * N + j] *= scale[j];
 }
 
-void columns_int8(const float* x, const int8_t* w, const float* scale, float* y, int64_t M,
-                  int64_t K, int64_t N, int64_t n0, int64_t n1) {
-  columns(x, w, scale, y, M, K, N, n0, n1);
+void block_int8(const float* x, const int8_t* w, const float* scale, float* y, int64_t M,
+                int64_t K, int64_t N, int64_t k0, int64_t k1, int64_t n0, int64_t n1) {
+  block(x, w, scale, y, M, K, N, k0, k1, n0, n1);
 }
 
-void columns_bf16(const float* x, const uint16_t* w, const float* scale, float* y, int64_t M,
-                  int64_t K, int64_t N, int64_t n0, int64_t n1) {
-  columns(x, w, scale, y, M, K, N, n0, n1);
+void block_bf16(const float* x, const uint16_t* w, const float* scale, float* y, int64_t M,
+                int64_t K, int64_t N, int64_t k0, int64_t k1, int64_t n0, int64_t n1) {
+  block(x, w, scale, y, M, K, N, k0, k1, n0, n1);
+}
+
+// y[m, n0:n1] = (scale[n] *) (y + partial[0] + ... + partial[parts - 1])[m, n0:n1].
+void add_up(float* y, const float* partial, int64_t parts, const float* scale, int64_t M,
+            int64_t N, int64_t n0, int64_t n1) {
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t j = n0; j < n1; ++j) {
+      float acc = y[m * N + j];
+      for (int64_t p = 0; p < parts; ++p) acc += partial[p * M * N + m * N + j];
+      y[m * N + j] = scale != nullptr ? acc * scale[j] : acc;
+    }
 }
 
 }  // namespace generic
@@ -93,6 +106,7 @@ constexpr int64_t LANES = 16;
 inline V vzero() { return _mm512_setzero_ps(); }
 inline V vset1(float v) { return _mm512_set1_ps(v); }
 inline V vfma(V a, V b, V acc) { return _mm512_fmadd_ps(a, b, acc); }
+inline V vadd(V a, V b) { return _mm512_add_ps(a, b); }
 inline V vmul(V a, V b) { return _mm512_mul_ps(a, b); }
 inline V vload(const float* p) { return _mm512_loadu_ps(p); }
 inline void vstore(float* p, V v) { _mm512_storeu_ps(p, v); }
@@ -123,6 +137,7 @@ constexpr int64_t LANES = 8;
 inline V vzero() { return _mm256_setzero_ps(); }
 inline V vset1(float v) { return _mm256_set1_ps(v); }
 inline V vfma(V a, V b, V acc) { return _mm256_fmadd_ps(a, b, acc); }
+inline V vadd(V a, V b) { return _mm256_add_ps(a, b); }
 inline V vmul(V a, V b) { return _mm256_mul_ps(a, b); }
 inline V vload(const float* p) { return _mm256_loadu_ps(p); }
 inline void vstore(float* p, V v) { _mm256_storeu_ps(p, v); }
@@ -144,18 +159,20 @@ inline V wload(const uint16_t* p) {
 
 // ------------------------------------------------------------------ run-time dispatch
 
-using Int8Fn = void (*)(const float*, const int8_t*, const float*, float*, int64_t, int64_t,
-                        int64_t, int64_t, int64_t);
-using Bf16Fn = void (*)(const float*, const uint16_t*, const float*, float*, int64_t, int64_t,
-                        int64_t, int64_t, int64_t);
+template <typename W>
+using BlockFn = void (*)(const float*, const W*, const float*, float*, int64_t, int64_t, int64_t,
+                         int64_t, int64_t, int64_t, int64_t);
+using AddUpFn = void (*)(float*, const float*, int64_t, const float*, int64_t, int64_t, int64_t,
+                         int64_t);
 
 struct Kernels {
   const char* isa;
-  Int8Fn int8;
-  Bf16Fn bf16;
+  BlockFn<int8_t> int8;
+  BlockFn<uint16_t> bf16;
+  AddUpFn add_up;
 };
 
-constexpr Kernels kGeneric{"generic", generic::columns_int8, generic::columns_bf16};
+constexpr Kernels kGeneric{"generic", generic::block_int8, generic::block_bf16, generic::add_up};
 
 bool cpu_has(const char* isa) {
 #ifdef CODEGEN_X86
@@ -172,8 +189,9 @@ bool cpu_has(const char* isa) {
 // The best kernels this CPU runs, or the named (lower) ones; nullptr when the CPU lacks them.
 const Kernels* kernels_for(const char* isa) {
 #ifdef CODEGEN_X86
-  static constexpr Kernels kAvx512{"avx512", avx512::columns_int8, avx512::columns_bf16};
-  static constexpr Kernels kAvx2{"avx2", avx2::columns_int8, avx2::columns_bf16};
+  static constexpr Kernels kAvx512{"avx512", avx512::block_int8, avx512::block_bf16,
+                                    avx512::add_up};
+  static constexpr Kernels kAvx2{"avx2", avx2::block_int8, avx2::block_bf16, avx2::add_up};
   if (isa == nullptr) isa = cpu_has("avx512") ? "avx512" : cpu_has("avx2") ? "avx2" : "generic";
   if (!cpu_has(isa)) return nullptr;
   if (std::strcmp(isa, "avx512") == 0) return &kAvx512;
@@ -189,43 +207,129 @@ std::atomic<const Kernels*> active{kernels_for(nullptr)};
 
 // ------------------------------------------------------------------ threads
 
-// Column chunks: multiples of 64 columns (a cache line of int8 weights), at least two per
-// worker for balance, at most 2048 columns so that 4 weight rows stay in L1.
+// How a product is cut into blocks, weight rows [k0, k1) x columns [n0, n1), for the pool.
+// Decoding reads every weight once, so what matters is how the weights stream from memory:
+// a block of whole rows is one contiguous run, which the hardware prefetchers follow at full
+// speed (cutting only columns, as the first version did, made every thread read short pieces
+// of every row: 13 GB/s of weights where whole rows stream at 16-18 GB/s on a 2-core AVX-512
+// machine that reads 19.5 GB/s, bench/decode.py `kernels`' stream). Columns are cut only as
+// far as the block's sums (rows x columns fp32) must stay in L1; rows are cut so that every
+// worker gets blocks (2 per worker for balance), and the row slices' partial sums are added up
+// in slice order (the same result whichever thread finished first). Any order of the sums
+// keeps fp32's summation bound, gamma(K + 2) (cpu_matmul.py).
+struct Plan {
+  int64_t slices;         // K cut into this many row ranges
+  int64_t slice_rows;     // weight rows per slice (a multiple of 4; the last may be shorter)
+  int64_t blocks;         // N cut into this many column ranges
+  int64_t block_columns;  // columns per range (a multiple of 64; the last may be shorter)
+};
+
+constexpr int64_t kSumBytes = 32 << 10;  // a block's partial sums: L1-sized
+constexpr int64_t kMinSliceRows = 64;    // fewer rows per slice: adding up costs more
+
+Plan plan(int64_t M, int64_t K, int64_t N, int64_t workers) {
+  Plan p{};
+  p.block_columns = std::max<int64_t>(64, kSumBytes / (4 * M) / 64 * 64);
+  if (p.block_columns >= N) p.block_columns = N;
+  p.blocks = (N + p.block_columns - 1) / p.block_columns;
+  p.slices = 1;
+  if (workers > 1) {
+    const int64_t wanted = (2 * workers + p.blocks - 1) / p.blocks;
+    p.slices = std::clamp<int64_t>(wanted, 1, std::max<int64_t>(1, K / kMinSliceRows));
+  }
+  p.slice_rows = std::max<int64_t>(4, ((K + p.slices - 1) / p.slices + 3) / 4 * 4);
+  p.slices = std::max<int64_t>(1, (K + p.slice_rows - 1) / p.slice_rows);
+  return p;
+}
+
+// Workers to plan for: CODEGEN_CPU_MATMUL_THREADS or `set_threads` (0: the pool's size). More
+// than the pool has only cuts the product finer (tests use it to run every split anywhere).
+std::atomic<int64_t> planned_threads{[] {
+  const char* env = std::getenv("CODEGEN_CPU_MATMUL_THREADS");
+  return env ? std::max<int64_t>(0, std::atoll(env)) : 0;
+}()};
+
+int64_t worker_count(ffi::ThreadPool& pool, int64_t M, int64_t K, int64_t N) {
+  const int64_t planned = planned_threads.load();
+  const int64_t threads = planned > 0 ? planned : std::max<int64_t>(1, pool.num_threads());
+  // Under ~64k multiply-adds a second thread costs more than it saves.
+  return (M * K * N < (1 << 16)) ? 1 : threads;
+}
+
+// The partial sums of row slices 1.. (slice 0 sums into y): per calling thread, kept between
+// calls (no allocation, so no page faults, per decode step). The caller waits for its helpers,
+// so the buffer outlives every use.
+float* scratch(int64_t floats) {
+  thread_local std::unique_ptr<float[]> buffer;
+  thread_local int64_t size = 0;
+  if (floats > size) {
+    buffer.reset(new float[floats]);
+    size = floats;
+  }
+  return buffer.get();
+}
+
 struct Job {
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> unfinished;
-  int64_t chunk, n;
-  explicit Job(int64_t chunks, int64_t chunk_cols, int64_t cols)
-      : unfinished(chunks), chunk(chunk_cols), n(cols) {}
+  std::unique_ptr<std::atomic<int64_t>[]> slices_left;  // per column range
+  explicit Job(int64_t tasks, int64_t blocks, int64_t slices)
+      : unfinished(tasks), slices_left(new std::atomic<int64_t>[blocks]) {
+    for (int64_t b = 0; b < blocks; ++b) slices_left[b].store(slices);
+  }
 };
 
-template <typename F>
-void work(Job& job, int64_t chunks, const F& columns) {
-  for (int64_t c; (c = job.next.fetch_add(1)) < chunks;) {
-    columns(c * job.chunk, std::min(job.n, (c + 1) * job.chunk));
+template <typename W>
+struct Product {
+  const Kernels* kernels;
+  BlockFn<W> block;
+  const float* x;
+  const W* w;
+  const float* scale;
+  float* y;
+  float* partial;  // [slices - 1, M, N]
+  int64_t M, K, N;
+  Plan p;
+
+  // Task t: row slice t / blocks, column range t % blocks (slices in memory order).
+  void run(Job& job, int64_t t) const {
+    const int64_t s = t / p.blocks, b = t % p.blocks;
+    const int64_t k0 = s * p.slice_rows, k1 = std::min(K, k0 + p.slice_rows);
+    const int64_t n0 = b * p.block_columns, n1 = std::min(N, n0 + p.block_columns);
+    if (p.slices == 1) {
+      block(x, w, scale, y, M, K, N, k0, k1, n0, n1);
+      return;
+    }
+    float* sums = s == 0 ? y : partial + (s - 1) * M * N;
+    block(x, w, nullptr, sums, M, K, N, k0, k1, n0, n1);
+    if (job.slices_left[b].fetch_sub(1) == 1)  // the last slice of this column range adds up
+      kernels->add_up(y, partial, p.slices - 1, scale, M, N, n0, n1);
+  }
+};
+
+template <typename W>
+void work(Job& job, int64_t tasks, const Product<W>& product) {
+  for (int64_t t; (t = job.next.fetch_add(1)) < tasks;) {
+    product.run(job, t);
     if (job.unfinished.fetch_sub(1) == 1) job.unfinished.notify_all();
   }
 }
 
-template <typename F>
-void parallel_columns(ffi::ThreadPool& pool, int64_t M, int64_t K, int64_t N, F columns) {
-  static const int64_t cap = [] {
-    const char* env = std::getenv("CODEGEN_CPU_MATMUL_THREADS");  // 0 or unset: the pool's size
-    return env ? std::max<int64_t>(0, std::atoll(env)) : 0;
-  }();
-  int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  if (cap > 0) threads = std::min(threads, cap);
-  // Under ~64k multiply-adds a second thread costs more than it saves.
-  const int64_t workers = (M * K * N < (1 << 16)) ? 1 : threads;
-  int64_t chunk = (N + 2 * workers - 1) / (2 * workers);
-  chunk = std::clamp<int64_t>((chunk + 63) / 64 * 64, 64, 2048);
-  const int64_t chunks = (N + chunk - 1) / chunk;
-  auto job = std::make_shared<Job>(chunks, chunk, N);
-  // Helpers that start after the work is gone find no chunk and return; the shared_ptr keeps
-  // the job alive for them (and `columns` is only called while the caller still waits).
-  for (int64_t t = 1; t < std::min(workers, chunks); ++t)
-    pool.Schedule([job, chunks, columns] { work(*job, chunks, columns); });
-  work(*job, chunks, columns);
+template <typename W>
+void parallel_product(ffi::ThreadPool& pool, Product<W> product) {
+  if (product.M == 0 || product.N == 0) return;
+  const int64_t workers = worker_count(pool, product.M, product.K, product.N);
+  product.p = plan(product.M, product.K, product.N, workers);
+  const Plan& p = product.p;
+  if (p.slices > 1) product.partial = scratch((p.slices - 1) * product.M * product.N);
+  const int64_t tasks = p.slices * p.blocks;
+  auto job = std::make_shared<Job>(tasks, p.blocks, p.slices);
+  // Helpers that start after the work is gone find no task and return; the shared_ptr keeps
+  // the job alive for them (and the product's buffers are only used while the caller waits).
+  const int64_t threads = std::min({workers, tasks, std::max<int64_t>(1, pool.num_threads())});
+  for (int64_t t = 1; t < threads; ++t)
+    pool.Schedule([job, tasks, product] { work(*job, tasks, product); });
+  work(*job, tasks, product);
   for (int64_t left; (left = job->unfinished.load()) != 0;) job->unfinished.wait(left);
 }
 
@@ -247,15 +351,10 @@ ffi::Error MatmulInt8(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   if (dims.size() != 1) return ffi::Error::InvalidArgument("codegen matmul: scale must be 1-D");
   ffi::Error shapes = check_shapes(x.dimensions(), w.dimensions(), y->dimensions(), dims[0]);
   if (shapes.failure()) return shapes;
-  const int64_t M = x.dimensions()[0], K = x.dimensions()[1], N = w.dimensions()[1];
-  const Int8Fn fn = active.load()->int8;
-  const float* xp = x.typed_data();
-  const int8_t* wp = w.typed_data();
-  const float* sp = scale.typed_data();
-  float* yp = y->typed_data();
-  parallel_columns(pool, M, K, N, [=](int64_t n0, int64_t n1) {
-    fn(xp, wp, sp, yp, M, K, N, n0, n1);
-  });
+  const Kernels* kernels = active.load();
+  parallel_product<int8_t>(pool, {kernels, kernels->int8, x.typed_data(), w.typed_data(),
+                                  scale.typed_data(), y->typed_data(), nullptr,
+                                  x.dimensions()[0], x.dimensions()[1], w.dimensions()[1]});
   return ffi::Error::Success();
 }
 
@@ -263,14 +362,11 @@ ffi::Error MatmulBf16(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
                       ffi::ResultBuffer<ffi::F32> y) {
   ffi::Error shapes = check_shapes(x.dimensions(), w.dimensions(), y->dimensions(), -1);
   if (shapes.failure()) return shapes;
-  const int64_t M = x.dimensions()[0], K = x.dimensions()[1], N = w.dimensions()[1];
-  const Bf16Fn fn = active.load()->bf16;
-  const float* xp = x.typed_data();
+  const Kernels* kernels = active.load();
   const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.typed_data());
-  float* yp = y->typed_data();
-  parallel_columns(pool, M, K, N, [=](int64_t n0, int64_t n1) {
-    fn(xp, wp, nullptr, yp, M, K, N, n0, n1);
-  });
+  parallel_product<uint16_t>(pool, {kernels, kernels->bf16, x.typed_data(), wp, nullptr,
+                                    y->typed_data(), nullptr, x.dimensions()[0],
+                                    x.dimensions()[1], w.dimensions()[1]});
   return ffi::Error::Success();
 }
 
@@ -318,10 +414,22 @@ PyObject* set_isa(PyObject*, PyObject* arg) {
   return PyUnicode_FromString(chosen->isa);
 }
 
+PyObject* set_threads(PyObject*, PyObject* arg) {
+  const long long count = PyLong_AsLongLong(arg);
+  if (count == -1 && PyErr_Occurred()) return nullptr;
+  if (count < 0) {
+    PyErr_SetString(PyExc_ValueError, "threads must be 0 (the pool's size) or more");
+    return nullptr;
+  }
+  return PyLong_FromLongLong(planned_threads.exchange(count));
+}
+
 PyMethodDef methods[] = {
     {"handlers", handlers, METH_NOARGS, "{'int8': capsule, 'bf16': capsule} XLA FFI handlers"},
     {"isa", isa, METH_NOARGS, "The instruction set the kernels use: avx512, avx2 or generic"},
     {"set_isa", set_isa, METH_O, "Use 'best' or a named instruction set; returns its name"},
+    {"set_threads", set_threads, METH_O,
+     "Plan blocks for this many workers (0: the pool's size); returns the previous count"},
     {nullptr, nullptr, 0, nullptr},
 };
 

@@ -76,6 +76,17 @@ def set_isa(name: str) -> str:
     return module.set_isa(name)
 
 
+def set_threads(count: int) -> int:
+    """Cut products into blocks for `count` workers from now on (0: the size of XLA's thread
+    pool, the default; CODEGEN_CPU_MATMUL_THREADS sets it at start). More than the pool has
+    only cuts finer (tests run every split on any machine). Returns the previous count.
+    Raises RuntimeError without the extension, ValueError for a negative count."""
+    module, why_not = _extension()
+    if module is None:
+        raise RuntimeError(why_not)
+    return module.set_threads(count)
+
+
 def takes(weight_dtype: jnp.dtype) -> bool:
     """Whether weights of `weight_dtype` take the kernel in decode steps (on this backend)."""
     narrow = weight_dtype in (jnp.int8, jnp.bfloat16)

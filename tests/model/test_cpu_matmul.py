@@ -94,6 +94,47 @@ def test_odd_shapes_every_row_count(isa: str, kind: str, k: int, n: int) -> None
         check(x, w32, w, scale, y)
 
 
+@pytest.fixture
+def planned_threads():
+    """Set how many workers the kernel cuts products for; back to the count before after."""
+    before = cpu_matmul.set_threads(0) if cpu_matmul.available() else 0
+    yield cpu_matmul.set_threads
+    if cpu_matmul.available():
+        cpu_matmul.set_threads(before)
+
+
+@needs_kernel
+@pytest.mark.parametrize("kind", ["int8", "bf16"])
+@pytest.mark.parametrize("threads", [1, 3, 8])
+def test_every_cut_into_row_slices_and_column_ranges(
+    isa: str, planned_threads, kind: str, threads: int
+) -> None:
+    """Row slices whose partial sums are added up (K = 1031: up to 16 slices, the last one
+    shorter and not a multiple of 4), column ranges at 4 to 16 rows (N = 2051: ranges of 512 to
+    2048 columns and a narrow last one), and the same bits on every run (the partial sums are
+    added in slice order, whichever thread finishes first)."""
+    planned_threads(threads)
+    w32, w, scale = random_weights(1031, 2051, kind, seed=threads)
+    call = jax.jit(cpu_matmul.matmul)
+    args = (jnp.asarray(w), None if scale is None else jnp.asarray(scale))
+    for rows in (1, 2, 4, 5, 16):
+        x = np.random.default_rng(rows).standard_normal((rows, 1031), np.float32)
+        y = call(jnp.asarray(x), *args)
+        check(x, w32, w, scale, y)
+        np.testing.assert_array_equal(np.asarray(call(jnp.asarray(x), *args)), np.asarray(y))
+
+
+def test_threads_must_not_be_negative(planned_threads) -> None:
+    if not cpu_matmul.available():
+        with pytest.raises(RuntimeError, match=r"pip install|CODEGEN_CPU_MATMUL=0"):
+            planned_threads(2)
+        return
+    with pytest.raises(ValueError, match=r"0 \(the pool's size\) or more"):
+        planned_threads(-1)
+    before = planned_threads(2)
+    assert planned_threads(before) == 2
+
+
 @needs_kernel
 @pytest.mark.parametrize("kind", ["int8", "bf16"])
 def test_agrees_with_the_xla_path(isa: str, kind: str) -> None:
