@@ -12,9 +12,10 @@ leave between chunks and a local request is simply the rows of one request.
   current position, and each decode step writes its position before any query can see it, so
   the padding never leaks. A prefill with nothing cached (`start == 0`) runs the model without a
   cache: one fused causal attention over the new tokens, then one write into the cache.
-- `decode_chunk` runs `num_steps` sampling steps on the device (one `lax.scan`: each step writes
-  the new token's keys/values into the cache and attends over it) and returns the tokens; the
-  host streams them and decides whether to run another chunk.
+- `decode_chunk` runs `num_steps` sampling steps on the device (one `lax.scan`: each step
+  attends over the cache and the new token, then writes the token's keys/values into the
+  cache, in place) and returns the tokens; the host streams them and decides whether to run
+  another chunk.
 
 Both take a `logits_fn(params, tokens, positions, cache, logits_at) -> (logits, kv)`, so tests
 can drive them with a fake model. Keys are explicit: step `t` of a row uses

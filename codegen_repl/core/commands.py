@@ -84,7 +84,8 @@ class Commands(NotebookCommands):
         per cell) of replays as they go, and asks it for the input its code wants, where
         someone can answer."""
         self._session = session
-        session.on_progress = session.executor.on_progress = self._progress
+        session.on_progress = self._progress
+        session.executor.on_progress = session.progress  # behind the prompt: its status
         session.on_input = self._ask_input if self.frontend.can_ask else None
 
     def _progress(self, text: str) -> None:
@@ -123,7 +124,9 @@ class Commands(NotebookCommands):
             self._show_notice()
         if session.save_error:
             self.frontend.show_text(
-                f"{session.save_error} ({self.frontend.prefix}save PATH.ipynb)", "warning"
+                f"{session.save_error} ({self.frontend.prefix}save PATH.ipynb writes it there, "
+                "and the session autosaves there from then on)",
+                "warning",
             )
             session.save_error = ""
 

@@ -180,7 +180,7 @@ class BackgroundDecoder:
             self._future.result(timeout)
         except concurrent.futures.TimeoutError:
             raise TimeoutError(f"the model {self.name} is still loading") from None
-        except BaseException:
+        except Exception:  # not BaseException: a Ctrl-C while it waits must stop the wait
             pass  # get() reports it
         return self.get()
 

@@ -119,6 +119,7 @@ class Executor:
         self._log: IO[bytes] | None = None
         self._history: list[str] = []
         self._interrupt_requested = threading.Event()
+        self._interrupted_at: float | None = None  # when `interrupt` was called (monotonic s)
         self._shell = threading.Lock()  # the client's shell channel: a run or a request
         # Told what takes a while (a restart, waiting out an ignored interrupt), as it begins.
         self.on_progress: Callable[[str], None] | None = None
@@ -239,9 +240,12 @@ class Executor:
 
     def interrupt(self) -> None:
         """Interrupt the running cell, like Ctrl-C in Jupyter; the waiting `run` returns
-        status "interrupted"."""
+        status "interrupted". Any thread. Code that ignores it gets `interrupt_grace` seconds,
+        as after a Ctrl-C in the caller; then the kernel is restarted and the history
+        replayed (the waiting `run` says so)."""
         manager = self._manager
         if manager is not None:
+            self._interrupted_at = time.monotonic()
             self._interrupt_requested.set()
             manager.interrupt_kernel()
 
@@ -257,6 +261,7 @@ class Executor:
         still usable (False: it died or ignored the interrupt)."""
         client = self._require_started()
         self._interrupt_requested.clear()
+        self._interrupted_at = None
         started = time.monotonic()
         with self._shell:
             msg_id = client.execute(code, silent=silent, store_history=not silent,
@@ -286,6 +291,8 @@ class Executor:
                 if status == "error" and self._interrupt_requested.is_set():
                     status = "interrupted"
                 return status, True
+            if ending == "ignored":  # `interrupt` (another thread) and its grace are over
+                return "interrupted", False
         except KeyboardInterrupt:  # the caller's Ctrl-C is meant for the kernel, not for us
             ending = "interrupted"
         if ending == "died":
@@ -304,10 +311,15 @@ class Executor:
         return ("died" if answer == "died" else ending), False
 
     def _wait(self, cell: Cell, deadline: float | None) -> str:
-        """Feed iopub messages to the cell until it is idle: "idle", "timeout" or "died"."""
+        """Feed iopub messages to the cell until it is idle: "idle", "timeout", "died", or
+        "ignored" (`interrupt` was called more than `interrupt_grace` seconds ago)."""
         client = self._require_started()
         while not cell.idle:
-            remaining = _POLL_S if deadline is None else min(_POLL_S, deadline - time.monotonic())
+            now = time.monotonic()
+            at = self._interrupted_at
+            if at is not None and now - at > self.config.interrupt_grace:
+                return "ignored"
+            remaining = _POLL_S if deadline is None else min(_POLL_S, deadline - now)
             if remaining <= 0:
                 return "timeout"
             if self._on_input is not None and client.stdin_channel.msg_ready():

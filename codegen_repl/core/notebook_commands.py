@@ -37,7 +37,12 @@ class NotebookCommands:
             raise ConfigError(f"this session has no file; use {self.frontend.prefix}save "
                               "PATH.ipynb or PATH.py")  # fmt: skip
         path = self._path(argument) if argument else None
-        self.frontend.show_text(f"saved to {self.session.save(path)}")
+        saved = self.session.save(path)
+        if self.session.autosave_failed and saved is not None and saved.suffix == ".ipynb":
+            self.session.path, self.session.autosave_failed = saved, False  # as the warning said
+            self.frontend.show_text(f"saved to {saved}; the session autosaves there from now on")
+            return
+        self.frontend.show_text(f"saved to {saved}")
 
     def _load(self, argument: str) -> None:
         if not argument:

@@ -84,7 +84,8 @@ class Session:
         self._kernel_error: BaseException | None = None
         self._kernel_status = ""
         self.new_notice = False  # set when a background replay ended with a `notice`
-        self.save_error = ""  # why the last autosave failed ("": it did not)
+        self.save_error = ""  # why the last autosave failed, until told ("": it did not)
+        self.autosave_failed = False  # whether the last autosave failed
 
     # ------------------------------------------------------------------------- the model's view
 
@@ -352,12 +353,19 @@ class Session:
         choice = ("run" if run else "skip") if isinstance(run, bool) else run
         if choice == "run":
             try:
+                self.wait_kernel()
+                if self.new_notice:  # a replay behind the prompt fell short, untold so far
+                    raise KernelError(f"the kernel lacks the state of {turns_named(self.missing)}"
+                                      ", which this code may need (see the warning)")  # fmt: skip
                 turn.record(self._run(turn.code, on_output))
             except (KeyboardInterrupt, CodeGenError) as stopped:  # no kernel to run it in (Ctrl-C
                 # while waiting for it, a failed start): the turn stays, unrun
-                why = str(stopped) if isinstance(stopped, CodeGenError) else "Ctrl-C"
+                why = stopped if isinstance(stopped, CodeGenError) else "Ctrl-C"
                 turn.status, turn.message = "skipped", f"not run: {why}"
                 self.turns.append(turn)
+                if self.notice:  # what the kernel lacks: this turn too (`/run N` lists it)
+                    self.missing = (*self.missing, len(self.turns))
+                    self.notice = f"{self.notice}; turn {len(self.turns)} was not run"
                 self._autosave()
                 raise
         else:
@@ -426,7 +434,7 @@ class Session:
             while not self._kernel_done.wait(_POLL_S):
                 status = self._kernel_status
                 if status != shown:
-                    self._progress(f"waiting for the kernel: {status}")
+                    self.progress(f"waiting for the kernel: {status}")
                     shown = status
         except KeyboardInterrupt:
             self.stop_kernel_work()
@@ -491,13 +499,13 @@ class Session:
         self._stop.clear()
         with interrupts_call(self.request_stop):
             what = f" to replay {count_of(len(replay), 'turn')}" if replay else ""
-            self._progress(f"restarting the kernel{what}")
+            self.progress(f"restarting the kernel{what}")
             try:
                 self.executor.restart()
             except KeyboardInterrupt:  # held until the new kernel was up
                 self._stop.set()
             for position, (number, turn) in enumerate(replay):
-                self._progress(f"replaying {position + 1}/{len(replay)}: turn {number}")
+                self.progress(f"replaying {position + 1}/{len(replay)}: turn {number}")
                 if self._stop.is_set():
                     return _lacking(replay[position:], "the replay was interrupted")
                 self._replaying = True
@@ -506,11 +514,13 @@ class Session:
                 finally:
                     self._replaying = False
                 if result.status != "ok":
-                    why = f"replaying turn {number} ended with {result.status}"
-                    return _lacking(replay[position:], why)
+                    return _lacking(replay[position:], _replay_failure(number, result))
         return "", ()
 
-    def _progress(self, text: str) -> None:
+    def progress(self, text: str) -> None:
+        """Tell `on_progress` of long work (a replay, a restart); from the kernel's work behind
+        the prompt, it becomes `kernel_status` instead (no thread but the front end's prints).
+        The executor's own progress goes here too (`Commands` routes it)."""
         if threading.current_thread() is self._kernel_job:  # behind the prompt: the status
             self._kernel_status = text  # line of whoever waits for it (`wait_kernel`)
         elif self.on_progress is not None:
@@ -552,8 +562,9 @@ class Session:
             self.save()
         except ConfigError as error:
             self.save_error = f"{error}; the session is kept in memory: save it elsewhere"
+            self.autosave_failed = True  # a `save` command elsewhere moves the session there
         else:
-            self.save_error = ""
+            self.save_error, self.autosave_failed = "", False
 
     @classmethod
     def open(
@@ -610,6 +621,21 @@ class Session:
 def _lacking(replay: list[tuple[int, Turn]], why: str) -> tuple[str, tuple[int, ...]]:
     numbers = tuple(number for number, _ in replay)
     return f"{why}: the kernel lacks the state of {turns_named(numbers)}", numbers
+
+
+def _replay_failure(number: int, result: RunResult) -> str:
+    """`turn 4 raised AssertionError: ... when replayed` (and the other statuses)."""
+    errors = [out for out in result.outputs if out.get("output_type") == "error"]
+    if result.status == "error" and errors:
+        evalue = str(errors[-1].get("evalue", "")).strip().rstrip(".")
+        what = f"raised {errors[-1].get('ename', 'an error')}"
+        if evalue:
+            return f"turn {number} {what} when replayed ({evalue})"
+    else:
+        endings = {"interrupted": "was interrupted", "timeout": "ran past the session's timeout",
+                   "died": "killed the kernel"}  # fmt: skip
+        what = endings.get(result.status, f"ended {result.status}")
+    return f"turn {number} {what} when replayed"
 
 
 def turns_named(numbers: Sequence[int]) -> str:

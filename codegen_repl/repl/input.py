@@ -79,6 +79,9 @@ def prompt_reader(toolbar: Callable[[], str], history: Path) -> Callable[[], str
         key_bindings=key_bindings(),
         multiline=True,
         bottom_toolbar=toolbar,
+        # Redrawn while the user is idle too: the model's load and the kernel's start or
+        # replay behind the prompt change what it says.
+        refresh_interval=0.5,
         prompt_continuation="... ",
     )
     return lambda: prompt.prompt(PROMPT)

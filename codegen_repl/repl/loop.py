@@ -166,25 +166,26 @@ class Repl:
         self.commands.mtpb_problems = path
 
     def loop(self, read_line: Callable[[], str]) -> None:
-        """Read and handle lines until /exit or the end of input (Ctrl-D)."""
+        """Read and handle lines until /exit or the end of input (Ctrl-D), then save. When
+        nothing can be saved (a full disk), the prompt comes back once, so that the user can
+        free space or `/save` elsewhere; leaving again then leaves without saving."""
+        tried = False
         while True:
+            self._read_lines(read_line)
+            with contextlib.suppress(CodeGenError):  # a failed start matters no more
+                self.session.stop_kernel_work()  # a replay behind the prompt is not waited out
+            self.renderer.finish()
             try:
-                line = read_line()
-            except KeyboardInterrupt:  # at the prompt: the line is cleared, nothing else
-                continue
-            except EOFError:
+                path = self._save_on_exit()
                 break
-            if not self.handle(line):
-                break
-        with contextlib.suppress(CodeGenError):  # a failed start matters no more
-            self.session.stop_kernel_work()  # a replay behind the prompt is not waited out
-        self.renderer.finish()
-        try:
-            path = self.session.save()
-        except CodeGenError as error:  # e.g. the folder became read-only: keep them elsewhere
-            path = new_session_path(data_dir() / "unsaved")
-            self.frontend.show_text(f"error: {error}; saving to {path} instead", "error")
-            path = self.session.save(path)
+            except CodeGenError as error:
+                if tried:
+                    self.frontend.show_text(f"error: {error}; left without saving", "error")
+                    return
+                tried, self.session.autosave_failed = True, True  # /save moves it, as below
+                advice = ("free some space or /save PATH.ipynb elsewhere, then leave again "
+                          "(leaving again as it is leaves without saving)")  # fmt: skip
+                self.frontend.show_text(f"error: {error}; nothing was saved: {advice}", "error")
         if path is None:
             self.console.print("bye (this session has no file)")
             return
@@ -192,6 +193,27 @@ class Repl:
         resume = f"resume it with: codegen-repl {options}--session {shlex.quote(str(path))}"
         self.console.print(Text(f"saved {path}"), soft_wrap=True)  # paths are copied whole
         self.console.print(Text(resume, style="dim"), soft_wrap=True)
+
+    def _read_lines(self, read_line: Callable[[], str]) -> None:
+        while True:
+            try:
+                line = read_line()
+            except KeyboardInterrupt:  # at the prompt: the line is cleared, nothing else
+                continue
+            except EOFError:
+                return
+            if not self.handle(line):
+                return
+
+    def _save_on_exit(self) -> Path | None:
+        """The session's file, or (it cannot be written) a new one in the data folder's
+        `unsaved/`. Raises ConfigError when neither can be written."""
+        try:
+            return self.session.save()
+        except CodeGenError as error:  # e.g. the folder became read-only: keep them elsewhere
+            path = new_session_path(data_dir() / "unsaved")
+            self.frontend.show_text(f"error: {error}; saving to {path} instead", "error")
+            return self.session.save(path)
 
     def handle(self, line: str) -> bool:
         """Act on one input line; False when the REPL should end. Never raises."""
@@ -221,6 +243,8 @@ class Repl:
         else:  # a BackgroundDecoder still loading: asking it would freeze the prompt
             context = "loading the model"
         busy = self.session.kernel_status  # its start or a resume's replay, behind the prompt
+        if busy.startswith("restarting the kernel"):  # "... to replay 7 turns"
+            busy = "restarting"
         kernel = busy or ("up" if self.session.executor.alive else "down")
         if not busy and self.session.missing:  # e.g. a resume's replay fell short
             kernel += f" (lacks the state of {turns_named(self.session.missing)})"

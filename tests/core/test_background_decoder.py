@@ -79,3 +79,21 @@ def test_wait_with_a_timeout_says_the_model_is_still_loading(chat_checkpoint: Pa
         decoder.wait(timeout=0.05)
     gate.set()
     assert isinstance(decoder.wait(), LocalDecoder)
+
+
+def test_ctrl_c_while_a_step_waits_for_the_load_stops_the_wait(chat_checkpoint: Path) -> None:
+    import signal
+
+    gate = threading.Event()
+    decoder = held_load(chat_checkpoint, gate)
+    main = threading.main_thread().ident
+    assert main is not None
+    # A real SIGINT to the main thread, as Ctrl-C sends (interrupt_main() would not wake a
+    # blocked wait), while it waits on "loading the model".
+    threading.Timer(0.5, signal.pthread_kill, (main, signal.SIGINT)).start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            list(decoder.generate("import os\n", SAMPLE))
+    finally:
+        gate.set()
+    assert list(decoder.generate("import os\n", SAMPLE))  # the load went on: it decodes now

@@ -57,6 +57,7 @@ def test_a_replay_behind_the_prompt_that_falls_short_is_told_once(tmp_path, exec
     session = Session.open(path, ScriptedDecoder(), executor, background=True)
     session.wait_kernel()
     assert session.new_notice and session.missing == (2,)
+    assert "turn 2 raised ZeroDivisionError when replayed (division by zero)" in session.notice
     shown = Shown()
     commands = Commands(session, shown, run_mode="auto")
     commands.handle("/help")
@@ -75,7 +76,8 @@ def test_ctrl_c_while_code_waits_stops_the_replay_and_keeps_the_turn(tmp_path, e
         session.run_code("print(x)")
     assert time.monotonic() - started < 6  # the replayed turn was interrupted, not waited out
     assert session.kernel_status == ""
-    assert session.missing == (1, 2) and "interrupted" in session.notice
+    assert session.missing == (1, 2, 3) and "interrupted" in session.notice
+    assert session.notice.endswith("turn 3 was not run")
     assert [turn.status for turn in session.turns] == ["ok", "ok", "skipped"]  # kept, unrun
     assert session.run_turn(3).status == "error"  # the kernel is live, without x (NameError)
 
@@ -100,3 +102,48 @@ def test_a_new_sessions_kernel_starts_behind_the_prompt(tmp_path, executor) -> N
     session.start_kernel(background=True)
     assert session.kernel_status == "starting"
     assert session.run_code("print(6 * 7)").outputs[0]["text"] == "42\n"
+
+
+STUBBORN = """import os, time
+while not os.path.exists({flag!r}):
+    try:
+        time.sleep(0.05)
+    except KeyboardInterrupt:
+        pass
+stubborn = 1"""
+
+
+def test_a_replayed_turn_that_ignores_the_interrupt_does_not_hold_the_prompt(tmp_path) -> None:
+    flag = tmp_path / "go"
+    flag.touch()
+    path = saved_session(tmp_path, "x0 = 1", STUBBORN.format(flag=str(flag)), "after = 2")
+    flag.unlink()  # replayed now, the turn loops and swallows every KeyboardInterrupt
+    executor = Executor(ExecutorConfig(cwd=tmp_path, interrupt_grace=1.0))
+    try:
+        session = Session.open(path, ScriptedDecoder(), executor, background=True)
+        deadline = time.monotonic() + 60
+        while "replaying 2/3" not in session.kernel_status and time.monotonic() < deadline:
+            time.sleep(0.05)
+        started = time.monotonic()
+        session.stop_kernel_work()  # as /undo, /load or Ctrl-D do
+        assert time.monotonic() - started < 30  # the grace, a restart: not forever
+        assert session.missing == (2, 3) and "turn 2" in session.notice
+        session.new_notice = False  # as the front end does once it has told the notice
+        assert executor.alive and session.run_code("print(x0 + 1)").outputs[0]["text"] == "2\n"
+    finally:
+        executor.shutdown()
+
+
+def test_code_entered_while_a_replay_falls_short_waits_and_is_kept_unrun(tmp_path) -> None:
+    path = saved_session(tmp_path, SLOW, "q = 1")
+    path.write_text(path.read_text().replace("q = 1", "1 / 0"))  # turn 2 now fails on replay
+    executor = Executor(ExecutorConfig(cwd=tmp_path))
+    try:
+        session = Session.open(path, ScriptedDecoder(), executor, background=True)
+        with pytest.raises(KernelError, match="lacks the state of turn 2"):
+            session.run_code("print(x)")  # typed during the replay: it would run without turn 2
+        assert session.turns[2].status == "skipped"
+        assert "lacks the state of turn 2" in session.turns[2].message
+        assert session.new_notice  # the front end tells the notice next (once)
+    finally:
+        executor.shutdown()

@@ -304,7 +304,7 @@ def test_replays_run_under_the_session_timeout(tmp_path, executor) -> None:
     started = time.monotonic()
     session.undo()  # the replay of turn 1 hits the timeout, and says what the kernel lacks
     assert time.monotonic() - started < 30
-    assert "replaying turn 1 ended with timeout" in session.notice
+    assert "turn 1 ran past the session's timeout when replayed" in session.notice
     assert session.notice.endswith("the kernel lacks the state of turn 1")
     assert session.missing == (1,)
 

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import re
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 
 from codegen_repl.model.checkpoint import load_model
-from codegen_repl.model.modeling import CodeGen, apply_rotary, rotary_angles
+from codegen_repl.model.config import CodeGenConfig
+from codegen_repl.model.modeling import CodeGen, apply_rotary, init_cache, rotary_angles
 from codegen_repl.model.sample_params import SampleParams
+from codegen_repl.model.sampling import empty_state, lower_decode, model_logits_fn, request_knobs
 from tests.conftest import decoded_ids, hf_codegen, local_decoder, save_bin, torch_logits
 
 # fp32, relative to the logit scale (max |logit| of the reference); never loosened.
@@ -98,3 +103,26 @@ def test_rotary_is_interleaved_on_leading_dims_only() -> None:
         [x0 * np.cos(1) - x1 * np.sin(1), x1 * np.cos(1) + x0 * np.sin(1)],
         rtol=1e-6,
     )
+
+
+@pytest.mark.parametrize(("attention", "rows"), [("dot", 1), ("dot", 3), ("sum", 1)])
+def test_decode_step_updates_the_cache_in_place(attention: str, rows: int) -> None:
+    # A decode step reads every layer's cache and writes one position of it. XLA's CPU
+    # backend copied the whole cache (and transposed the keys) each step when the write had
+    # two users; the compiled chunk must hold no cache-sized copy or transpose at all.
+    config = CodeGenConfig(
+        vocab_size=64, max_positions=64, hidden_size=32, num_layers=2, num_heads=4,
+        rotary_dim=4, intermediate_size=64,
+    )  # fmt: skip
+    model = CodeGen(config, decode_attention=attention)
+    params = model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
+    state = empty_state(init_cache(config, rows, 64, jnp.float32), config.vocab_size)
+    sample = SampleParams(8, temperature=0.7, n=rows)
+    compiled = lower_decode(
+        model_logits_fn(model), params, state, request_knobs(sample), 4, sample.mode
+    ).compile()
+    text = compiled.as_text()
+    assert "while" in text  # the decode loop is there, and the shapes below are the cache's
+    assert f"f32[{rows},4,64,8]" in text
+    cache_sized = re.compile(rf"= f32\[{rows},4,(64,8|8,64)\]\S* (copy|transpose)\(")
+    assert not [line.strip()[:160] for line in text.splitlines() if cache_sized.search(line)]

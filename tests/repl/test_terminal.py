@@ -82,7 +82,12 @@ def test_a_session_in_a_terminal(tmp_path: Path, chat_checkpoint: Path) -> None:
     again = spawn(*args, cwd=tmp_path)  # resume: the turns are shown again
     shown = re.sub(r"\x1b\[[0-9;]*m", "", again.before)
     assert "x = 41" in shown and "looping" in shown
+    # The replay behind the prompt falls short at turn 5 (its input() has no one to answer),
+    # so code typed meanwhile is kept unrun, and said so, rather than run without that state.
     again.sendline("!print(x * 2)")
+    again.expect(styled("error: the kernel lacks the state of turns 5, 6, which this code"))
+    again.expect(">>>")
+    again.sendline("/run 7")
     again.expect("82")
     again.expect(">>>")
     again.sendcontrol("d")
