@@ -364,15 +364,16 @@ class Commands(NotebookCommands):
         """Resample the last step (the next seed) and say what changed. The new code replaces
         the last turn only once it is written: Ctrl-C while it streams changes nothing."""
         self._no_argument("retry", argument, "it retries the last step")
+        settings = self.session.settings
         number, step = self.session.retry_step()
         before = self.session.turn(number).code
+        generated = None
         try:
             generated = self._generate(step, before=number - 1)
-        except BaseException:
-            self.session.retry_step(back=True)
-            raise
-        if generated is None:  # Ctrl-C dropped the new code: the last turn stays
-            self.session.retry_step(back=True)
+        finally:
+            if generated is None:  # Ctrl-C dropped the new code, or it failed: nothing changes
+                self.session.settings = settings  # the seed as it was
+        if generated is None:
             return None
         choice, code = self._decide(generated[0])
         turn = self._replace(number, self.session.step_turn(step, code, generated[1]), choice)

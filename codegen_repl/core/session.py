@@ -192,25 +192,26 @@ class Session:
         """Resample the last step from the state before it (the next seed), then put the new
         code in its place (`replace`: the kernel is rebuilt only then). Ctrl-C while the code
         is written changes nothing: the last turn and the seed stay as they were."""
+        settings = self.settings
         number, step = self.retry_step()
         try:
             code, seconds = self.generate(step, on_text, before=number - 1)
         except BaseException:
-            self.retry_step(back=True)
+            self.settings = settings  # the seed as it was
             raise
         turn = self.step_turn(step, code, seconds)
         self.replace(number, turn, on_output)
         return turn
 
-    def retry_step(self, back: bool = False) -> tuple[int, str]:
+    def retry_step(self) -> tuple[int, str]:
         """The number and step of the turn a retry resamples (the last turn, a step), after
-        moving to the next seed (`back`: to the one before, as if no retry began).
+        moving to the next seed (a caller that gives up restores `settings`).
 
         Raises:
             ConfigError: there is no step, or the last turn is the user's own code.
         """
         last = self._last_step()
-        seed = int(last.sample.get("seed", self.settings.sample.seed)) + (0 if back else 1)
+        seed = int(last.sample.get("seed", self.settings.sample.seed)) + 1
         self.settings = dataclasses.replace(
             self.settings, sample=dataclasses.replace(self.settings.sample, seed=seed)
         )
