@@ -1,7 +1,9 @@
-"""Build the optional C++ extension `codegen_repl.model._cpu_matmul` (csrc/cpu_matmul.cc).
+"""Build the optional C++ extension `codegen_repl.model._cpu_matmul` (csrc/cpu_matmul.cc and
+csrc/cpu_attention.cc).
 
 Everything else about the package is in pyproject.toml. The extension is a weight-only
-int8/bf16 matmul for XLA's CPU backend (see model/cpu_matmul.py); it compiles against the XLA
+int8/bf16 matmul and a decode attention over the KV cache for XLA's CPU backend (see
+model/cpu_matmul.py and model/cpu_attention.py); it compiles against the XLA
 FFI headers that jaxlib ships (`jax.ffi.include_dir()`; jaxlib is in [build-system].requires).
 Without a C++ compiler, or if the build fails, `pip install` still succeeds: the warning says
 so and the model runs on the XLA path (`codegen-repl generate --verbose` shows which).
@@ -60,7 +62,7 @@ setup(
     ext_modules=[
         Extension(
             "codegen_repl.model._cpu_matmul",
-            sources=["csrc/cpu_matmul.cc"],
+            sources=["csrc/cpu_matmul.cc", "csrc/cpu_attention.cc"],
             depends=["csrc/matmul_body.h"],
             language="c++",
             optional=True,

@@ -7,6 +7,7 @@
     python bench/decode.py multiturn  # time to first token at turn 10 / turn 1
     python bench/decode.py coldstart  # process start to first token, warm compilation cache
     python bench/decode.py kernels    # the int8/bf16 CPU matmul per 350M shape, and streaming
+    python bench/decode.py cachelength  # whole-context cache + CPU attention vs cut to length
 
 Every configuration runs the project and its peers in the same process on the same machine,
 with random weights in CodeGen's shapes (bench/make_random_checkpoint.py). Nothing here is a
@@ -45,6 +46,7 @@ from peers import (
 
 from codegen_repl.core.context import MTPB_PREFIX, TurnText, build_context
 from codegen_repl.decoders.local import LocalDecoder
+from codegen_repl.model import cpu_matmul
 from codegen_repl.model.config import CodeGenConfig
 from codegen_repl.model.modeling import CodeGen, init_cache
 from codegen_repl.model.sample_params import SampleParams
@@ -126,8 +128,6 @@ def cpu(args: argparse.Namespace) -> None:
 def cpu_impl(args: argparse.Namespace, folder: Path, impl: str) -> dict:
     prompt = prompt_ids(args.prompt)
     if impl in ("fp32", "int8", "bf16"):
-        from codegen_repl.model import cpu_matmul
-
         dtype = "bfloat16" if impl == "bf16" else "float32"
         decoder = LocalDecoder.load(folder, dtype=dtype, int8=impl == "int8")
         sample = SampleParams(args.new)
@@ -474,11 +474,69 @@ def coldstart(args: argparse.Namespace) -> None:
     )
 
 
+# ------------------------------------------------------------------------------ cache length
+
+
+def cachelength(args: argparse.Namespace) -> None:
+    """Decode steps at 200, 800 and 1,500 cached tokens (350M shape, fp32, one row), two ways
+    in one process, alternated `--repeats` times: the cache as long as the model's context
+    with decode attention in the C++ kernel (what the local decoder does where the kernel is
+    built: one program for every length), and the cache cut to `cache_bucket`'s lengths with
+    XLA's attention (the path before: a program per length). Per point: the program's
+    compile seconds (0 when the length's program is already compiled) and ms per token, wall
+    and CPU (process time over all threads: steadier than wall on a shared machine)."""
+    from codegen_repl.model import cpu_attention
+    from codegen_repl.model.sampling import DecodeState, cache_bucket, lower_decode, model_logits_fn
+
+    if not cpu_attention.applies(1, 64, jnp.float32):
+        sys.exit(f"cachelength needs the CPU attention kernel: {cpu_matmul.status()}")
+    config = bench_config(args.size)
+    model = CodeGen(config)
+    params, logits_fn = random_params(config, jnp.float32), model_logits_fn(model)
+    sample = SampleParams(16, temperature=0.0)
+    knobs, steps = request_knobs(sample), 4
+    limit = cpu_attention.MAX_TOKENS
+    for _ in range(args.repeats):
+        for way in ("whole-context, C++ attention", "cut to length, XLA attention"):
+            whole = way.startswith("whole")
+            cpu_attention.MAX_TOKENS = limit if whole else 0
+            decode_chunk.clear_cache()
+            record: dict = {"bench": "cachelength", "size": args.size, "way": way}
+            for tokens in (200, 800, 1500):
+                length = config.max_positions if whole else cache_bucket(tokens + 64, 2048)
+                empty = empty_state(init_cache(config, 1, length, jnp.float32), config.vocab_size)
+                at = jnp.full((1,), tokens, jnp.int32)
+                state = DecodeState(empty.cache, empty.logits, at, empty.step)
+                start = time.perf_counter()
+                compiled = lower_decode(logits_fn, params, state, knobs, steps, sample.mode)
+                compiled = compiled.compile()
+                compile_s = time.perf_counter() - start
+                walls, cpus = [], []
+                for _ in range(6):
+                    wall, cpu_time = time.perf_counter(), time.process_time()
+                    after, chunk = compiled(params, state, knobs)
+                    chunk.block_until_ready()
+                    walls.append(time.perf_counter() - wall)
+                    cpus.append(time.process_time() - cpu_time)
+                    at = jnp.full((1,), tokens, jnp.int32)  # the same positions again
+                    state = DecodeState(after.cache, after.logits, at, after.step)
+                record[str(tokens)] = {
+                    "cache_length": length,
+                    "compile_s": round(compile_s, 2),
+                    "ms_per_token": round(1000 * float(np.median(walls[1:])) / steps, 1),
+                    "cpu_ms_per_token": round(1000 * float(np.median(cpus[1:])) / steps, 1),
+                }
+            emit(record)
+    cpu_attention.MAX_TOKENS = limit
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
-    parser.add_argument("what", choices=["cpu", "gpu", "multiturn", "coldstart", "kernels"])
+    parser.add_argument(
+        "what", choices=["cpu", "gpu", "multiturn", "coldstart", "kernels", "cachelength"]
+    )
     parser.add_argument("--size", default="350M")
     parser.add_argument("--sizes", default="350M,2B,16B")
     parser.add_argument("--peer-sizes", default="350M,2B,16B")
@@ -507,7 +565,7 @@ def main() -> None:
     if unknown := set(args.impls) - set(CPU_IMPLS):
         parser.error(f"unknown --impls {sorted(unknown)}; choose from {','.join(CPU_IMPLS)}")
     commands = {"cpu": cpu, "gpu": gpu, "multiturn": multiturn, "coldstart": coldstart}
-    (commands | {"kernels": kernels})[args.what](args)
+    (commands | {"kernels": kernels, "cachelength": cachelength})[args.what](args)
 
 
 if __name__ == "__main__":

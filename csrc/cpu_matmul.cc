@@ -385,15 +385,18 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CodegenMatmulBf16, MatmulBf16,
                                   .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
+// csrc/cpu_attention.cc, linked into this module
+XLA_FFI_DECLARE_HANDLER_SYMBOL(CodegenCacheAttention);
+
 // ------------------------------------------------------------------ Python module
 
+PyObject* capsule(XLA_FFI_Error* (*handler)(XLA_FFI_CallFrame*)) {
+  return PyCapsule_New(reinterpret_cast<void*>(handler), nullptr, nullptr);
+}
+
 PyObject* handlers(PyObject*, PyObject*) {
-  return Py_BuildValue("{s:N,s:N}", "int8",
-                       PyCapsule_New(reinterpret_cast<void*>(CodegenMatmulInt8), nullptr,
-                                     nullptr),
-                       "bf16",
-                       PyCapsule_New(reinterpret_cast<void*>(CodegenMatmulBf16), nullptr,
-                                     nullptr));
+  return Py_BuildValue("{s:N,s:N,s:N}", "int8", capsule(CodegenMatmulInt8), "bf16",
+                       capsule(CodegenMatmulBf16), "attention", capsule(CodegenCacheAttention));
 }
 
 PyObject* isa(PyObject*, PyObject*) { return PyUnicode_FromString(active.load()->isa); }
@@ -425,7 +428,8 @@ PyObject* set_threads(PyObject*, PyObject* arg) {
 }
 
 PyMethodDef methods[] = {
-    {"handlers", handlers, METH_NOARGS, "{'int8': capsule, 'bf16': capsule} XLA FFI handlers"},
+    {"handlers", handlers, METH_NOARGS,
+     "{'int8': capsule, 'bf16': capsule, 'attention': capsule} XLA FFI handlers"},
     {"isa", isa, METH_NOARGS, "The instruction set the kernels use: avx512, avx2 or generic"},
     {"set_isa", set_isa, METH_O, "Use 'best' or a named instruction set; returns its name"},
     {"set_threads", set_threads, METH_O,

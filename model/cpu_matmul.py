@@ -28,7 +28,11 @@ import numpy as np
 # Above this many rows (a prefill) XLA's blocked fp32 matmul of the widened weights wins:
 # the kernel keeps no more than 4 rows in registers (measured in bench/decode.py `kernels`).
 MAX_ROWS = int(os.environ.get("CODEGEN_CPU_MATMUL_MAX_ROWS", "16"))
-TARGETS = {"int8": "codegen_matmul_int8", "bf16": "codegen_matmul_bf16"}
+TARGETS = {
+    "int8": "codegen_matmul_int8",
+    "bf16": "codegen_matmul_bf16",
+    "attention": "codegen_cache_attention",  # cpu_attention.py
+}
 INSTALL_HINT = (
     "reinstall with a C++ compiler (e.g. `apt install g++` or Xcode's command line tools), "
     "then `pip install -e .`"
@@ -36,8 +40,9 @@ INSTALL_HINT = (
 
 
 @functools.cache
-def _extension() -> tuple[ModuleType | None, str]:
-    """The loaded extension with its FFI targets registered, or None and why not."""
+def extension() -> tuple[ModuleType | None, str]:
+    """The loaded extension with its FFI targets (matmuls and cpu_attention.py's) registered,
+    or None and why not."""
     if os.environ.get("CODEGEN_CPU_MATMUL", "1") == "0":
         return None, "turned off by CODEGEN_CPU_MATMUL=0"
     try:
@@ -56,12 +61,12 @@ _registered: list[bool] = []
 
 def available() -> bool:
     """Whether the C++ kernel is loaded (whatever the backend)."""
-    return _extension()[0] is not None
+    return extension()[0] is not None
 
 
 def status() -> str:
     """One line for the banner and `generate --verbose`: which path int8/bf16 weights take."""
-    module, why_not = _extension()
+    module, why_not = extension()
     if module is None:
         return f"int8/bf16 CPU matmul: XLA ({why_not})"
     return f"int8/bf16 CPU matmul: C++ kernel ({module.isa()}, XLA's thread pool)"
@@ -70,7 +75,7 @@ def status() -> str:
 def set_isa(name: str) -> str:
     """Use 'best' or a named instruction set ('avx512', 'avx2', 'generic') from now on; returns
     the one in use. Raises RuntimeError without the extension, ValueError if the CPU lacks it."""
-    module, why_not = _extension()
+    module, why_not = extension()
     if module is None:
         raise RuntimeError(why_not)
     return module.set_isa(name)
@@ -81,7 +86,7 @@ def set_threads(count: int) -> int:
     pool, the default; CODEGEN_CPU_MATMUL_THREADS sets it at start). More than the pool has
     only cuts finer (tests run every split on any machine). Returns the previous count.
     Raises RuntimeError without the extension, ValueError for a negative count."""
-    module, why_not = _extension()
+    module, why_not = extension()
     if module is None:
         raise RuntimeError(why_not)
     return module.set_threads(count)
@@ -136,7 +141,7 @@ def matmul(x: jax.Array, w: jax.Array, scale: jax.Array | None = None) -> jax.Ar
     Raises ValueError for shapes or dtypes the kernel does not take, RuntimeError (saying how
     to build it) without the extension.
     """
-    module, why_not = _extension()  # registers the FFI targets before the first call
+    module, why_not = extension()  # registers the FFI targets before the first call
     if module is None:
         raise RuntimeError(why_not)
     if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[0]:

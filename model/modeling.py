@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from codegen_repl.model import cpu_matmul
+from codegen_repl.model import cpu_attention, cpu_matmul
 from codegen_repl.model.attention import causal_attention
 from codegen_repl.model.config import CodeGenConfig
 
@@ -109,24 +109,55 @@ def cached_attention(
     perf). The same scores and values as attending over the written cache, summed in another
     order.
 
+    Three ways, one result (up to fp32 rounding):
+    - On the CPU, a decode step (up to cpu_attention.MAX_TOKENS new tokens) goes through the
+      C++ kernel, which reads only the positions in use: a cache as long as the model's
+      context costs what the tokens so far cost.
+    - On the CPU, a wider prefill loops over blocks of the positions in use (XLA's matmuls per
+      block; `blocked_attention`).
+    - Elsewhere (GPU, TPU; the CPU without the extension) one attention over the whole cache.
+
     Args:
         query, key, value: [batch, seq, heads, head_dim] the new tokens' (query and key
             rotated), at consecutive positions positions[b, 0]..
         cache: keys/values [batch, heads, length, head_dim] of the earlier positions.
         positions: [batch, seq] the queries' positions.
-        decode: how a single query attends (see DecodeAttention).
+        decode: how a single query attends on the whole-cache path (see DecodeAttention).
     Returns:
         [batch, seq, heads, head_dim] in `dtype`.
     """
+    seq = query.shape[1]
+    if cpu_attention.applies(seq, query.shape[-1], cache.keys.dtype):
+        mixed = cpu_attention.attend(query, key, value, cache.keys, cache.values, positions[:, 0])
+        return mixed.astype(dtype)
+    if seq > cpu_attention.MAX_TOKENS and jax.default_backend() == "cpu":
+        return blocked_attention(query, key, value, cache, positions, dtype)
+    return whole_cache_attention(query, key, value, cache, positions, dtype, decode)
+
+
+def _dot_precision(dtype: jnp.dtype) -> dict[str, Any]:
+    """einsum arguments: fp32 means fp32 (no TF32 passes); bf16 products exact, fp32 sums."""
+    if dtype == jnp.float32:
+        return dict(precision=jax.lax.Precision.HIGHEST)
+    return dict(preferred_element_type=jnp.float32)
+
+
+def whole_cache_attention(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    cache: LayerCache,
+    positions: jax.Array,
+    dtype: jnp.dtype,
+    decode: DecodeAttention = "auto",
+) -> jax.Array:
+    """cached_attention over every position of the cache (the ones past each row's start
+    masked): arguments and result as there."""
     keys, values = cache.keys.astype(query.dtype), cache.values.astype(dtype)
     if decode == "auto":
         decode = "sum" if jax.default_backend() == "gpu" else "dot"
     single = query.shape[1] == 1 and decode == "sum"
-    dot = (
-        dict(precision=jax.lax.Precision.HIGHEST)  # fp32 means fp32: no TF32 passes
-        if dtype == jnp.float32
-        else dict(preferred_element_type=jnp.float32)  # exact bf16 products, fp32 sums
-    )
+    dot = _dot_precision(dtype)
     if single:
         # One query (a decode step): products and sums over the cache, which XLA fuses with
         # the mask and softmax around them. fp32 products of bf16 values are exact: the same
@@ -168,6 +199,68 @@ def cached_attention(
     mixed = jnp.einsum("bhqk,bhkd->bqhd", old_weights.astype(dtype), values, **dot)
     own_mixed = jnp.einsum("bhqk,bkhd->bqhd", own_weights.astype(dtype), value.astype(dtype), **dot)
     return (mixed.astype(jnp.float32) + own_mixed.astype(jnp.float32)).astype(dtype)
+
+
+ATTENTION_BLOCK = 256  # cache positions per step of blocked_attention's loop
+
+
+def blocked_attention(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    cache: LayerCache,
+    positions: jax.Array,
+    dtype: jnp.dtype,
+) -> jax.Array:
+    """cached_attention reading only the cache positions in use: a loop over blocks of
+    ATTENTION_BLOCK positions, as many as the furthest row needs (a count known only at run
+    time, so one program serves every length), with an online softmax (running maximum and
+    sum, rescaled per block; Milakov and Gimelshein 2018, "Online normalizer calculation for
+    softmax"). XLA copies each block it reads out of the cache, which a wide prefill's matmuls
+    pay for many times over; for a decode step they would dominate (see cpu_attention.py).
+    Products and sums are fp32 whatever `dtype` (XLA's CPU runtime has no bf16 x bf16 -> fp32
+    matmul inside a loop; fp32 products of bf16 values are exact). Arguments and result as
+    cached_attention's."""
+    seq, head_dim = query.shape[1], query.shape[-1]
+    length = cache.keys.shape[2]
+    block = min(ATTENTION_BLOCK, length)
+    dot = _dot_precision(jnp.float32)
+    query, key, value = (x.astype(jnp.float32) for x in (query, key, value))
+    scale = np.sqrt(head_dim).astype(np.float32)
+    low = jnp.finfo(jnp.float32).min
+    starts = positions[:, 0]  # [batch] each row's cached positions
+    steps = jnp.arange(seq, dtype=jnp.int32)
+    causal = steps[None, :] <= steps[:, None]  # [seq, seq]
+    # The new tokens among themselves first: every query sees itself, so the running maximum
+    # is finite from the start and masked scores (`low`) weigh exactly 0.
+    own = jnp.einsum("bkhd,bqhd->bhqk", key, query, **dot)
+    own = jnp.where(causal[None, None], own / scale, low)
+    top = jnp.max(own, axis=-1, keepdims=True)  # [batch, heads, seq, 1]
+    weights = jnp.exp(own - top)
+    total = jnp.sum(weights, axis=-1, keepdims=True)
+    mixed = jnp.einsum("bhqk,bkhd->bhqd", weights, value, **dot)
+
+    def add_block(i: jax.Array, carry: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
+        top, total, mixed = carry
+        start = jnp.minimum(i * block, length - block)  # the last block may overlap the one before
+        keys = jax.lax.dynamic_slice_in_dim(cache.keys, start, block, axis=2)
+        values = jax.lax.dynamic_slice_in_dim(cache.values, start, block, axis=2)
+        # [batch, heads, block, seq], then swapped (read as the cache lies; see whole_cache_)
+        scores = jnp.einsum("bhkd,bqhd->bhkq", keys.astype(jnp.float32), query, **dot)
+        scores = scores.swapaxes(2, 3)  # [batch, heads, seq, block]
+        seen = start + jnp.arange(block, dtype=jnp.int32)
+        use = (seen[None, :] >= i * block) & (seen[None, :] < starts[:, None])  # [batch, block]
+        scores = jnp.where(use[:, None, None, :], scores / scale, low)
+        new_top = jnp.maximum(top, jnp.max(scores, axis=-1, keepdims=True))
+        keep = jnp.exp(top - new_top)
+        weights = jnp.exp(scores - new_top)
+        total = total * keep + jnp.sum(weights, axis=-1, keepdims=True)
+        part = jnp.einsum("bhqk,bhkd->bhqd", weights, values.astype(jnp.float32), **dot)
+        return new_top, total, mixed * keep + part
+
+    blocks = (jnp.max(starts) + block - 1) // block
+    top, total, mixed = jax.lax.fori_loop(0, blocks, add_block, (top, total, mixed))
+    return (mixed / total).transpose(0, 2, 1, 3).astype(dtype)  # [batch, seq, heads, head_dim]
 
 
 def rotary_angles(positions: jax.Array, rotary_dim: int) -> tuple[jax.Array, jax.Array]:

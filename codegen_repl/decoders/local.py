@@ -8,8 +8,9 @@ new tokens are prefilled; after an undo or an edit it falls back to the longest 
 background thread it prefills `prompt` (the session so far) into the kept cache and compiles
 ahead of time (`jit(...).lower(...).compile()`) the programs a request that adds a step to it
 will run: the cache resize, the prefill of the step's text (one width, `STEP_TOKENS`) and the
-decode chunk, for the one or two cache lengths (`cache_bucket`) that request can need. The
-request then compiles nothing. A request that comes while a job it needs still runs waits for it
+decode chunk, for the cache length that request needs (one for a whole session where the CPU
+attention kernel reads only the cache positions in use: `cache_length`; else the one or two
+`cache_bucket` lengths a request can need). The request then compiles nothing. A request that comes while a job it needs still runs waits for it
 (telling `on_status`); queued jobs it does not need are dropped.
 
 `load_for_decoding` loads a checkpoint ready to decode (quantized when asked, split over the
@@ -37,7 +38,7 @@ import numpy as np
 from codegen_repl.core.decoding import SampleText
 from codegen_repl.core.truncation import Cutter
 from codegen_repl.errors import ConfigError
-from codegen_repl.model import cpu_matmul
+from codegen_repl.model import cpu_attention, cpu_matmul
 from codegen_repl.model.checkpoint import Params, load_model
 from codegen_repl.model.config import CodeGenConfig
 from codegen_repl.model.modeling import CodeGen, DecodeAttention, quantize_int8
@@ -280,8 +281,24 @@ class LocalDecoder:
         """Drop the kept cache: the next request prefills its whole prompt."""
         self._tokens, self._kept = [], None
 
-    def cache_length(self, tokens: int) -> int:
-        """The cache length (positions) of a request that needs `tokens` positions."""
+    @functools.cached_property
+    def whole_context_cache(self) -> bool:
+        """Whether one row's cache is as long as the model's context from the first token on
+        (see cache_length): where decode steps attend through cpu_attention's kernel, which
+        reads only the positions in use."""
+        return cpu_attention.applies(1, self.config.head_dim, self.dtype)
+
+    def cache_length(self, tokens: int, rows: int = 1) -> int:
+        """The cache length (positions) of a request of `rows` rows that needs `tokens`
+        positions. With `whole_context_cache`, one row's is the model's context whatever
+        `tokens`: the programs a session runs have one shape, compiled once (ahead, while the
+        user types the first step), never again as the session grows (measured on the 2-core
+        CPU, 350M: decode steps as fast as over a cache cut to the tokens, see bench/decode.py;
+        the cache takes 2 x layers x hidden x context x 4 bytes, 335 MB for 350M in fp32).
+        Otherwise, and for several rows (n samples: n times the memory), `cache_bucket`'s
+        lengths, one more program set each time a session outgrows one."""
+        if rows == 1 and self.whole_context_cache:
+            return self.max_context
         return cache_bucket(tokens, self.max_context)
 
     # ------------------------------------------------------------------------- ahead
@@ -314,7 +331,7 @@ class LocalDecoder:
         steps = decode_steps(sample.max_new_tokens, self.chunk_size)
         kept = self._request_length(base + 1, steps)  # what _prefill_ahead leaves
         lengths = dict.fromkeys(
-            self._request_length(base + extra, steps) for extra in (1, STEP_TOKENS)
+            self._request_length(base + extra, steps, rows) for extra in (1, STEP_TOKENS)
         )
         cold = base == 0
         first: list[Job] = []
@@ -325,7 +342,7 @@ class LocalDecoder:
             later += after
         # The cache length after those: compiled while the user types the turns before it
         # needs them (a 350M compile is seconds on a CPU; a turn's typing may be too short).
-        beyond = self.cache_length(max(lengths) + 1)
+        beyond = self.cache_length(max(lengths) + 1, rows)
         if beyond > max(lengths) and not cold:
             resized = ("resize", 1, max(lengths), rows, beyond)
             now = self._programs(rows, kept, beyond, cold, sample)[0]
@@ -345,16 +362,17 @@ class LocalDecoder:
         decode: Job = ("decode", length, rows, self.chunk_size, sample.mode)
         widths = COLD_WIDTHS if cold else (STEP_TOKENS,)
         prefills = [("prefill", length, rows, width, cold) for width in widths]
-        keep: Job = ("resize", rows, length, 1, length) if rows > 1 else ()
+        keep: Job = ("resize", rows, length, 1, self.cache_length(length)) if rows > 1 else ()
         first = [job for job in (start, prefills[0], decode) if job]
         return first, [job for job in (*prefills[1:], keep) if job]
 
-    def _request_length(self, tokens: int, steps: int) -> int:
-        """The cache length of a request on `tokens` tokens that decodes `steps`: room for at
-        least STEP_TOKENS more (up to the model's context), so that a step's prefill fits
-        STEP_TOKENS wide whatever `steps` (a narrower one would be another program)."""
+    def _request_length(self, tokens: int, steps: int, rows: int = 1) -> int:
+        """The cache length of a request of `rows` rows on `tokens` tokens that decodes
+        `steps`: room for at least STEP_TOKENS more (up to the model's context), so that a
+        step's prefill fits STEP_TOKENS wide whatever `steps` (a narrower one would be another
+        program)."""
         room = min(tokens + STEP_TOKENS, self.max_context)
-        return self.cache_length(max(tokens + steps, room))
+        return self.cache_length(max(tokens + steps, room), rows)
 
     @staticmethod
     def _smallest(suffix: int, reuse: int) -> int | None:
@@ -505,7 +523,8 @@ class LocalDecoder:
     def _start(self, prompt_ids: list[int], sample: SampleParams) -> DecodeState:
         """n rows on the prompt: prefill what the kept cache lacks into row 0, copy it to all."""
         steps = decode_steps(sample.max_new_tokens, self.chunk_size)
-        length, rows = self._request_length(len(prompt_ids), steps), sample.n
+        rows = sample.n
+        length = self._request_length(len(prompt_ids), steps, rows)
         self._wait_ahead(lambda job: job[0] == "context")
         with self._lock:
             reuse = self.reused_tokens(prompt_ids)
@@ -530,6 +549,7 @@ class LocalDecoder:
             if any(leaf.is_deleted() for leaf in jax.tree_util.tree_leaves(state)):
                 return
             rows, length = state.position.shape[0], state.cache[0].keys.shape[2]
-            self._kept = state if rows == 1 else resize_state(state, 1, length)
+            # one row: the length a one-row request has (the whole context, where it is)
+            self._kept = state if rows == 1 else resize_state(state, 1, self.cache_length(length))
             row0 = np.concatenate(new, axis=1)[0].tolist() if new else []
             self._tokens = list(prompt_ids) + row0

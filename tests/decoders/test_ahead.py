@@ -12,6 +12,7 @@ import jax
 import pytest
 
 from codegen_repl.decoders.local import STEP_TOKENS, LocalDecoder
+from codegen_repl.model import cpu_matmul
 from codegen_repl.model.checkpoint import load_model
 from codegen_repl.model.sample_params import SampleParams
 from codegen_repl.model.sampling import decode_chunk, fresh_state, prefill_rows, resize_state
@@ -37,18 +38,24 @@ def compiles() -> Iterator[list[str]]:
         jax.monitoring.unregister_event_duration_listener(listen)
 
 
-def long_context_decoder(folder: Path) -> LocalDecoder:
+def long_context_decoder(folder: Path, whole_context: bool = False) -> LocalDecoder:
     """The chat checkpoint with a 1024-token window (rotary positions have no limit), so a
-    session crosses cache lengths (192 -> 256 -> 384)."""
+    session crosses cache lengths (192 -> 256 -> 384), unless `whole_context`: then one row's
+    cache is the whole window from the start (where the CPU attention kernel is built)."""
     loaded = load_model(folder)
     config = dataclasses.replace(loaded.config, max_positions=1024)
-    return LocalDecoder.create(config, loaded.params, CodeGenTokenizer.from_dir(folder))
+    decoder = LocalDecoder.create(config, loaded.params, CodeGenTokenizer.from_dir(folder))
+    if whole_context and not decoder.whole_context_cache:
+        pytest.skip(f"the CPU attention kernel does not apply here: {cpu_matmul.status()}")
+    decoder.whole_context_cache = whole_context
+    return decoder
 
 
-def test_prepared_turns_compile_nothing(chat_checkpoint: Path) -> None:
+@pytest.mark.parametrize("whole_context", [False, True])
+def test_prepared_turns_compile_nothing(chat_checkpoint: Path, whole_context: bool) -> None:
     for program in (prefill_rows, decode_chunk, resize_state, fresh_state):
         program.clear_cache()  # what other tests compiled must not hide a compile here
-    decoder = long_context_decoder(chat_checkpoint)
+    decoder = long_context_decoder(chat_checkpoint, whole_context)
     context, lengths = "import math\n", set()
     while decoder.count_tokens(context) < 170:  # a few turns cross cache lengths
         context += "x = [1, 2, 3]\nprint(x)\n\n"
@@ -62,7 +69,10 @@ def test_prepared_turns_compile_nothing(chat_checkpoint: Path) -> None:
         assert compiled == [], f"turn {step!r} compiled {compiled}"
         lengths.add(decoder._kept.cache[0].keys.shape[2])  # type: ignore[union-attr]
         context = f"{prompt}{code.rstrip()}\n\n"
-    assert len(lengths) >= 2, lengths  # the session grew across a cache length
+    if whole_context:  # one cache length, the window, from the first turn on
+        assert lengths == {1024}
+    else:
+        assert len(lengths) >= 2, lengths  # the session grew across a cache length
 
 
 def test_prepared_turns_give_the_tokens_of_cold_runs(chat_checkpoint: Path) -> None:
@@ -161,3 +171,19 @@ def test_short_and_long_steps_after_a_prepared_context_compile_nothing(
         assert compiled == [], f"a {len(step)}-token step compiled {compiled}"
         cold.forget()
         assert got == [chunk.tolist() for chunk in cold.stream_tokens(ids + step, SAMPLE)]
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_one_row_plans_one_cache_length_the_window(chat_checkpoint: Path, rows: int) -> None:
+    decoder = long_context_decoder(chat_checkpoint, whole_context=True)
+    sample = dataclasses.replace(SAMPLE, n=rows, temperature=0.5, max_new_tokens=128)
+    for base in (0, 200, 700):
+        plan = decoder._plan(base, rows, sample)
+        decodes = [job[1] for job in plan if job[0] == "decode"]
+        if rows == 1:  # nothing to compile as the session grows
+            assert decodes == [1024]
+            assert not [job for job in plan if job[0] == "resize"]
+        else:  # n rows: bucket lengths (n times the memory), kept as one row of the window
+            assert decodes[0] == decoder.cache_length(base + 1 + 128, rows)
+            assert decodes[0] < 1024 or base == 700
+            assert ("resize", rows, decodes[0], 1, 1024) in plan

@@ -245,7 +245,7 @@ def test_without_the_extension_everything_runs_on_xla(
 
     monkeypatch.setitem(sys.modules, "codegen_repl.model._cpu_matmul", None)  # unimportable
     monkeypatch.delattr(model_package, "_cpu_matmul", raising=False)
-    cpu_matmul._extension.cache_clear()
+    cpu_matmul.extension.cache_clear()
     try:
         assert not cpu_matmul.available()
         assert cpu_matmul.status().startswith("int8/bf16 CPU matmul: XLA (the C++ extension")
@@ -255,7 +255,7 @@ def test_without_the_extension_everything_runs_on_xla(
         assert len(ids[0]) == 16
     finally:
         monkeypatch.undo()
-        cpu_matmul._extension.cache_clear()
+        cpu_matmul.extension.cache_clear()
         jax.clear_caches()
 
 

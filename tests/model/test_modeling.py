@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from codegen_repl.model import cpu_attention, cpu_matmul
 from codegen_repl.model.checkpoint import load_model
 from codegen_repl.model.config import CodeGenConfig
 from codegen_repl.model.modeling import CodeGen, apply_rotary, init_cache, rotary_angles
@@ -105,13 +106,17 @@ def test_rotary_is_interleaved_on_leading_dims_only() -> None:
     )
 
 
-@pytest.mark.parametrize(("attention", "rows"), [("dot", 1), ("dot", 3), ("sum", 1)])
-def test_decode_step_updates_the_cache_in_place(attention: str, rows: int) -> None:
+@pytest.mark.parametrize(
+    ("attention", "rows", "head_dim"),
+    [("dot", 1, 8), ("dot", 3, 8), ("sum", 1, 8), ("auto", 1, 16), ("auto", 3, 16)],
+)
+def test_decode_step_updates_the_cache_in_place(attention: str, rows: int, head_dim: int) -> None:
     # A decode step reads every layer's cache and writes one position of it. XLA's CPU
     # backend copied the whole cache (and transposed the keys) each step when the write had
-    # two users; the compiled chunk must hold no cache-sized copy or transpose at all.
+    # two users; the compiled chunk must hold no cache-sized copy or transpose at all. A head
+    # dim of 16 takes the CPU attention kernel where it is built (a custom call reads the cache).
     config = CodeGenConfig(
-        vocab_size=64, max_positions=64, hidden_size=32, num_layers=2, num_heads=4,
+        vocab_size=64, max_positions=64, hidden_size=4 * head_dim, num_layers=2, num_heads=4,
         rotary_dim=4, intermediate_size=64,
     )  # fmt: skip
     model = CodeGen(config, decode_attention=attention)
@@ -123,6 +128,9 @@ def test_decode_step_updates_the_cache_in_place(attention: str, rows: int) -> No
     ).compile()
     text = compiled.as_text()
     assert "while" in text  # the decode loop is there, and the shapes below are the cache's
-    assert f"f32[{rows},4,64,8]" in text
-    cache_sized = re.compile(rf"= f32\[{rows},4,(64,8|8,64)\]\S* (copy|transpose)\(")
+    assert f"f32[{rows},4,64,{head_dim}]" in text
+    if cpu_attention.applies(1, head_dim, jnp.float32):
+        assert cpu_matmul.TARGETS["attention"] in text
+    shape = f"(64,{head_dim}|{head_dim},64)"
+    cache_sized = re.compile(rf"= f32\[{rows},4,{shape}\]\S* (copy|transpose)\(")
     assert not [line.strip()[:160] for line in text.splitlines() if cache_sized.search(line)]
