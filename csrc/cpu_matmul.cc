@@ -37,6 +37,7 @@ namespace ffi = xla::ffi;
 namespace generic {
 
 inline float widen(int8_t v) { return static_cast<float>(v); }
+inline float widen(float v) { return v; }
 inline float widen(uint16_t v) {
   uint32_t bits = static_cast<uint32_t>(v) << 16;  // bf16 is the top half of an fp32
   float f;
@@ -71,6 +72,11 @@ void block_int8(const float* x, const int8_t* w, const float* scale, float* y, i
 
 void block_bf16(const float* x, const uint16_t* w, const float* scale, float* y, int64_t M,
                 int64_t K, int64_t N, int64_t k0, int64_t k1, int64_t n0, int64_t n1) {
+  block(x, w, scale, y, M, K, N, k0, k1, n0, n1);
+}
+
+void block_f32(const float* x, const float* w, const float* scale, float* y, int64_t M,
+               int64_t K, int64_t N, int64_t k0, int64_t k1, int64_t n0, int64_t n1) {
   block(x, w, scale, y, M, K, N, k0, k1, n0, n1);
 }
 
@@ -117,6 +123,7 @@ inline V wload(const uint16_t* p) {
   __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
 }
+inline V wload(const float* p) { return _mm512_loadu_ps(p); }
 #include "matmul_body.h"
 }  // namespace avx512
 #if defined(__clang__)
@@ -148,6 +155,7 @@ inline V wload(const uint16_t* p) {
   __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p));
   return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
 }
+inline V wload(const float* p) { return _mm256_loadu_ps(p); }
 #include "matmul_body.h"
 }  // namespace avx2
 #if defined(__clang__)
@@ -169,10 +177,12 @@ struct Kernels {
   const char* isa;
   BlockFn<int8_t> int8;
   BlockFn<uint16_t> bf16;
+  BlockFn<float> f32;
   AddUpFn add_up;
 };
 
-constexpr Kernels kGeneric{"generic", generic::block_int8, generic::block_bf16, generic::add_up};
+constexpr Kernels kGeneric{"generic", generic::block_int8, generic::block_bf16, generic::block_f32,
+                           generic::add_up};
 
 bool cpu_has(const char* isa) {
 #ifdef CODEGEN_X86
@@ -190,8 +200,9 @@ bool cpu_has(const char* isa) {
 const Kernels* kernels_for(const char* isa) {
 #ifdef CODEGEN_X86
   static constexpr Kernels kAvx512{"avx512", avx512::block_int8, avx512::block_bf16,
-                                    avx512::add_up};
-  static constexpr Kernels kAvx2{"avx2", avx2::block_int8, avx2::block_bf16, avx2::add_up};
+                                    avx512::block_f32, avx512::add_up};
+  static constexpr Kernels kAvx2{"avx2", avx2::block_int8, avx2::block_bf16, avx2::block_f32,
+                                 avx2::add_up};
   if (isa == nullptr) isa = cpu_has("avx512") ? "avx512" : cpu_has("avx2") ? "avx2" : "generic";
   if (!cpu_has(isa)) return nullptr;
   if (std::strcmp(isa, "avx512") == 0) return &kAvx512;
@@ -370,6 +381,17 @@ ffi::Error MatmulBf16(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   return ffi::Error::Success();
 }
 
+ffi::Error MatmulF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                     ffi::ResultBuffer<ffi::F32> y) {
+  ffi::Error shapes = check_shapes(x.dimensions(), w.dimensions(), y->dimensions(), -1);
+  if (shapes.failure()) return shapes;
+  const Kernels* kernels = active.load();
+  parallel_product<float>(pool, {kernels, kernels->f32, x.typed_data(), w.typed_data(), nullptr,
+                                 y->typed_data(), nullptr, x.dimensions()[0], x.dimensions()[1],
+                                 w.dimensions()[1]});
+  return ffi::Error::Success();
+}
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CodegenMatmulInt8, MatmulInt8,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
@@ -385,6 +407,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CodegenMatmulBf16, MatmulBf16,
                                   .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CodegenMatmulF32, MatmulF32,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
 // csrc/cpu_attention.cc, linked into this module
 XLA_FFI_DECLARE_HANDLER_SYMBOL(CodegenCacheAttention);
 
@@ -395,8 +424,9 @@ PyObject* capsule(XLA_FFI_Error* (*handler)(XLA_FFI_CallFrame*)) {
 }
 
 PyObject* handlers(PyObject*, PyObject*) {
-  return Py_BuildValue("{s:N,s:N,s:N}", "int8", capsule(CodegenMatmulInt8), "bf16",
-                       capsule(CodegenMatmulBf16), "attention", capsule(CodegenCacheAttention));
+  return Py_BuildValue("{s:N,s:N,s:N,s:N}", "int8", capsule(CodegenMatmulInt8), "bf16",
+                       capsule(CodegenMatmulBf16), "f32", capsule(CodegenMatmulF32), "attention",
+                       capsule(CodegenCacheAttention));
 }
 
 PyObject* isa(PyObject*, PyObject*) { return PyUnicode_FromString(active.load()->isa); }

@@ -2,14 +2,14 @@
 // inside a namespace that defines:
 //   V, LANES, vzero(), vset1(float), vfma(a, b, acc), vadd(a, b), vmul(a, b),
 //   vload(const float*), vstore(float*, V), wload(const int8_t*), wload(const uint16_t*)
-//   (16-bit = bf16 bits)
+//   (16-bit = bf16 bits), wload(const float*)
 // No include guard: it is meant to be included several times.
 #ifndef PREFETCH_ROWS
 #define PREFETCH_ROWS 8
 #endif
 //
 // Layout (row-major, as XLA hands buffers to a custom call):
-//   x [M, K] fp32, w [K, N] int8 or bf16, scale [N] fp32 or null, y [M, N] fp32
+//   x [M, K] fp32, w [K, N] int8, bf16 or fp32, scale [N] fp32 or null, y [M, N] fp32
 //   y[m, n] = scale[n] * sum_k x[m, k] * float(w[k, n])
 //
 // One call computes a block of the product: weight rows [k0, k1) times columns [n0, n1), for
@@ -111,5 +111,10 @@ void block_int8(const float* x, const int8_t* w, const float* scale, float* y, i
 
 void block_bf16(const float* x, const uint16_t* w, const float* scale, float* y, int64_t M,
                 int64_t K, int64_t N, int64_t k0, int64_t k1, int64_t n0, int64_t n1) {
+  block(x, w, scale, y, M, K, N, k0, k1, n0, n1);
+}
+
+void block_f32(const float* x, const float* w, const float* scale, float* y, int64_t M,
+               int64_t K, int64_t N, int64_t k0, int64_t k1, int64_t n0, int64_t n1) {
   block(x, w, scale, y, M, K, N, k0, k1, n0, n1);
 }

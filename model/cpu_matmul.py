@@ -1,13 +1,13 @@
-"""Weight-only int8 and bf16 matmuls on the CPU: a C++ kernel called through `jax.ffi`.
+"""Weight-only int8 and bf16 (and fp32) matmuls on the CPU: a C++ kernel called through `jax.ffi`.
 
 XLA's CPU backend has no fast matrix-vector product for int8 or bf16 weights (it widens them
 to fp32 in memory first, which makes `--int8` decode slower than fp32). The extension
 `codegen_repl.model._cpu_matmul` (csrc/cpu_matmul.cc, built by `pip install` when a C++
 compiler is there) streams the narrow weights and widens them in registers, on XLA's own
 intra-op thread pool. Without the extension everything runs on the XLA path, and `status()`
-says so.
+says so. fp32 weights take the kernel too (see WEIGHT_DTYPES): not faster, but quicker to compile.
 
-The op: y [rows, N] fp32 = x [rows, K] fp32 @ w [K, N] (int8 or bf16), times one fp32 scale
+The op: y [rows, N] fp32 = x [rows, K] fp32 @ w [K, N] (int8, bf16 or fp32), times one fp32 scale
 per output channel for int8 (`quantize_int8`). Activations and sums stay fp32, so the kernel
 and the XLA path differ only by fp32 rounding: |y - exact| <= gamma(K + 2) * sum_k |x_k w_kn|
 (gamma(n) = n u / (1 - n u), u = 2^-24; Higham, Accuracy and Stability of Numerical
@@ -31,6 +31,7 @@ MAX_ROWS = int(os.environ.get("CODEGEN_CPU_MATMUL_MAX_ROWS", "16"))
 TARGETS = {
     "int8": "codegen_matmul_int8",
     "bf16": "codegen_matmul_bf16",
+    "f32": "codegen_matmul_f32",
     "attention": "codegen_cache_attention",  # cpu_attention.py
 }
 INSTALL_HINT = (
@@ -92,10 +93,15 @@ def set_threads(count: int) -> int:
     return module.set_threads(count)
 
 
+# fp32 weights take it too: the same speed as XLA's one-row products (both stream the weights
+# at the memory's rate), but one custom call per product compiles in a fraction of the time of
+# XLA's fusions for them (the 350M decode chunk: see README, Instant turns).
+WEIGHT_DTYPES = (jnp.int8, jnp.bfloat16, jnp.float32)
+
+
 def takes(weight_dtype: jnp.dtype) -> bool:
     """Whether weights of `weight_dtype` take the kernel in decode steps (on this backend)."""
-    narrow = weight_dtype in (jnp.int8, jnp.bfloat16)
-    return narrow and jax.default_backend() == "cpu" and available()
+    return weight_dtype in WEIGHT_DTYPES and jax.default_backend() == "cpu" and available()
 
 
 def applies(weight_dtype: jnp.dtype, rows: int) -> bool:
@@ -111,9 +117,10 @@ def reference(x: jax.Array, w: jax.Array, scale: jax.Array | None) -> jax.Array:
 
 def _call(x: jax.Array, w: jax.Array, scale: jax.Array | None) -> jax.Array:
     out = jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), jnp.float32)
-    if scale is None:
-        return jax.ffi.ffi_call(TARGETS["bf16"], out, vmap_method="sequential")(x, w)
-    return jax.ffi.ffi_call(TARGETS["int8"], out, vmap_method="sequential")(x, w, scale)
+    if scale is not None:
+        return jax.ffi.ffi_call(TARGETS["int8"], out, vmap_method="sequential")(x, w, scale)
+    kind = "f32" if w.dtype == jnp.float32 else "bf16"
+    return jax.ffi.ffi_call(TARGETS[kind], out, vmap_method="sequential")(x, w)
 
 
 @jax.custom_vjp
@@ -134,7 +141,7 @@ _matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
 def matmul(x: jax.Array, w: jax.Array, scale: jax.Array | None = None) -> jax.Array:
-    """y [rows, N] fp32 = x [rows, K] @ w [K, N] (int8 with scale [N], or bf16 without).
+    """y [rows, N] fp32 = x [rows, K] @ w [K, N] (int8 with scale [N], or bf16 or fp32 without).
 
     Runs the C++ kernel; callers check `applies` first (it needs the extension and the CPU
     backend). x is taken in any float dtype and widened to fp32.
@@ -146,8 +153,10 @@ def matmul(x: jax.Array, w: jax.Array, scale: jax.Array | None = None) -> jax.Ar
         raise RuntimeError(why_not)
     if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[0]:
         raise ValueError(f"matmul takes x [rows, K] and w [K, N], got {x.shape} and {w.shape}")
-    if (w.dtype == jnp.int8) != (scale is not None) or w.dtype not in (jnp.int8, jnp.bfloat16):
-        raise ValueError(f"matmul takes int8 weights with a scale or bf16 without, got {w.dtype}")
+    if (w.dtype == jnp.int8) != (scale is not None) or w.dtype not in WEIGHT_DTYPES:
+        raise ValueError(
+            f"matmul takes int8 weights with a scale, or bf16 or fp32 without, got {w.dtype}"
+        )
     if scale is not None:
         scale = scale.reshape(-1).astype(jnp.float32)
     return _matmul(x.astype(jnp.float32), w, scale)

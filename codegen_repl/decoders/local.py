@@ -94,7 +94,7 @@ class DecodingModel:
         params on a CPU with the C++ matmul compute in fp32: the kernel reads the bf16 weights,
         and XLA's CPU backend runs fp32 faster than bf16 everywhere else."""
         dtype = jax.tree_util.tree_leaves(params)[0].dtype
-        compute = jnp.float32 if cpu_matmul.takes(dtype) else dtype
+        compute = jnp.dtype(jnp.float32) if cpu_matmul.takes(dtype) else dtype
         model = CodeGen(config, int8, compute, dtype, decode_attention)
         return cls(config, quantize_int8(params) if int8 else params, tokenizer, model)
 

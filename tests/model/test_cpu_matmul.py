@@ -59,6 +59,8 @@ def isa(request):
 def random_weights(k: int, n: int, kind: str, seed: int = 0):
     """(fp32 weights, stored weights, scale or None) as quantize_int8 / a bf16 load makes them."""
     w32 = np.random.default_rng(seed).standard_normal((k, n), np.float32) * 0.05
+    if kind == "f32":
+        return w32, w32, None
     if kind == "bf16":
         return w32, w32.astype(ml_dtypes.bfloat16), None
     q = quantize_int8({"kernel": jnp.asarray(w32)})
@@ -74,6 +76,8 @@ def check(x: np.ndarray, w32: np.ndarray, w: np.ndarray, scale: np.ndarray | Non
     y = np.asarray(y, np.float64)
     bound = cpu_matmul.max_error_bound(x, w, scale)
     assert np.all(np.abs(y - exact(x, w, scale)) <= bound)
+    if w.dtype == np.float32:  # not quantized: the bound above is all
+        return
     if scale is None:  # bf16: round to nearest, 8 significant bits: unit roundoff 2^-8
         quantization = 2.0**-8 * (np.abs(x.astype(np.float64)) @ np.abs(w32.astype(np.float64)))
     else:
@@ -83,7 +87,7 @@ def check(x: np.ndarray, w32: np.ndarray, w: np.ndarray, scale: np.ndarray | Non
 
 
 @needs_kernel
-@pytest.mark.parametrize("kind", ["int8", "bf16"])
+@pytest.mark.parametrize("kind", ["int8", "bf16", "f32"])
 @pytest.mark.parametrize("k, n", [(1, 1), (5, 17), (37, 53), (64, 1003), (130, 16), (259, 2049)])
 def test_odd_shapes_every_row_count(isa: str, kind: str, k: int, n: int) -> None:
     w32, w, scale = random_weights(k, n, kind)
@@ -104,7 +108,7 @@ def planned_threads():
 
 
 @needs_kernel
-@pytest.mark.parametrize("kind", ["int8", "bf16"])
+@pytest.mark.parametrize("kind", ["int8", "bf16", "f32"])
 @pytest.mark.parametrize("threads", [1, 3, 8])
 def test_every_cut_into_row_slices_and_column_ranges(
     isa: str, planned_threads, kind: str, threads: int
@@ -136,7 +140,7 @@ def test_threads_must_not_be_negative(planned_threads) -> None:
 
 
 @needs_kernel
-@pytest.mark.parametrize("kind", ["int8", "bf16"])
+@pytest.mark.parametrize("kind", ["int8", "bf16", "f32"])
 def test_agrees_with_the_xla_path(isa: str, kind: str) -> None:
     """Both sum in fp32: each is within the bound of the exact result, so within twice of the
     other."""
@@ -195,7 +199,7 @@ def test_bad_operands_say_what_is_taken() -> None:
     x = jnp.ones((2, 8), jnp.float32)
     with pytest.raises(ValueError, match=r"x \[rows, K\] and w \[K, N\]"):
         cpu_matmul.matmul(x, jnp.ones((9, 4), jnp.int8), jnp.ones(4))
-    with pytest.raises(ValueError, match="int8 weights with a scale or bf16 without"):
+    with pytest.raises(ValueError, match="int8 weights with a scale, or bf16 or fp32 without"):
         cpu_matmul.matmul(x, jnp.ones((8, 4), jnp.int8), None)
 
 
