@@ -1,8 +1,9 @@
 """The `codegen` Jupyter kernel: each cell is a natural-language step.
 
 The kernel is the protocol half (ipykernel's `Kernel`, as in jupyter's echo_kernel): cells go to
-a `KernelRunner` in one worker thread, so the event loop stays free for interrupts, completion
-requests and shutdown while a model writes or the child kernel runs. What the runner reports is
+a `KernelRunner` in one worker thread, so the event loop stays free for interrupts and
+shutdown while a model writes or the child kernel runs (shell requests such as completion wait
+for the cell: ipykernel handles them one at a time). What the runner reports is
 sent on IOPub as it happens: the code while it streams (one display, updated in place), then the
 child kernel's outputs. Options come from the kernelspec's argv (`--CodeGenKernel.model=...`,
 written by `codegen-repl install-kernel`) or any traitlets config file.
@@ -57,7 +58,7 @@ class CodeGenKernel(Kernel, ModelOptions):
         "name": "codegen",
         "version": __version__,
         "mimetype": "text/x-ipython",
-        "file_extension": ".txt",
+        "file_extension": ".txt",  # "export as script" writes the steps: words, not Python
         "pygments_lexer": "ipython3",
         "codemirror_mode": {"name": "ipython", "version": 3},
     }
@@ -102,7 +103,16 @@ class CodeGenKernel(Kernel, ModelOptions):
             model=resolved.model, cwd=cwd, server=resolved.server, api_key=resolved.api_key,
             dtype=resolved.dtype, session_path=self._session_file(cwd), settings=settings,
             run_mode=resolved.run, context_window=resolved.context_window,
+            kernel_id=self._kernel_id(),
         )  # fmt: skip
+
+    def _kernel_id(self) -> str:
+        """The connection file's name, `kernel-<id>` (Jupyter Server's kernel id): a restart
+        keeps it, while the notebook's name (`JPY_SESSION_NAME`) is read once, at the start.
+        A running kernel is not told of a rename (Jupyter Server changes the environment only
+        for the next start: `update_env`), so this is how the next one finds the last file."""
+        connection_file = getattr(self.parent, "connection_file", "") or ""
+        return Path(connection_file).stem if connection_file else ""
 
     def _session_file(self, cwd: Path) -> Path | None:
         if not self.autosave:
@@ -144,6 +154,7 @@ class CodeGenKernel(Kernel, ModelOptions):
         # JupyterLab's cellId is a string (a UUID); anything else counts as no cell id
         cell = cell_id if isinstance(cell_id, str) else ""
         self._cells_running += 1
+        self.runner.expect_cell()  # it may wait behind the child kernel's start: stoppable
         try:
             outcome = await self._in_thread(
                 self._worker, self.runner.run_cell, code, frontend, cell
@@ -226,7 +237,9 @@ class CodeGenKernel(Kernel, ModelOptions):
 
     async def _forward(self, request: ShellRequest, **content: Any) -> dict[str, Any] | None:
         """The child's answer, asked through the session's Executor; None (at once) while a
-        cell runs, since the child answers only between cells, or when it does not run."""
+        cell runs, since the child answers only between cells (ipykernel 7 sends such requests
+        only after the cell: this guards a front end that uses a subshell), or when it does not
+        run."""
         if self.runner is None or self._cells_running:
             return None
         with contextlib.suppress(TimeoutError):  # still starting: answer without it

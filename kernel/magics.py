@@ -45,7 +45,15 @@ if TYPE_CHECKING:
 
 _SHOW_EVERY_S = 0.1
 _RESOLVED = {field.name for field in dataclasses.fields(Settings)}  # the rest: this class's own
-INSERTED = {"text/markdown": "*inserted below*", "text/plain": "inserted below"}
+# Where `--insert` put the code. Jupyter's `set_next_input` payload (replace=False) makes a new
+# cell directly below the running one; JupyterLab and Notebook 7 neither select it nor let a
+# kernel select it (nor remove a cell: `replace=True` would overwrite the %%codegen cell itself),
+# so the display says what is left to the user.
+INSERTED = "inserted below: select it and run it"
+INSERTED_AGAIN = ("inserted below, above the copy an earlier run of this cell inserted (delete "
+                  "that one): select the new cell and run it")  # fmt: skip
+LEFT_OUT = ("(this step failed: it is left out of the model's context; %codegen_config keep "
+            "keeps it there)")  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,6 +196,7 @@ class CodeGenMagics(Magics, ModelOptions):
         self._decoders: dict[tuple[str, str, str, str], Decoder] = {}
         self.ipython = shell  # Magics.shell is typed Optional; ours always has one
         self._cell_id: str | None = None  # the running cell's (JupyterLab sends it)
+        self._inserted: set[str] = set()  # the cells whose `--insert` made a cell below
         shell.events.register("pre_run_cell", self._before_cell)
         shell.events.register("post_run_cell", self._after_cell)
 
@@ -213,15 +222,23 @@ class CodeGenMagics(Magics, ModelOptions):
         if not step:
             raise UsageError("write the step: %codegen STEP, or %%codegen with the step below")
         insert = options.insert or self.insert
+        inserted = None
+        if insert:
+            again = self._cell_id is not None and self._cell_id in self._inserted
+            inserted = INSERTED_AGAIN if again else INSERTED
         # Trailing blank lines (CodeGen's cut keeps them) would pile up between turns.
-        code = self._generate(step, options, insert).rstrip("\n")
+        code = self._generate(step, options, inserted).rstrip("\n")
         if not code.strip():
             print("(the model wrote no code)", file=sys.stderr)
-        if insert:  # a new cell below, which JupyterLab selects
+        if insert:  # a new cell right below this one (see INSERTED)
             self.ipython.set_next_input(step_line(step) + code, replace=False)
+            if self._cell_id is not None:
+                self._inserted.add(self._cell_id)
             return
         failed = not run_in_shell(self.ipython, code)
         self.history.add_step(step, code, failed, self._cell_id)
+        if failed:
+            print(LEFT_OUT, file=sys.stderr)
 
     @line_magic
     def codegen_config(self, line: str) -> None:
@@ -277,6 +294,9 @@ class CodeGenMagics(Magics, ModelOptions):
             return "nothing to undo"
         entry = self.history.entries.pop()
         title = entry.text.step if entry.text.step is not None else "your code"
+        if not entry.in_context:
+            return (f"dropped: {title} (it failed, so it was already left out of the context; "
+                    "what its code set stays in this kernel)")  # fmt: skip
         return (f"dropped from the context: {title} (the variables its code set stay in this "
                 "kernel)")  # fmt: skip
 
@@ -299,7 +319,8 @@ class CodeGenMagics(Magics, ModelOptions):
             self._check_sample()
         except (TraitError, ValueError, CodeGenError, UsageError) as error:
             setattr(self, key, before)  # a refused value is not kept
-            raise UsageError(f"{key}: {error}") from None
+            said = str(error)  # a check's own message may already begin with the key
+            raise UsageError(said if said.startswith(key) else f"{key}: {said}") from None
         print(f"{key} = {self.option(key)!r}")
 
     def _check_sample(self) -> None:
@@ -307,7 +328,7 @@ class CodeGenMagics(Magics, ModelOptions):
         resolved = self.resolved()
         dataclasses.replace(resolved.sample, top_k=self.top_k, seed=self.seed)
 
-    def _generate(self, step: str, options: StepOptions, insert: bool) -> str:
+    def _generate(self, step: str, options: StepOptions, inserted: str | None) -> str:
         """Stream the step's code into a display; the code, truncated by CodeGen's rules."""
         resolved = self.resolved()
         decoder = self._decoder(options.model or resolved.model, resolved)
@@ -323,7 +344,7 @@ class CodeGenMagics(Magics, ModelOptions):
             raise UsageError(str(error)) from None
         if fitted.warning:
             print(fitted.warning, file=sys.stderr)
-        return stream_code(decoder, fitted.text, sample, insert)
+        return stream_code(decoder, fitted.text, sample, inserted)
 
     def _decoder(self, model: str, resolved: Settings) -> Decoder:
         key = (model, resolved.server or "", resolved.dtype or "", str(resolved.context_window))
@@ -351,10 +372,12 @@ class CodeGenMagics(Magics, ModelOptions):
             self.history.add_cell(info.raw_cell, cell_id, failed=not result.success)
 
 
-def stream_code(decoder: Decoder, prompt: str, sample: SampleParams, insert: bool = False) -> str:
+def stream_code(
+    decoder: Decoder, prompt: str, sample: SampleParams, inserted: str | None = None
+) -> str:
     """Generate into a display that is updated as pieces arrive; Ctrl-C stops it (and stops
-    the cell). The final display is the code and a rule before its outputs, or (`insert`) a
-    line saying it went into a new cell below."""
+    the cell). The final display is the code and a rule before its outputs, or (`inserted`,
+    for `--insert`) that line, which says where the code went instead."""
     handle = display(PLACEHOLDER, raw=True, metadata=CODE_METADATA, display_id=True)
     pieces: list[str] = []
     shown_at = time.monotonic()
@@ -370,7 +393,11 @@ def stream_code(decoder: Decoder, prompt: str, sample: SampleParams, insert: boo
     except BaseException:
         handle.update(code_bundle("".join(pieces)), raw=True, metadata=CODE_METADATA)
         raise
-    final = INSERTED if insert else code_bundle("".join(pieces), rule=True)
+    final = (
+        {"text/markdown": f"*{inserted}*", "text/plain": inserted}
+        if inserted
+        else code_bundle("".join(pieces), rule=True)
+    )
     handle.update(final, raw=True, metadata=CODE_METADATA)
     return "".join(pieces)
 

@@ -11,15 +11,19 @@ another).
 
 A cell is its step: a cell that comes with a cell id (JupyterLab and Notebook send
 `metadata.cellId`) and already made a turn replaces that turn when it runs again, as `%edit N`
-does (the kernel is rebuilt from the turns before it, the later turns that ran run again); a cell
-without one adds a turn each time, and says so. The autosaved session never overwrites the one a
-previous kernel left: that one is kept under a numbered name.
+does (the kernel is rebuilt from the turns before it, the later turns that ran run again); the
+cell id is saved with the turn, so this holds after `%load` too. A cell without one adds a turn
+each time, and says so. The autosaved session never overwrites the one a previous kernel left:
+that one is kept under a numbered name (and after a rename, the old name's file is named). The
+kernel's notes go to stderr, apart from the program's stdout.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
+import json
 import threading
 import time
 import traceback
@@ -31,6 +35,7 @@ from codegen_repl.core.commands import Commands
 from codegen_repl.core.decoding import BackgroundDecoder  # no JAX: the load imports it
 from codegen_repl.core.executor import Executor, ExecutorConfig
 from codegen_repl.core.frontend import Command, TextStyle
+from codegen_repl.core.notebook import NOTEBOOK_KEY
 from codegen_repl.core.session import Session, SessionSettings, Turn
 from codegen_repl.core.settings import RunMode
 from codegen_repl.errors import CodeGenError, ConfigError
@@ -101,6 +106,9 @@ class RunnerOptions:
         settings: sampling settings, prefix and run timeout.
         run_mode: "auto" (run each step's code) or "never" (show it only).
         context_window: the server's context window, where the server does not report it.
+        kernel_id: the Jupyter kernel's id (its connection file's name; a restart keeps it),
+            saved with the session so that a kernel restarted under a renamed notebook names
+            the file its predecessor wrote; "" for none.
     """
 
     model: str
@@ -112,6 +120,7 @@ class RunnerOptions:
     settings: SessionSettings = dataclasses.field(default_factory=SessionSettings)
     run_mode: RunMode = "auto"
     context_window: int | None = None
+    kernel_id: str = ""
 
     def __post_init__(self) -> None:
         if not self.model and not self.server:
@@ -141,7 +150,10 @@ class KernelRunner:
         self._cancel = threading.Event()
         self._phase: Phase | None = None
         self._cell_number = 0
-        self._cells: dict[str, Turn] = {}  # cell id -> the turn that cell made
+        # A cell handed to the worker waits there behind the start (`expect_cell`): an
+        # interrupt meanwhile stops it before it begins.
+        self._lock = threading.RLock()  # reentrant: the kernel's SIGINT handler reads under it
+        self._waiting = self._stopped_waiting = False
         self._told_no_id = False
         self._notes: list[str] = []  # for the next cell (the session start has no cell)
 
@@ -169,13 +181,13 @@ class KernelRunner:
         if self.commands is None:
             self.executor.start()
             options = self.options
-            kept = None if options.session_path is None else keep_previous(options.session_path)
-            if kept is not None:  # named as `%load` takes it: relative to the folder
-                if kept.is_relative_to(options.cwd):
-                    kept = kept.relative_to(options.cwd)
-                self._notes.append(f"the session of the previous kernel is kept as {kept}; "
-                                   f"this one autosaves to {options.session_path}")  # fmt: skip
-            session = Session(self.decoder, self.executor, options.session_path, options.settings)
+            path = options.session_path
+            if path is not None:
+                path = self._say_previous(path)
+            session = Session(self.decoder, self.executor, path, options.settings)
+            session.kernel_id = options.kernel_id
+            # no autosave although one was asked for: `%save PATH` moves the session there
+            session.autosave_failed = path is None and options.session_path is not None
             session.prepare_next()  # the model prefills and compiles ahead (once loaded)
             self.commands = Commands(
                 session, KernelFrontend(self, _NoSink()), options.run_mode, self.model_name,
@@ -183,16 +195,59 @@ class KernelRunner:
             )  # fmt: skip
         return self.commands.session
 
+    def _say_previous(self, path: Path) -> Path | None:
+        """Keep the previous kernel's session (`keep_previous`) and say where it is; where
+        there is none at `path` but this kernel (before a restart, under the notebook's old
+        name) saved another one beside it, name that one. Returns where this session autosaves:
+        `path`, or None (and a note says why and what to do) when the previous one cannot be
+        kept aside, or `path` cannot be looked at (its folder is a file, or unreadable)."""
+        shown = self._relative(path)
+        try:
+            kept = keep_previous(path)
+        except OSError as error:  # a new session must neither overwrite that one nor fail
+            why = f"{error.strerror or error}: {self._relative(Path(error.filename or path))}"
+            self._notes.append(f"the autosave is off: the file of the previous kernel's session "
+                               f"cannot be checked or kept aside ({why}); {PREFIX}save "
+                               "PATH.ipynb saves this session there, and it autosaves there from "
+                               "then on")  # fmt: skip
+            return None
+        if kept is not None:
+            kept = self._relative(kept)
+            self._notes.append(f"the session of the previous kernel is kept as {kept}; this "
+                               f"one autosaves to {shown}")  # fmt: skip
+            return path
+        renamed = saved_by(path.parent, self.options.kernel_id, besides=path)
+        if renamed is not None:
+            self._notes.append(
+                f"the previous kernel autosaved to {self._relative(renamed)} (the notebook's "
+                f"name then); this one autosaves to {shown}; {PREFIX}load "
+                f"{self._relative(renamed)} resumes that session"
+            )
+        return path
+
+    def _relative(self, path: Path) -> Path:
+        """`path` as `%load` takes it: relative to the notebook's folder, where it is in it."""
+        return path.relative_to(self.options.cwd) if path.is_relative_to(self.options.cwd) else path
+
     @property
     def cell_number(self) -> int:
-        """Counts the cells run so far; identifies the one running now."""
-        return self._cell_number
+        """Counts the cells run so far; identifies the one running now (or waiting to run:
+        `expect_cell`)."""
+        with self._lock:
+            return self._cell_number + int(self._waiting)
 
     def interrupt(self, cell: int | None = None) -> None:
-        """Stop the generation or interrupt the running code; nothing when idle, or when
-        `cell` (a cell_number read when the interrupt came) has ended since."""
+        """Stop the generation or interrupt the running code, or stop a cell still waiting to
+        begin (`expect_cell`); nothing when idle, or when `cell` (a cell_number read when the
+        interrupt came) has ended since."""
+        with self._lock:
+            if cell is not None and cell != self._cell_number + int(self._waiting):
+                return
+            if self._waiting:
+                self._stopped_waiting = True
+                return
         phase = self._phase
-        if phase is None or (cell is not None and cell != self._cell_number):
+        if phase is None:
             return
         self._cancel.set()
         if phase == "running":
@@ -201,6 +256,12 @@ class KernelRunner:
                 session.request_stop()  # a replay (%undo, %edit, %load) stops, interrupted
             if session is None or not session.replaying:
                 self.executor.interrupt()
+
+    def expect_cell(self) -> None:
+        """A cell is on its way to `run_cell` (from another thread): an `interrupt` before it
+        begins (it waits for the child kernel's start) stops it then, before it does anything."""
+        with self._lock:
+            self._waiting, self._stopped_waiting = True, False
 
     def shutdown(self) -> None:
         self.executor.shutdown()  # a load still running ends with the process (daemon thread)
@@ -217,19 +278,32 @@ class KernelRunner:
                 turn replaces it when run again; "" when the front end sent none (a note says
                 that each run adds a turn); None when the caller is no notebook (tests).
         """
-        self._cell_number += 1
+        with self._lock:
+            self._cell_number += 1
+            stopped, self._waiting, self._stopped_waiting = self._stopped_waiting, False, False
         self._cancel.clear()
+        if stopped:
+            why = "interrupted before the cell began (the kernel was still starting)"
+            return self._fail(sink, "KeyboardInterrupt", f"{why}: nothing ran; run it again")
         try:
             cell = parse_cell(source)
-            if cell.kind == "empty" or (cell.kind == "code" and not cell.code.strip()):
+            if cell.kind == "empty":
+                return OK
+            if cell.kind == "code" and not cell.code.strip():  # `%%python` or `!` alone
+                sink.stream("stderr", f"nothing to run: write the code after the ! or on the "
+                            f"lines below {PREFIX}{PREFIX}python\n")  # fmt: skip
                 return OK
             self.start()
             assert self.commands is not None
             self.commands.frontend = KernelFrontend(self, sink)
             while self._notes:
-                sink.stream("stdout", self._notes.pop(0) + "\n")
+                sink.stream("stderr", self._notes.pop(0) + "\n")
             if cell.kind != "magics":
-                return self._outcome(self._turn_cell(cell, sink, cell_id), sink)
+                try:
+                    turn = self._turn_cell(cell, sink, cell_id)
+                finally:  # as `Commands.run` does after a command: a failed autosave, told
+                    self.commands.show_background_news()
+                return self._outcome(turn, sink)
             for magic in cell.magics:
                 self._phase = "running"  # replays and MTPB runs: an interrupt stops them
                 outcome = self._outcome(self._magic(magic, sink), sink)
@@ -255,67 +329,91 @@ class KernelRunner:
         commands, session = self.commands, self.commands.session
         if cell.kind == "step":
             self._say_loading(sink)
-        made = self._cells.get(cell_id or "")
-        number = next((at for at, turn in enumerate(session.turns, 1) if turn is made), None)
+        number = next((at for at, turn in enumerate(session.turns, 1)
+                       if cell_id and turn.cell_id == cell_id), None)  # fmt: skip
         if number is not None:
             replace = commands.replace_step if cell.kind == "step" else commands.replace_code
-            turn = replace(number, cell.step or cell.code)
-        else:
-            if cell_id == "":
-                self._say_no_cell_id(cell, sink)
-            add = commands.step if cell.kind == "step" else commands.user_code
-            turn = add(cell.step or cell.code)
-        if cell_id and turn is not None:
-            self._cells[cell_id] = turn
-        return turn
+            return replace(number, cell.step or cell.code)
+        if cell_id == "":
+            self._say_no_cell_id(cell, sink)
+        elif cell_id is not None:
+            self._say_same_as(cell, sink)
+        add = commands.step if cell.kind == "step" else commands.user_code
+        session.cell_id = cell_id or ""  # the new turn is this cell's (saved with it)
+        try:
+            return add(cell.step or cell.code)
+        finally:
+            session.cell_id = ""
 
     def _magic(self, magic: Magic, sink: CellSink) -> Turn | None:
         """One magic line; the cell whose step `%retry` samples again owns the new turn."""
         assert self.commands is not None
-        session = self.commands.session
         if magic.name in ("retry", "fix", "mtpb"):
             self._say_loading(sink)
-        last = session.turns[-1] if session.turns else None
-        turn = self.commands.run(Command(magic.name, magic.argument))
-        if magic.name == "retry" and turn is not None:
-            for cell_id, made in list(self._cells.items()):
-                if made is last:
-                    self._cells[cell_id] = turn
-        return turn
+        return self.commands.run(Command(magic.name, magic.argument))  # %retry: the same cell's
 
     def _say_loading(self, sink: CellSink) -> None:
         assert self.commands is not None
         if not getattr(self.commands.session.decoder, "loaded", True):
-            sink.stream("stdout", f"loading the model {self.commands.model_name} (the first "
+            sink.stream("stderr", f"loading the model {self.commands.model_name} (the first "
                         "step waits for it) ...\n")  # fmt: skip
+
+    def _same_as(self, cell: Cell) -> int | None:
+        """The number of the last turn with this cell's step (or code), if one has it."""
+        assert self.commands is not None
+        turns = self.commands.session.turns
+        for number in range(len(turns), 0, -1):
+            turn = turns[number - 1]
+            if (turn.step == cell.step) if cell.kind == "step" else (turn.code == cell.code):
+                return number
+        return None
+
+    def _say_same_as(self, cell: Cell, sink: CellSink) -> None:
+        """A cell this session has no turn of (a `%load`ed session from another notebook, or
+        one saved before cell ids were kept) whose step is a turn's: it does not replace it."""
+        assert self.commands is not None
+        same = self._same_as(cell)
+        if same is not None:
+            adds = len(self.commands.session.turns) + 1
+            sink.stream("stderr", f"(this cell made no turn of this session: it adds turn {adds}, "
+                        f"although turn {same} has the same "
+                        f"{'step' if cell.kind == 'step' else 'code'}; {PREFIX}drop {same} "
+                        "deletes that one)\n")  # fmt: skip
 
     def _say_no_cell_id(self, cell: Cell, sink: CellSink) -> None:
         """On the first step cell, and on any cell that repeats a turn: without cell ids, a
         cell run again cannot be told from a new one."""
         assert self.commands is not None
         turns = self.commands.session.turns
-        repeated = any(turn.step == cell.step if cell.kind == "step" else turn.code == cell.code
-                       for turn in turns)  # fmt: skip
+        repeated = self._same_as(cell) is not None
         first = cell.kind == "step" and not self._told_no_id
         if not (first or repeated):
             return
         self._told_no_id = self._told_no_id or cell.kind == "step"
         sink.stream(
-            "stdout",
+            "stderr",
             f"(this front end sent no cell id: the cell adds turn "
             f"{len(turns) + 1}, even if it ran before; {PREFIX}drop N deletes a turn)\n",
         )
 
     def _outcome(self, turn: Turn | None, sink: CellSink) -> CellOutcome:
         """The execute_reply for a cell whose last turn is `turn` (None: no turn ran)."""
+        session = self.session
         if turn is None or turn.status in ("ok", "skipped", "declined"):
+            stopped = self._cancel.is_set() and (turn is None or turn.status != "ok")
+            if stopped and session is not None and session.notice:  # a replay cut short
+                return self._fail(sink, "KeyboardInterrupt", session.notice)
             return OK
         errors = [output for output in turn.outputs if output.get("output_type") == "error"]
-        if errors:
+        if errors:  # shown already; a timeout is named so, not by the KeyboardInterrupt it sent
             last = errors[-1]
-            return CellOutcome("error", last["ename"], last["evalue"], tuple(last["traceback"]))
+            ename, evalue = last["ename"], last["evalue"]
+            if turn.status == "timeout":
+                ename, evalue = STATUS_ERRORS["timeout"], turn.message or evalue
+            return CellOutcome("error", ename, evalue, tuple(last["traceback"]))
         ename = STATUS_ERRORS.get(turn.status, "Error")
-        return self._fail(sink, ename, turn.message or turn.status)
+        # the status line above gave the whole message: the error names its first part only
+        return self._fail(sink, ename, (turn.message or turn.status).split("; ")[0])
 
     def _fail(
         self, sink: CellSink, ename: str, evalue: str, lines: list[str] | None = None
@@ -323,6 +421,27 @@ class KernelRunner:
         shown = lines or [f"\x1b[0;31m{ename}\x1b[0m: {evalue}"]
         sink.error(ename, evalue, shown)
         return CellOutcome("error", ename, evalue, tuple(shown))
+
+
+def saved_by(folder: Path, kernel_id: str, besides: Path, newest: int = 20) -> Path | None:
+    """The newest session notebook in `folder` (other than `besides`) that kernel `kernel_id`
+    autosaved (our metadata's `kernel_id`), among the `newest` files there; None: none (or no
+    id). Only those are read, so a crowded folder costs no time at the start."""
+    if not kernel_id:
+        return None
+    candidates = [path for path in folder.glob("*.ipynb") if path != besides]
+    with_times = []
+    for path in candidates:
+        with contextlib.suppress(OSError):  # gone or unreadable meanwhile: not ours to name
+            with_times.append((path.stat().st_mtime, path))
+    for _, path in sorted(with_times, reverse=True)[:newest]:
+        try:
+            meta = json.loads(path.read_text(encoding="utf-8"))["metadata"][NOTEBOOK_KEY]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if isinstance(meta, dict) and meta.get("kernel_id") == kernel_id:
+            return path
+    return None
 
 
 def keep_previous(path: Path) -> Path | None:
@@ -353,7 +472,10 @@ class KernelFrontend:
         self.runner, self.sink = runner, sink
 
     def show_text(self, text: str, style: TextStyle = "plain") -> None:
-        self.sink.stream("stderr" if style in ("warning", "error") else "stdout", text + "\n")
+        """A command's answer (plain, title) on stdout; the kernel's notes and warnings about
+        the work on stderr, as tools write progress, so they never merge into one block with
+        the program's own stdout (Jupyter joins consecutive stream outputs of one name)."""
+        self.sink.stream("stdout" if style in ("plain", "title") else "stderr", text + "\n")
 
     def show_code(self, code: str) -> None:
         self.sink.display(code_bundle(code))
@@ -375,10 +497,10 @@ class KernelFrontend:
         raise ConfigError(f"write the new code on the lines after {PREFIX}edit N (in this cell)")
 
     def session_opened(self, session: Session) -> None:
-        pass
+        session.kernel_id = self.runner.options.kernel_id  # `%load`ed: this kernel saves it now
 
     def progress(self, text: str) -> None:
-        self.sink.stream("stdout", text + "\n")
+        self.sink.stream("stderr", text + "\n")  # a note (see show_text)
 
     def ask_input(self, prompt: str, password: bool) -> str:
         raise ConfigError("the codegen kernel cannot answer input(); put the value in the code")

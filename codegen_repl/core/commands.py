@@ -28,7 +28,7 @@ from codegen_repl.core.frontend import (
     parse_turn_number,
     unknown_text,
 )
-from codegen_repl.core.notebook import FAILED
+from codegen_repl.core.notebook import FAILED, RUNS_AGAIN
 from codegen_repl.core.notebook_commands import NotebookCommands
 from codegen_repl.core.outputs import compact_outputs
 from codegen_repl.core.session import RunChoice, Session, Turn, count_of
@@ -113,11 +113,13 @@ class Commands(NotebookCommands):
         try:
             return actions[command.name](command.argument)
         finally:
-            self._show_background_news()
+            self.show_background_news()
 
-    def _show_background_news(self) -> None:
+    def show_background_news(self) -> None:
         """What went wrong out of sight during a command, told once: a replay behind the
-        prompt that fell short, an autosave that could not write the file."""
+        prompt that fell short, an autosave that could not write the file. `run` calls it
+        after every command; a front end that calls `step`, `user_code` or `replace_*`
+        itself calls it after them."""
         session = self.session
         if session.new_notice:
             session.new_notice = False
@@ -180,28 +182,37 @@ class Commands(NotebookCommands):
         return self._replace(number, Turn(None, code), "run")
 
     def _say_replacing(self, number: int) -> None:
-        later = len(self.session.turns) - number
+        """Before a turn is replaced: how many later turns will run again (those that ran to
+        the end: `RUNS_AGAIN`; an interrupted or unrun one is left as it is)."""
+        later = sum(turn.status in RUNS_AGAIN for turn in self.session.turns[number:])
         after = f"; the {count_of(later, 'later turn')} that ran will run again" if later else ""
         self.frontend.show_text(f"this replaces turn {number} ({self.session.turn(number).title})"
                                 f"{after}", "note")  # fmt: skip
 
     def _replace(self, number: int, turn: Turn, choice: RunChoice) -> Turn:
         self.frontend.begin_turn(number)
+        before = _statuses(self.session.turns)
         later = self.session.replace(number, turn, self.frontend.output, choice)[1:]
         self.show_status(turn, number)
         self._show_notice()
-        self._show_reruns(later, number + 1)
+        self._show_reruns(later, number + 1, before)
         return turn
 
-    def _show_reruns(self, turns: list[Turn], first: int) -> None:
-        """What became of the later turns run again after a replaced or dropped turn: their
-        own outputs are not shown here (in a notebook they stay in their cells)."""
-        failed = [(number, turn) for number, turn in enumerate(turns, first)
-                  if turn.status in FAILED]  # fmt: skip
-        for number, turn in failed:
-            errors = [o for o in turn.outputs if o.get("output_type") == "error"]
-            why = f"{errors[-1]['ename']}: {errors[-1]['evalue']}" if errors else turn.status
-            self.frontend.show_text(f"turn {number} ({turn.title}) now fails: {why}", "warning")
+    def _show_reruns(self, turns: list[Turn], first: int, before: dict[int, str]) -> None:
+        """What changed in the later turns run again after a replaced or dropped turn (their
+        outputs are not shown here: in a notebook they stay in their cells): a turn that ran
+        without an error before (`before`: `_statuses` then) and failed now, or the reverse.
+        A turn that failed before and fails again, or was not run again, is not named."""
+        for number, turn in enumerate(turns, first):
+            was = before.get(id(turn))
+            if was == "ok" and turn.status in FAILED:
+                errors = [o for o in turn.outputs if o.get("output_type") == "error"]
+                why = f"{errors[-1]['ename']}: {errors[-1]['evalue']}" if errors else turn.status
+                self.frontend.show_text(f"turn {number} ({turn.title}) now fails: {why}",
+                                        "warning")  # fmt: skip
+            elif was in FAILED and turn.status == "ok":
+                self.frontend.show_text(f"turn {number} ({turn.title}) now runs without an "
+                                        "error", "note")  # fmt: skip
 
     def _generate(self, step: str, before: int | None = None) -> tuple[str, float] | None:
         """The step's code and seconds, streamed live; None when Ctrl-C stopped it and the
@@ -274,16 +285,21 @@ class Commands(NotebookCommands):
         if turn.status == "skipped" and not turn.message:
             show(f"(not run: run=never; {prefix}set run=auto runs the next steps, "
                  f"{prefix}run {number} runs this one)", "note")  # fmt: skip
-        elif turn.status == "declined":
+            return
+        if turn.status == "declined":
             show(f"(declined: not run, and not part of the program; {prefix}run {number} "
                  "runs it)", "note")  # fmt: skip
-        elif turn.status not in ("ok", "error"):
-            show(f"[{turn.status}]", "warning")
-        if turn.message:
-            show(turn.message, "note")
+        # one line for one thing: `[interrupted] the cell was interrupted (turn 10 failed: ...)`
+        marked = turn.status not in ("ok", "error", "declined")
+        parts = [f"[{turn.status}]"] if marked else []
+        parts += [turn.message] if turn.message else []
         if not turn.in_context and turn.in_program:
-            show(f"(turn {number} failed: it is left out of the model's context; {prefix}keep "
-                 f"{number} keeps it there, {prefix}drop {number} deletes it)", "note")  # fmt: skip
+            why = "did not run" if turn.never_ran else "failed"
+            parts.append(f"(turn {number} {why}: it is left out of the model's context; "
+                         f"{prefix}keep {number} keeps it there, {prefix}drop {number} deletes "
+                         "it)")  # fmt: skip
+        if parts:
+            show(" ".join(parts), "warning" if marked else "note")
 
     def show_turns(self, turns: list[Turn], first: int, compact: bool = False) -> None:
         """Turns as they were recorded, numbered: in full after /edit, compactly (outputs cut
@@ -306,7 +322,7 @@ class Commands(NotebookCommands):
             raise ConfigError(f"{self.frontend.prefix}{name} takes no argument ({hint})")
 
     def _help(self, _: str) -> None:
-        self.frontend.show_text(help_text(self.frontend.prefix))
+        self.frontend.show_text(help_text(self.frontend.prefix, self.frontend.can_ask))
 
     def _unknown(self, word: str) -> None:
         raise ConfigError(unknown_text(word, self.frontend.prefix))
@@ -333,13 +349,14 @@ class Commands(NotebookCommands):
         number = parse_turn_number(argument, self.frontend.prefix, "drop")
         turn = self.session.turn(len(self.session.turns) if number is None else number)
         number = self.session.turns.index(turn) + 1
+        before = _statuses(self.session.turns)
         dropped, later = self.session.drop(number)
         self.frontend.show_text(
             f"deleted turn {number} ({dropped.title})"
             + (f"; turns from {number} on are renumbered" if later else "")
         )
         self._show_notice()
-        self._show_reruns(later, number)
+        self._show_reruns(later, number, before)
 
     def _keep(self, argument: str) -> None:
         number = parse_turn_number(argument, self.frontend.prefix, "keep")
@@ -488,6 +505,11 @@ def numbered_program(session: Session, prefix: str = "/") -> str:
         mark = "" if turn.step is not None else " (your code)"
         parts.append(f"# --- turn {number}{mark} ---\n{turn.text.render()}")
     return "".join(parts)
+
+
+def _statuses(turns: list[Turn]) -> dict[int, str]:
+    """Each turn's status by the turn's identity (turns are renumbered by a drop)."""
+    return {id(turn): turn.status for turn in turns}
 
 
 def _open_decoder(model: str) -> Decoder:

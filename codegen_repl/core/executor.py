@@ -381,8 +381,9 @@ class Executor:
         else:
             grace = self.config.interrupt_grace
             cause = f"the kernel did not stop within {grace:g} s of the interrupt"
-        cells = "1 cell" if len(history) == 1 else f"{len(history)} cells"
-        self._progress(f"{cause}; restarting it and replaying {cells}")
+        # the cells it ran are the turns of a session (a session runs each turn as one cell)
+        turns = "1 turn" if len(history) == 1 else f"{len(history)} turns"
+        self._progress(f"{cause}; restarting it and replaying {turns}")
         return cause, self.restart(history), len(history)
 
     @staticmethod
@@ -391,7 +392,7 @@ class Executor:
     ) -> RunResult:
         cause, replays, wanted = recovery
         replayed = sum(replay.status == "ok" for replay in replays)
-        note = f"{cause}; restarted it and replayed {replayed} of {wanted} cells"
+        note = f"{cause}; restarted it and replayed {replayed} of {wanted} turns"
         if replayed < wanted and replays:
             note = _join(note, replays[-1].message)
         if before:

@@ -91,6 +91,7 @@ class CommandInfo:
     terminal_only: bool = False
 
 
+_RUN_MODES = "run=ask|auto|never"  # where no one can answer (a kernel): run=auto|never
 COMMAND_TABLE: tuple[CommandInfo, ...] = (
     CommandInfo("help", "show this help"),
     CommandInfo("undo", "drop the last turn (the kernel forgets it too)"),
@@ -110,7 +111,7 @@ COMMAND_TABLE: tuple[CommandInfo, ...] = (
     CommandInfo("context", "show what the model sees, with its token count"),
     CommandInfo("model", "load another checkpoint folder or hub id", "NAME"),
     CommandInfo("set", "change a setting (no argument: list them): "
-                + ", ".join(SET_KEYS[:-2]) + ", run=ask|auto|never, timeout", "[key=value]"),
+                + ", ".join(SET_KEYS[:-2]) + f", {_RUN_MODES}, timeout", "[key=value]"),
     CommandInfo("save", "save the session (or export the program)", "[PATH.ipynb|PATH.py]"),
     CommandInfo("load", "open a saved session (its successful turns are replayed)", "PATH"),
     CommandInfo("reset", "a new kernel and an empty session (in a new file)"),
@@ -126,14 +127,21 @@ def commands_for(prefix: str) -> tuple[CommandInfo, ...]:
     return tuple(info for info in COMMAND_TABLE if prefix == "/" or not info.terminal_only)
 
 
-def help_text(prefix: str = "/") -> str:
+def help_text(prefix: str = "/", can_ask: bool = True) -> str:
+    """The help table: a row per command (`can_ask` False: a front end that cannot ask, whose
+    `set` takes run=auto|never only); the descriptions start in one column, after the longest
+    command."""
+    infos = commands_for(prefix)
+    width = max(len(f"{prefix}{info.name} {info.usage}".rstrip()) for info in COMMAND_TABLE)
     rows = []
-    for info in commands_for(prefix):
+    for info in infos:
         head = f"{prefix}{info.name} {info.usage}".rstrip()
-        rows.append(f"  {head:<24} {info.about}")
-    extra = [f"  {'!CODE':<24} run Python you wrote (! before each line); it enters the context"]
+        about = info.about if can_ask else info.about.replace(_RUN_MODES, "run=auto|never")
+        rows.append(f"  {head:<{width}} {about}")
+    extra = [f"  {'!CODE':<{width}} run Python you wrote (! before each line); it enters the "
+             "context"]  # fmt: skip
     if prefix == "%":
-        extra.append(f"  {PYTHON_HEADER:<24} first line of a cell of Python you wrote")
+        extra.append(f"  {PYTHON_HEADER:<{width}} first line of a cell of Python you wrote")
     extra.append("  anything else is a step: the model writes its code")
     return "\n".join(["commands:", *rows, *extra])
 

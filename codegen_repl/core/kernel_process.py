@@ -93,7 +93,7 @@ runpy.run_module("ipykernel_launcher", run_name="__main__", alter_sys=True)
 """
 
 _SIGNAL_HINTS = {
-    "SIGKILL": "usually the system's out-of-memory killer",
+    "SIGKILL": "by the system's out-of-memory killer or a kill -9",
     "SIGXCPU": "the CPU time limit",
     "SIGSEGV": "a crash in native code",
 }

@@ -40,6 +40,14 @@ NOT_RUN: tuple[TurnStatus, ...] = ("skipped", "declined", "pending")
 # left out of the model's context unless the user keeps it (`/keep N`): a failed attempt must not
 # steer the next steps.
 FAILED: tuple[TurnStatus, ...] = ("error", "interrupted", "timeout", "died")
+# A later turn that ran to the end (with or without an error) is run again after an earlier turn
+# is edited, replaced or dropped; one that did not run or did not finish is left as it is.
+RUNS_AGAIN: tuple[TurnStatus, ...] = ("ok", "error")
+# The message of a skipped turn whose code was to run and did not (Ctrl-C while the kernel
+# started, a kernel that lacked earlier state, a kernel that ended first) starts so: unlike a
+# turn shown only (run=never), the kernel lacks its state, and a replay stops there.
+NOT_RUN_MESSAGE = "not run: "
+STOPPED_FIRST = f"{NOT_RUN_MESSAGE}the kernel ended before it ran (a restart, a crash)"
 DECLINED_TAG = "codegen-declined"  # the notebook tag of a declined turn's code cell
 DECLINED_NOTE = "(declined: this code was not run and is not part of the program)"
 SAVE_SUFFIXES = (".ipynb", ".py")
@@ -50,6 +58,7 @@ _CELL_FIELDS: dict[str, type | tuple[type, ...]] = {
     "timings": dict,
     "message": str,
     "kept": bool,
+    "cell_id": str,
 }  # a session as a notebook, or its program
 
 
@@ -127,6 +136,9 @@ class Turn:
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
     message: str = ""  # what the executor had to say (a restart, a replay)
     kept: bool = False  # a failed turn the user keeps in the model's context (`/keep N`)
+    # The notebook cell that made the turn (JupyterLab's `metadata.cellId`; "" for none): saved,
+    # so the cell run again replaces its turn after a `load` too.
+    cell_id: str = ""
 
     @property
     def text(self) -> TurnText:
@@ -139,9 +151,14 @@ class Turn:
 
     @property
     def in_context(self) -> bool:
-        """Whether the model sees the turn: part of the program, and not failed (FAILED)
-        unless the user kept it."""
-        return self.in_program and (self.kept or self.status not in FAILED)
+        """Whether the model sees the turn: part of the program, and neither failed (FAILED)
+        nor left unrun by a fault (`never_ran`), unless the user kept it."""
+        return self.in_program and (self.kept or not (self.status in FAILED or self.never_ran))
+
+    @property
+    def never_ran(self) -> bool:
+        """Whether the code was to run and did not (see NOT_RUN_MESSAGE)."""
+        return self.status == "skipped" and self.message.startswith(NOT_RUN_MESSAGE)
 
     @property
     def title(self) -> str:
@@ -155,9 +172,12 @@ class Turn:
         self.message = result.message
 
 
-def notebook_of(turns: list[Turn], settings: SessionSettings) -> nbformat.NotebookNode:
+def notebook_of(
+    turns: list[Turn], settings: SessionSettings, kernel_id: str = ""
+) -> nbformat.NotebookNode:
     """The session as a notebook: a markdown cell per step, a code cell per turn (with its
-    outputs and our metadata), settings in the notebook metadata."""
+    outputs and our metadata), settings in the notebook metadata (and `kernel_id`, the Jupyter
+    kernel that writes it, where one does: see `Session.kernel_id`)."""
     cells = []
     for turn in turns:
         if turn.step is not None:
@@ -166,6 +186,8 @@ def notebook_of(turns: list[Turn], settings: SessionSettings) -> nbformat.Notebo
                 "timings": turn.timings, "message": turn.message}  # fmt: skip
         if turn.kept:
             meta["kept"] = True
+        if turn.cell_id:
+            meta["cell_id"] = turn.cell_id
         metadata: dict[str, Any] = {NOTEBOOK_KEY: meta}
         if not turn.in_program:
             metadata["tags"] = [DECLINED_TAG]
@@ -173,10 +195,13 @@ def notebook_of(turns: list[Turn], settings: SessionSettings) -> nbformat.Notebo
         cell.outputs = [nbformat.from_dict(output) for output in turn.outputs]
         cell.execution_count = turn.execution_count
         cells.append(cell)
+    ours: dict[str, Any] = {"settings": settings.to_json()}
+    if kernel_id:
+        ours["kernel_id"] = kernel_id
     metadata = {
         "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
         "language_info": {"name": "python"},
-        NOTEBOOK_KEY: {"settings": settings.to_json()},
+        NOTEBOOK_KEY: ours,
     }
     return nbformat.v4.new_notebook(cells=cells, metadata=metadata)
 
@@ -229,16 +254,20 @@ def turns_from_cells(cells: list[Any]) -> Iterator[Turn]:
             key in meta and not isinstance(meta[key], kind) for key, kind in _CELL_FIELDS.items()
         ):
             raise ConfigError(f"cell {number}'s metadata {meta!r} is not readable")
+        status, message = _turn_status(meta.get("status", "ok")), meta.get("message", "")
+        if status == "pending":  # saved before it ran (a replaced turn is), then the kernel ended
+            status, message = "skipped", STOPPED_FIRST
         yield Turn(
             step=meta.get("step"),
             code=cell.source,
             outputs=[dict(output) for output in cell.outputs],
-            status=_turn_status(meta.get("status", "ok")),
+            status=status,
             execution_count=cell.execution_count,
             sample=dict(meta.get("sample", {})),
             timings=dict(meta.get("timings", {})),
-            message=meta.get("message", ""),
+            message=message,
             kept=meta.get("kept", False),
+            cell_id=meta.get("cell_id", ""),
         )
 
 

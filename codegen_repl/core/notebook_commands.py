@@ -40,8 +40,11 @@ class NotebookCommands:
         saved = self.session.save(path)
         if self.session.autosave_failed and saved is not None and saved.suffix == ".ipynb":
             self.session.path, self.session.autosave_failed = saved, False  # as the warning said
+            self.session.save_error = ""  # an untold failure of the old file is moot now
             self.frontend.show_text(f"saved to {saved}; the session autosaves there from now on")
             return
+        if saved is not None and saved == self.session.path:  # the autosave's file is written
+            self.session.save_error, self.session.autosave_failed = "", False
         self.frontend.show_text(f"saved to {saved}")
 
     def _load(self, argument: str) -> None:

@@ -35,6 +35,7 @@ from codegen_repl.core.notebook import (
     FAILED,
     NOT_RUN,
     NOTEBOOK_KEY,
+    RUNS_AGAIN,
     SAVE_SUFFIXES,
     SessionSettings,
     Turn,
@@ -86,6 +87,13 @@ class Session:
         self.new_notice = False  # set when a background replay ended with a `notice`
         self.save_error = ""  # why the last autosave failed, until told ("": it did not)
         self.autosave_failed = False  # whether the last autosave failed
+        # The notebook cell whose input runs now (a kernel sets it per cell; "": none): new
+        # turns record it (`Turn.cell_id`), so that cell run again finds its turn.
+        self.cell_id = ""
+        # The Jupyter kernel that autosaves the session (its connection file's name, which a
+        # restart keeps), saved in the notebook's metadata: the kernel restarted under a renamed
+        # notebook finds its previous file by it. "" outside Jupyter.
+        self.kernel_id = ""
 
     # ------------------------------------------------------------------------- the model's view
 
@@ -228,7 +236,7 @@ class Session:
         self.turns[index].code = code
         self._autosave()
         self.notice, self.missing = self._rebuild_kernel(self.turns[:index])
-        reruns = [(position == 0 and turn.status not in NOT_RUN) or turn.status in ("ok", "error")
+        reruns = [(position == 0 and turn.status not in NOT_RUN) or turn.status in RUNS_AGAIN
                   for position, turn in enumerate(self.turns[index:])]  # fmt: skip
         self._run_again(index, reruns, on_output, on_output)
         return self.turns[index:]
@@ -247,12 +255,13 @@ class Session:
         ("ok" or "error") run again, as after `edit`. Returns the turns from `number` on."""
         index = self.turns.index(self.turn(number))
         ran = any(later.status not in NOT_RUN for later in self.turns[index:])
+        turn.cell_id = turn.cell_id or self.turns[index].cell_id  # still that cell's turn
         self.turns[index] = turn
         self._autosave()
         self.notice, self.missing = self._rebuild_kernel(self.turns[:index]) if ran else ("", ())
         if run != "run":
             turn.status = "declined" if run == "decline" else "skipped"
-        reruns = [run == "run"] + [later.status in ("ok", "error")
+        reruns = [run == "run"] + [later.status in RUNS_AGAIN
                                    for later in self.turns[index + 1 :]]  # fmt: skip
         self._run_again(index, reruns, on_output, None)
         return self.turns[index:]
@@ -272,7 +281,7 @@ class Session:
         if not ran:
             return dropped, self.turns[index:]
         self.notice, self.missing = self._rebuild_kernel(self.turns[:index])
-        reruns = [later.status in ("ok", "error") for later in self.turns[index:]]
+        reruns = [later.status in RUNS_AGAIN for later in self.turns[index:]]
         self._run_again(index, reruns, None, None)
         return dropped, self.turns[index:]
 
@@ -280,9 +289,10 @@ class Session:
         """Put failed turn `number` back into the model's context (`kept` False: leave it out
         again); saved. A ConfigError when the turn did not fail (it is in the context)."""
         turn = self.turn(number)
-        if turn.status not in FAILED:
+        if turn.status not in FAILED and not turn.never_ran:
             raise ConfigError(f"turn {number} did not fail ({turn.status}); only a failed turn "
-                              "is left out of the model's context")  # fmt: skip
+                              "(or one that was to run and did not) is left out of the model's "
+                              "context")  # fmt: skip
         turn.kept = kept
         self._autosave()
         return turn
@@ -306,6 +316,7 @@ class Session:
             self.missing = (*self.missing, *wanted)
             were = "was" if len(wanted) == 1 else "were"
             self.notice = f"{self.notice}; {turns_named(wanted)} {were} not run again"
+            self._autosave()  # the new turn is saved as not run, no longer as pending
             return
         for position, (turn, rerun) in enumerate(zip(self.turns[index:], reruns, strict=True)):
             if rerun:
@@ -352,6 +363,7 @@ class Session:
         """Run a turn whose code is known (`run` True or "run"), or record it unrun: declined
         ("decline"), or with `status` (False or "skip"); append it and save."""
         choice = ("run" if run else "skip") if isinstance(run, bool) else run
+        turn.cell_id = turn.cell_id or self.cell_id
         if choice == "run":
             try:
                 self.wait_kernel()
@@ -494,8 +506,13 @@ class Session:
         """A fresh kernel with the "ok" turns of `turns` (the first ones of the session)
         replayed in order, each under the session's timeout and without input. Returns ("",
         ()) or what went wrong and the numbers of the turns whose state the kernel lacks; an
-        interrupt (`request_stop`, Ctrl-C) stops the replay that way, never leaving no kernel."""
-        replay = [(number, turn) for number, turn in enumerate(turns, 1) if turn.status == "ok"]
+        interrupt (`request_stop`, Ctrl-C) stops the replay that way, never leaving no kernel.
+        The replay stops before a turn that was to run and never did (`Turn.never_ran`): the
+        turns after it may need its state, so it and they are named instead."""
+        wanted = [(number, turn) for number, turn in enumerate(turns, 1)
+                  if turn.status == "ok" or turn.never_ran]  # fmt: skip
+        unrun = next((at for at, (_, turn) in enumerate(wanted) if turn.never_ran), len(wanted))
+        replay = wanted[:unrun]
         self.stop_kernel_work()  # a replay behind the prompt is moot: this one replaces it
         self._stop.clear()
         with interrupts_call(self.request_stop):
@@ -508,14 +525,16 @@ class Session:
             for position, (number, turn) in enumerate(replay):
                 self.progress(f"replaying {position + 1}/{len(replay)}: turn {number}")
                 if self._stop.is_set():
-                    return _lacking(replay[position:], "the replay was interrupted")
+                    return _lacking(wanted[position:], "the replay was interrupted")
                 self._replaying = True
                 try:
                     result = self.executor.run(turn.code, self.settings.timeout)
                 finally:
                     self._replaying = False
                 if result.status != "ok":
-                    return _lacking(replay[position:], _replay_failure(number, result))
+                    return _lacking(wanted[position:], _replay_failure(number, result))
+        if unrun < len(wanted):
+            return _lacking(wanted[unrun:], f"turn {wanted[unrun][0]} never ran")
         return "", ()
 
     def progress(self, text: str) -> None:
@@ -530,7 +549,7 @@ class Session:
     # ------------------------------------------------------------------------- persistence
 
     def to_notebook(self) -> nbformat.NotebookNode:
-        return notebook_of(self.turns, self.settings)
+        return notebook_of(self.turns, self.settings, self.kernel_id)
 
     def save(self, path: Path | None = None) -> Path | None:
         """Write the notebook atomically; `.py` paths get the program instead.
@@ -558,7 +577,11 @@ class Session:
 
     def _autosave(self) -> None:
         """`save` after a change; a file that cannot be written loses nothing: the turns stay
-        here and `save_error` says what failed, for the front end to tell (once per failure)."""
+        here and `save_error` says what failed, for the front end to tell (once per failure).
+        A session without a file is left as it is (a kernel whose autosave could not start
+        marks it `autosave_failed`, so that a `save` command moves it to the file it writes)."""
+        if self.path is None:
+            return
         try:
             self.save()
         except ConfigError as error:
@@ -590,7 +613,9 @@ class Session:
                 f"{path} does not exist; start a new session with that name"
             ) from None
         except Exception as bad:  # nbformat raises several kinds for a broken file
-            raise CodeGenError(f"{path} is not a readable notebook ({bad})") from None
+            why = (str(bad).strip().splitlines() or [type(bad).__name__])[0]  # one line
+            raise ConfigError(f"{path} is not a readable notebook ({why}); check the path, "
+                              "or open another session") from None  # fmt: skip
         try:
             meta = notebook.metadata.get(NOTEBOOK_KEY, {})
             if not isinstance(meta, dict):

@@ -10,8 +10,9 @@ ahead of time (`jit(...).lower(...).compile()`) the programs a request that adds
 will run: the cache resize, the prefill of the step's text (one width, `STEP_TOKENS`) and the
 decode chunk, for the cache length that request needs (one for a whole session where the CPU
 attention kernel reads only the cache positions in use: `cache_length`; else the one or two
-`cache_bucket` lengths a request can need). The request then compiles nothing. A request that comes while a job it needs still runs waits for it
-(telling `on_status`); queued jobs it does not need are dropped.
+`cache_bucket` lengths a request can need). The request then compiles nothing. A request
+that comes while a job it needs still runs waits for it (telling `on_status`); queued jobs it
+does not need are dropped.
 
 `load_for_decoding` loads a checkpoint ready to decode (quantized when asked, split over the
 local devices when asked): the local decoder and the decoder server's engine both start from

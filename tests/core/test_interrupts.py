@@ -151,7 +151,7 @@ def test_waiting_out_a_kernel_that_ignores_the_interrupt_is_shown(tmp_path: Path
         assert progress == [
             "interrupting the kernel; waiting up to 1 s for the code to stop",
             "the kernel did not stop within 1 s of the interrupt; restarting it and replaying "
-            "1 cell",
+            "1 turn",
         ]
         assert executor.run("print(kept)").outputs[0]["text"] == "1\n"
 

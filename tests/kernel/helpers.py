@@ -52,11 +52,22 @@ def run_cell(
     if cell_id is None:
         msg_id = client.execute(code, allow_stdin=False)
     else:
-        content = {"code": code, "silent": False, "store_history": True, "user_expressions": {},
-                   "allow_stdin": False, "stop_on_error": True}  # fmt: skip
-        msg = client.session.msg("execute_request", content, metadata={"cellId": cell_id})
-        client.shell_channel.send(msg)
-        msg_id = msg["header"]["msg_id"]
+        msg_id = send(client, code, cell_id)
+    return collect(client, msg_id, timeout)
+
+
+def send(client: BlockingKernelClient, code: str, cell_id: object) -> str:
+    """Send an execute request as JupyterLab does (`metadata.cellId`), without waiting;
+    returns its msg_id."""
+    content = {"code": code, "silent": False, "store_history": True, "user_expressions": {},
+               "allow_stdin": False, "stop_on_error": True}  # fmt: skip
+    msg = client.session.msg("execute_request", content, metadata={"cellId": cell_id})
+    client.shell_channel.send(msg)
+    return msg["header"]["msg_id"]
+
+
+def collect(client: BlockingKernelClient, msg_id: str, timeout: float) -> Ran:
+    """The IOPub messages of request `msg_id` until the kernel goes idle, and its reply."""
     deadline = time.monotonic() + timeout
     messages = []
     while True:
@@ -65,10 +76,9 @@ def run_cell(
             continue
         kind = msg["msg_type"]
         if kind == "status" and msg["content"]["execution_state"] == "idle":
-            break
+            return Ran(shell_reply(client, msg_id, deadline - time.monotonic()), messages)
         if kind not in ("status", "execute_input"):
             messages.append(msg)
-    return Ran(shell_reply(client, msg_id, deadline - time.monotonic()), messages)
 
 
 def shell_reply(client: BlockingKernelClient, msg_id: str, timeout: float) -> dict[str, Any]:

@@ -172,3 +172,70 @@ def test_keep_previous_numbers_what_it_keeps(tmp_path) -> None:
         assert kept is not None and not path.exists()
         names.append(kept.name)
     assert names[1] == names[0].replace(".ipynb", "-2.ipynb")
+
+
+def test_a_re_run_counts_and_names_only_the_turns_run_again(runner, scripted) -> None:
+    scripted.codes += ["x = 1", "y = 1", "x = 2"]
+    shown = Collected()
+    assert runner.run_cell("set x", shown, cell_id="A").status == "ok"
+    assert runner.run_cell("%%python\n1 / 0", shown, cell_id="B").ename == "ZeroDivisionError"
+    assert runner.run_cell("%%python\nprint(x)", shown, cell_id="C").status == "ok"
+    assert runner.run_cell("%set timeout=1", shown).status == "ok"
+    slow = Collected()
+    assert runner.run_cell("%%python\nimport time\ntime.sleep(30)", slow, cell_id="D").ename
+    # one line for the one thing that happened (not `[timeout]`, the message, the note apart)
+    said = slow.kinds("stream")[-1][1]  # after the executor's `interrupting the kernel ...`
+    assert said.startswith("[timeout] the cell ran longer than 1 s and was interrupted (turn 4 "
+                           "failed: it is left out of the model's context;")  # fmt: skip
+    assert runner.run_cell("%set timeout=60", shown).status == "ok"
+
+    again = Collected()  # turn 2 failed before, turn 4 did not finish: neither is news
+    assert runner.run_cell("set y instead", again, cell_id="A").status == "ok"
+    said = texts(again)
+    assert "this replaces turn 1 (set x); the 2 later turns that ran will run again" in said
+    assert "turn 3 (your code) now fails: NameError: name 'x' is not defined" in said
+    assert "turn 2 " not in said and "turn 4 " not in said, said
+    # the kernel's notes are on stderr: no stdout block of the program's merges with them
+    assert {name for name, _ in again.kinds("stream")} == {"stderr"}
+    fixed = Collected()
+    assert runner.run_cell("set x again", fixed, cell_id="A").status == "ok"
+    assert "turn 3 (your code) now runs without an error" in texts(fixed)
+    assert "now fails" not in texts(fixed)
+    dropped = Collected()  # turn 2 (now 1) fails again when run again: it is not named
+    assert runner.run_cell("%drop 1", dropped).status == "ok"
+    said = texts(dropped)
+    assert "turn 2 (your code) now fails: NameError" in said  # x is gone again
+    assert "turn 1 (your code) now" not in said and "turn 3 " not in said, said
+    session = runner.session
+    assert session is not None
+    assert [turn.status for turn in session.turns] == ["error", "error", "timeout"]
+
+
+def test_a_cell_finds_its_turn_after_load_and_a_new_cell_with_a_turns_step_says_so(
+    runner, scripted, tmp_path
+) -> None:
+    scripted.codes += [ADD, USE, TIMES, USE, USE, USE]
+    shown = Collected()
+    assert runner.run_cell("define add", shown, cell_id="A").status == "ok"
+    assert runner.run_cell("use add", shown, cell_id="B").status == "ok"
+    saved = nbformat.read(tmp_path / "s.ipynb", as_version=4)
+    ids = [c.metadata["codegen"].get("cell_id") for c in saved.cells if c.cell_type == "code"]
+    assert ids == ["A", "B"]  # kept in the autosaved session
+    assert runner.run_cell("%reset", shown).status == "ok"
+    assert runner.run_cell("%load s.ipynb", shown).status == "ok"
+    again = Collected()
+    assert runner.run_cell("define add as a product", again, cell_id="A").status == "ok"
+    assert "this replaces turn 1 (define add); the 1 later turn" in texts(again)
+    session = runner.session
+    assert session is not None
+    assert [turn.step for turn in session.turns] == ["define add as a product", "use add"]
+    other = Collected()  # another cell with a turn's step: a new turn, said in one line
+    assert runner.run_cell("use add", other, cell_id="Z").status == "ok"
+    assert texts(other).startswith(
+        "(this cell made no turn of this session: it adds turn 3, although turn 2 has the same "
+        "step; %drop 2 deletes that one)\n"
+    )
+    assert [turn.cell_id for turn in session.turns] == ["A", "B", "Z"]
+    assert runner.run_cell("%retry", other).status == "ok"  # the new turn is still Z's
+    assert runner.run_cell("use add", other, cell_id="Z").status == "ok"
+    assert [turn.cell_id for turn in session.turns] == ["A", "B", "Z"]

@@ -60,13 +60,20 @@ def test_steps_run_here_with_history_across_cells(ipython) -> None:
 
 
 def test_insert_puts_the_code_into_the_next_cell_instead_of_running_it(ipython) -> None:
-    ran = run_cell(ipython, "%%codegen --insert\nsay hello")
-    assert ran.status == "ok" and ran.stdout() == ""
-    [payload] = ran.reply["payload"]
-    assert (payload["source"], payload["replace"]) == ("set_next_input", False)  # a new cell
-    assert payload["text"] == f"# say hello\n{PAIRS['say hello']}"
-    final = ran.of("update_display_data")[-1]["data"]  # says where the code went, not the code
-    assert final == {"text/markdown": "*inserted below*", "text/plain": "inserted below"}
+    said = []
+    for _ in range(2):  # the same cell run again inserts another cell, and says so
+        ran = run_cell(ipython, "%%codegen --insert\nsay hello", cell_id="insert-cell")
+        assert ran.status == "ok" and ran.stdout() == ""
+        [payload] = ran.reply["payload"]
+        # a new cell below (replace=True would overwrite this cell; no payload selects a cell)
+        assert (payload["source"], payload["replace"]) == ("set_next_input", False)
+        assert payload["text"] == f"# say hello\n{PAIRS['say hello']}"
+        final = ran.of("update_display_data")[-1]["data"]  # where the code went, not the code
+        assert final["text/markdown"] == f"*{final['text/plain']}*"
+        said.append(final["text/plain"])
+    assert said[0] == "inserted below: select it and run it"  # the front end does not select it
+    assert said[1] == ("inserted below, above the copy an earlier run of this cell inserted "
+                       "(delete that one): select the new cell and run it")  # fmt: skip
 
 
 def test_errors_of_generated_code_fail_the_cell_with_its_own_traceback(ipython) -> None:
@@ -82,7 +89,10 @@ def test_errors_of_generated_code_fail_the_cell_with_its_own_traceback(ipython) 
 
 def test_a_failed_step_leaves_the_context_unless_kept_and_undo_drops(ipython) -> None:
     assert run_cell(ipython, "%codegen_config reset").status == "ok"  # other tests' steps
-    assert run_cell(ipython, "%%codegen\ndivide by zero").status == "error"
+    failed = run_cell(ipython, "%%codegen\ndivide by zero")
+    assert failed.status == "error"
+    assert failed.stderr() == ("(this step failed: it is left out of the model's context; "
+                               "%codegen_config keep keeps it there)\n")  # fmt: skip
     context = "%codegen_config context"
     assert "# divide by zero" not in run_cell(ipython, context).stdout()
     assert (
@@ -94,6 +104,9 @@ def test_a_failed_step_leaves_the_context_unless_kept_and_undo_drops(ipython) ->
     assert "# divide by zero" not in run_cell(ipython, context).stdout()
     none = run_cell(ipython, "%codegen_config keep")
     assert none.reply["ename"] == "UsageError" and "no failed step" in none.stderr()
+    assert run_cell(ipython, "%%codegen\ndivide by zero").status == "error"
+    undone = run_cell(ipython, "%codegen_config undo").stdout()  # it was not in the context
+    assert undone.startswith("dropped: divide by zero (it failed, so it was already left out")
 
 
 def test_a_cell_run_again_replaces_its_entry(ipython) -> None:
@@ -180,4 +193,6 @@ def test_a_refused_option_is_not_kept(ipython) -> None:
     for assignment in ("top_p=2", "temperature=5", "seed=-1", "top_k=-4"):
         ran = run_cell(ipython, f"%codegen_config {assignment}")
         assert ran.status == "error", assignment
+        key = assignment.split("=")[0]
+        assert f"{key}: {key}" not in ran.reply["evalue"], ran.reply["evalue"]  # said once
     assert run_cell(ipython, "%codegen_config").stdout() == before  # still usable, unchanged

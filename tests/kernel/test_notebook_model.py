@@ -59,7 +59,7 @@ def test_a_cell_run_again_replaces_its_step_and_the_code_follows_the_theme(start
 
     again = run_cell(client, "define add", cell_id="cell-a")
     assert again.status == "ok", again.reply
-    said = again.stdout()
+    said = again.stderr()  # the kernel's notes, apart from the program's stdout
     assert "this replaces turn 1 (define add); the 1 later turn that ran will run again" in said
     assert "restarting the kernel\n" in said  # no turn before it to replay
     program = run_cell(client, "%code").of("display_data")[-1]["data"]["text/plain"]
@@ -71,7 +71,8 @@ def test_a_cell_run_again_replaces_its_step_and_the_code_follows_the_theme(start
 def test_without_a_cell_id_a_cell_says_it_adds_a_turn(started) -> None:
     _, client, _ = started
     ran = run_cell(client, "say hello")
-    assert ran.stdout().startswith("(this front end sent no cell id: the cell adds turn 3")
+    assert ran.stderr().startswith("(this front end sent no cell id: the cell adds turn 3")
+    assert ran.stdout() == "hello\n"
     assert run_cell(client, "%undo").status == "ok"
     odd = run_cell(client, "say hello", cell_id=["not", "a", "string"])  # was a TypeError
     assert (odd.status, odd.stdout()) == ("ok", "hello\n")  # as without a cell id
@@ -98,9 +99,31 @@ def test_a_restart_keeps_the_previous_autosaved_session(started) -> None:
     assert ran.status == "ok", ran.reply
     [kept] = [path for path in autosaves.glob("steps.*.ipynb")]
     assert kept.read_text() == before
-    assert (
-        f"the session of the previous kernel is kept as {kept.relative_to(folder)}" in ran.stdout()
+    assert ran.stderr().startswith(  # named as %load takes them: relative to the folder
+        f"the session of the previous kernel is kept as {kept.relative_to(folder)}; this one "
+        "autosaves to .codegen/steps.ipynb\n"
     )
+    assert ran.stdout() == "fresh\n"  # the kernel's notes are not in the program's stdout
     fresh = nbformat.read(autosaves / "steps.ipynb", as_version=4)
     assert [cell.source for cell in fresh.cells] == ["print('fresh')"]
     assert not list(folder.glob("*.ipynb"))  # nothing in the notebook's own folder
+
+
+def test_after_a_rename_the_restarted_kernel_names_the_previous_file(started) -> None:
+    """Jupyter Server tells a kernel of a renamed notebook only at its next start (update_env);
+    that kernel keeps its id (the connection file), by which it finds the last file."""
+    manager, client, folder = started
+    assert run_cell(client, "%%python\nx = 1", cell_id="cell-d").status == "ok"  # steps.ipynb
+    renamed = str(folder / "renamed.ipynb")
+    os.environ["JPY_SESSION_NAME"] = renamed  # the fixture puts it back
+    manager.update_env(env={"JPY_SESSION_NAME": renamed})  # what Jupyter Server does
+    manager.restart_kernel()
+    client.wait_for_ready(timeout=120)
+    ran = run_cell(client, "%%python\nprint('renamed')", cell_id="cell-e")
+    assert ran.status == "ok", ran.reply
+    assert ran.stderr().startswith(
+        "the previous kernel autosaved to .codegen/steps.ipynb (the notebook's name then); this "
+        "one autosaves to .codegen/renamed.ipynb; %load .codegen/steps.ipynb resumes that session"
+    ), ran.stderr()
+    assert ran.stdout() == "renamed\n"  # the note is not part of the program's output
+    assert (folder / ".codegen" / "renamed.ipynb").exists()

@@ -73,7 +73,7 @@ class CodeGenKernelTests(jupyter_kernel_test.KernelTests):
 
     def test_error(self) -> None:
         """jupyter_kernel_test's check, less its "one output" rule: after the one error, the
-        kernel says (one stdout note) that the failed turn left the model's context."""
+        kernel says (one stderr note) that the failed turn left the model's context."""
         self.flush_channels()
         reply, outputs = self.execute_helper(self.code_generate_error)
         self.assertEqual(reply["content"]["status"], "error")
