@@ -296,10 +296,13 @@ class LocalDecoder:
         user types the first step), never again as the session grows (measured on the 2-core
         CPU, 350M: decode steps as fast as over a cache cut to the tokens, see bench/decode.py;
         the cache takes 2 x layers x hidden x context x 4 bytes, 335 MB for 350M in fp32).
-        Otherwise, and for several rows (n samples: n times the memory), `cache_bucket`'s
-        lengths, one more program set each time a session outgrows one."""
+        (Plus chunk_size - 1 positions: a request that ends at the window decodes a whole
+        chunk, whose tokens past max_new_tokens are dropped.) Otherwise, and for several rows
+        (n samples: n times the memory), `cache_bucket`'s lengths, one more program set each
+        time a session outgrows one."""
         if rows == 1 and self.whole_context_cache:
-            return self.max_context
+            # and the last chunk's dropped tokens (decode_steps rounds up to whole chunks)
+            return self.max_context + self.chunk_size - 1
         return cache_bucket(tokens, self.max_context)
 
     # ------------------------------------------------------------------------- ahead
@@ -501,6 +504,7 @@ class LocalDecoder:
         state = self._start(prompt_ids, sample)
         traced, mode = request_knobs(sample), sample.mode
         new: list[np.ndarray] = []
+        failed = False
         try:
             for done in range(0, sample.max_new_tokens, self.chunk_size):
                 state, tokens = decode_chunk(
@@ -508,8 +512,11 @@ class LocalDecoder:
                 )
                 new.append(np.asarray(tokens))
                 yield new[-1][:, : sample.max_new_tokens - done]
+        except Exception:  # a state that failed to compute must not serve the next request
+            failed = True
+            raise
         finally:
-            self._keep(state, prompt_ids, new)
+            self._keep(None if failed else state, prompt_ids, new)
 
     def _check_fits(self, prompt_ids: list[int], sample: SampleParams) -> None:
         if not prompt_ids:
@@ -543,10 +550,16 @@ class LocalDecoder:
             self.logits_fn, self.params, state, prompt_ids, reuse, list(range(rows)), smallest
         )
 
-    def _keep(self, state: DecodeState, prompt_ids: list[int], new: list[np.ndarray]) -> None:
-        """Keep row 0 for the next request (unless an interrupt left the state donated)."""
+    def _keep(
+        self, state: DecodeState | None, prompt_ids: list[int], new: list[np.ndarray]
+    ) -> None:
+        """Keep row 0 for the next request (unless an interrupt left the state donated, or
+        it failed: None, and the next request starts afresh)."""
         with self._lock:
             self._streaming = False
+            if state is None:
+                self.forget()
+                return
             if any(leaf.is_deleted() for leaf in jax.tree_util.tree_leaves(state)):
                 return
             rows, length = state.position.shape[0], state.cache[0].keys.shape[2]

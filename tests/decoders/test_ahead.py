@@ -69,8 +69,8 @@ def test_prepared_turns_compile_nothing(chat_checkpoint: Path, whole_context: bo
         assert compiled == [], f"turn {step!r} compiled {compiled}"
         lengths.add(decoder._kept.cache[0].keys.shape[2])  # type: ignore[union-attr]
         context = f"{prompt}{code.rstrip()}\n\n"
-    if whole_context:  # one cache length, the window, from the first turn on
-        assert lengths == {1024}
+    if whole_context:  # one cache length, the window (+ a chunk's room), from the first turn on
+        assert lengths == {1024 + decoder.chunk_size - 1}
     else:
         assert len(lengths) >= 2, lengths  # the session grew across a cache length
 
@@ -180,10 +180,29 @@ def test_one_row_plans_one_cache_length_the_window(chat_checkpoint: Path, rows: 
     for base in (0, 200, 700):
         plan = decoder._plan(base, rows, sample)
         decodes = [job[1] for job in plan if job[0] == "decode"]
+        window = 1024 + decoder.chunk_size - 1  # and a chunk's dropped tokens
         if rows == 1:  # nothing to compile as the session grows
-            assert decodes == [1024]
+            assert decodes == [window]
             assert not [job for job in plan if job[0] == "resize"]
         else:  # n rows: bucket lengths (n times the memory), kept as one row of the window
             assert decodes[0] == decoder.cache_length(base + 1 + 128, rows)
             assert decodes[0] < 1024 or base == 700
-            assert ("resize", rows, decodes[0], 1, 1024) in plan
+            assert ("resize", rows, decodes[0], 1, window) in plan
+
+
+@pytest.mark.parametrize("new_tokens", [1, 2, 3])
+def test_a_request_that_ends_at_the_window_fits_the_whole_context_cache(
+    chat_checkpoint: Path, new_tokens: int
+) -> None:
+    # The decode chunk (4 tokens) runs past the window by its dropped tokens: the cache must
+    # hold them (a 1020 + 1 request decodes positions 1020..1023 and a chunk beyond).
+    whole = long_context_decoder(chat_checkpoint, whole_context=True)
+    cut = long_context_decoder(chat_checkpoint)
+    sample = dataclasses.replace(SAMPLE, max_new_tokens=new_tokens, codegen_rules=False)
+    ids = [whole.tokenizer.encode("x = 1\n")[0]] * (1024 - new_tokens)
+    want = [chunk.tolist() for chunk in cut.stream_tokens(ids, sample)]
+    assert [chunk.tolist() for chunk in whole.stream_tokens(ids, sample)] == want
+    short = ids[: 1024 // 2]  # and the decoder serves the next request
+    assert [c.tolist() for c in whole.stream_tokens(short, sample)] == [
+        c.tolist() for c in cut.stream_tokens(short, sample)
+    ]
