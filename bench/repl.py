@@ -1,5 +1,7 @@
 """REPL latency as a person sees it, JSON lines out: the real `codegen-repl chat` in a
-pseudo-terminal (pexpect), typed into like a person who takes `--think` seconds per step.
+pseudo-terminal (pexpect), typed into like a person who takes `--think` seconds per step: a
+key at a time, evenly spread over them (`--paste`: the whole step at once after them, as the
+numbers before typed prefill were measured).
 
 Per model and compile cache (cold: an empty JAX compilation cache; warm: the one the cold run
 left), one JSON line: start-up to the prompt, per turn Enter -> first code text on screen and
@@ -89,16 +91,39 @@ class Terminal:
         raise TimeoutError(f"no {pattern.pattern!r} within {limit} s; the screen ends with "
                            f"{self.seen[-400:]!r}")  # fmt: skip
 
-    def turn(self, step: str, think: float) -> tuple[float, float]:
-        """Type `step` after `think` seconds: (Enter -> first code text, Enter -> next prompt)."""
-        time.sleep(think)
+    def turn(self, step: str, think: float, typed: bool) -> tuple[float, float, float]:
+        """Type `step` over `think` seconds (`typed`: a key at a time, evenly spread, as a
+        person types; else all at once after them), then Enter: (Enter -> first code text,
+        Enter -> next prompt, the longest wait for the screen to answer a key)."""
+        self.drain()
+        echo = 0.0
+        if typed:
+            gap = think / len(step)
+            for key in step:
+                sent = time.perf_counter()
+                self.child.send(key)
+                echo = max(echo, self.answer(sent))
+                time.sleep(max(0.0, sent + gap - time.perf_counter()))
+        else:
+            time.sleep(think)
         self.drain()
         mark = len(self.seen)
-        self.child.send(step + "\r")
+        self.child.send(step if not typed else "")
+        self.child.send("\r")
         enter = time.perf_counter() - self.start
         first, at = self.wait_for(CODE, mark, 600)
         done, _ = self.wait_for(PROMPT, at, 600)
-        return first - enter, done - enter
+        return first - enter, done - enter, echo
+
+    def answer(self, sent: float) -> float:
+        """Seconds from `sent` to the next bytes on the screen (the key's echo; a frozen
+        prompt writes nothing, not even its toolbar's redraw)."""
+        while True:
+            try:
+                self.seen += self.child.read_nonblocking(1 << 16, timeout=60)
+                return time.perf_counter() - sent
+            except pexpect.TIMEOUT:
+                return 60.0
 
     def drain(self) -> None:
         try:
@@ -113,7 +138,7 @@ class Terminal:
 
 
 def session_run(model: Path, steps: list[str], options: list[str], cache: Path, think: float,
-                folder: Path) -> dict:  # fmt: skip
+                folder: Path, typed: bool) -> dict:  # fmt: skip
     """A new session of `steps`, then its resume with one more step: the timings."""
     session = folder / "bench.ipynb"
     session.unlink(missing_ok=True)
@@ -123,18 +148,19 @@ def session_run(model: Path, steps: list[str], options: list[str], cache: Path, 
     startup, _ = repl.wait_for(PROMPT, 0, 600)
     turns = []
     for number, step in enumerate(steps, 1):
-        turns.append(repl.turn(step, think))
-        print(f"turn {number}: first text {turns[-1][0]:.2f} s, done {turns[-1][1]:.2f} s",
-              file=sys.stderr, flush=True)  # fmt: skip
+        turns.append(repl.turn(step, think, typed))
+        print(f"turn {number}: first text {turns[-1][0]:.2f} s, done {turns[-1][1]:.2f} s, "
+              f"echo {turns[-1][2]:.2f} s", file=sys.stderr, flush=True)  # fmt: skip
     repl.close()
     resumed = Terminal(args, folder, cache)
     resume, _ = resumed.wait_for(PROMPT, 0, 600)
-    after_resume = resumed.turn(steps[0], think)
+    after_resume = resumed.turn(steps[0], think, typed)
     resumed.close()
     return {
         "startup_to_prompt_s": round(startup, 2),
-        "first_text_s": [round(first, 2) for first, _ in turns],
-        "turn_done_s": [round(done, 2) for _, done in turns],
+        "first_text_s": [round(first, 2) for first, _, _ in turns],
+        "turn_done_s": [round(done, 2) for _, done, _ in turns],
+        "key_echo_max_s": round(max(echo for _, _, echo in turns), 2),
         "resume_to_prompt_s": round(resume, 2),
         "after_resume_first_text_s": round(after_resume[0], 2),
     }
@@ -196,6 +222,8 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=10)
     parser.add_argument("--think", type=float, default=5.0, help="seconds before each step")
     parser.add_argument("--runs", type=int, default=1, help="runs per model and cache")
+    paste = "send each step at once after --think seconds, not typed over them"
+    parser.add_argument("--paste", action="store_true", help=paste)
     parser.add_argument("--checkpoints", type=Path,
                         default=Path(tempfile.gettempdir()) / "bench_ckpt")  # fmt: skip
     args = parser.parse_args()
@@ -219,12 +247,14 @@ def main() -> None:
                 folder, cache = Path(scratch), Path(scratch) / "cache"
                 for kind in ("cold", "warm"):  # warm: the cache the cold run filled
                     results[kind].append(
-                        session_run(model, turns, options, cache, args.think, folder)
+                        session_run(
+                            model, turns, options, cache, args.think, folder, not args.paste
+                        )
                     )
         for kind, runs in results.items():
             record = {"bench": "repl", "model": name, "compile_cache": kind, "turns": args.turns,
-                      "think_s": args.think, "new_tokens": 128, "load_avg_1m": os.getloadavg()[0],
-                      **spread(runs)}  # fmt: skip
+                      "think_s": args.think, "typed": not args.paste, "new_tokens": 128,
+                      "load_avg_1m": os.getloadavg()[0], **spread(runs)}  # fmt: skip
             if name == "350M":
                 record["before"] = {key: value.get(kind) for key, value in BEFORE_350M.items()}
             print(json.dumps(record), flush=True)

@@ -65,12 +65,16 @@ def available() -> bool:
     return extension()[0] is not None
 
 
-def status() -> str:
-    """One line for the banner and `generate --verbose`: which path int8/bf16 weights take."""
+def status(weights: str = "") -> str:
+    """One line for the banner and `generate --verbose`: which path int8/bf16 weights take
+    (`weights`: which path weights of that dtype take, e.g. "float32", named in the line)."""
+    what = f"CPU matmul ({jnp.dtype(weights).name} weights)" if weights else "int8/bf16 CPU matmul"
     module, why_not = extension()
+    if weights and jnp.dtype(weights) not in WEIGHT_DTYPES:
+        return f"{what}: XLA (the C++ kernel takes int8, bfloat16 or float32 weights)"
     if module is None:
-        return f"int8/bf16 CPU matmul: XLA ({why_not})"
-    return f"int8/bf16 CPU matmul: C++ kernel ({module.isa()}, XLA's thread pool)"
+        return f"{what}: XLA ({why_not})"
+    return f"{what}: C++ kernel ({module.isa()}, XLA's thread pool)"
 
 
 def set_isa(name: str) -> str:

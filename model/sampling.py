@@ -297,15 +297,19 @@ def prefill_prompt(
     reuse: int,
     rows: Sequence[int],
     smallest: int | None = 1,
+    cold: bool | None = None,
 ) -> DecodeState:
     """Prefill what row rows[0] lacks of `prompt_ids` (it holds the first `reuse` tokens) and
     start every row of `rows` on the prompt (see prefill_rows; `smallest` is the narrowest
-    prefill width, a bucket; None: `prefill_width`'s coarse widths)."""
+    prefill width, a bucket; None: `prefill_width`'s coarse widths). `cold`: prefill_rows'
+    program without a cache to read; None: when reuse == 0 (False there runs the cached
+    program from position 0, which costs nothing more where attention reads only the
+    positions in use)."""
     padded = padded_suffix(prompt_ids, reuse, cache_length(state.cache), smallest)
     # numpy in, not jnp.asarray: that runs (and first compiles) a small program per shape
     return prefill_rows(
         logits_fn, params, state, padded, np.int32(len(prompt_ids) - reuse), np.int32(reuse),
-        np.asarray(rows, np.int32), cold=reuse == 0,
+        np.asarray(rows, np.int32), cold=reuse == 0 if cold is None else cold,
     )  # fmt: skip
 
 

@@ -17,10 +17,8 @@ from codegen_repl.cli import demo as cli_demo
 from codegen_repl.cli import kernel as cli_kernel
 from codegen_repl.cli import serve as cli_serve
 from codegen_repl.cli import train as cli_train
-from codegen_repl.cli.common import default_dtype, user_errors
-from codegen_repl.core.settings import DEFAULT_MODEL, GENERATE_SAMPLE
-
-_MODEL_HELP = f"A checkpoint folder or a hub id [default: config.toml's, else {DEFAULT_MODEL}]"
+from codegen_repl.cli.common import default_dtype, one_line_paragraphs, user_errors
+from codegen_repl.core.settings import GENERATE_SAMPLE
 
 
 class ChatByDefault(TyperGroup):
@@ -47,9 +45,10 @@ cli_chat.register(app)
 
 
 @app.command()
+@one_line_paragraphs
 def generate(
     prompt: Annotated[str, typer.Argument(help="The text to complete.")],
-    model: Annotated[str | None, typer.Option(help=_MODEL_HELP)] = None,
+    model: Annotated[str | None, typer.Option(help="A checkpoint folder or a hub id.")] = None,
     max_new_tokens: Annotated[
         int, typer.Option(help="Most tokens to generate.")
     ] = GENERATE_SAMPLE.max_new_tokens,
@@ -68,7 +67,7 @@ def generate(
     int8: Annotated[bool, typer.Option(help="Weight-only int8 quantization.")] = False,
     dtype: Annotated[
         str | None,
-        typer.Option(help="float32, bfloat16 or float16 [default: config.toml's, else auto]"),
+        typer.Option(help="float32, bfloat16 or float16."),
     ] = None,
     revision: Annotated[
         str | None, typer.Option(help="Hub revision (branch, tag, commit).")
@@ -80,10 +79,11 @@ def generate(
 ) -> None:
     """Complete PROMPT with a CodeGen model, in this process, and print only the completion.
 
-    The model and dtype default to config.toml's; sampling is greedy unless asked (config.toml's
-    sampling is the REPL's). With -n above 1, the samples are printed one after another, each
-    followed by a line `<|sample-end|>`. On a terminal the output ends with a newline; into a
-    pipe or a file it is exactly the completion.
+    The model and dtype default to config.toml's, else the built-in ones (`codegen-repl config
+    show` prints them); sampling is greedy unless asked (config.toml's sampling is the REPL's).
+    With -n above 1, the samples are printed one after another, each followed by a line
+    `<|sample-end|>`. On a terminal the output ends with a newline; into a pipe or a file it is
+    exactly the completion.
     """
     from codegen_repl.core.settings import Overrides, resolve
     from codegen_repl.decoders.local import LocalDecoder
@@ -114,7 +114,7 @@ def generate(
             chosen.model, dtype=chosen.dtype, int8=int8, revision=revision, cache_dir=cache_dir,
             compilation_cache=default_cache_dir() / "jax",
         )  # fmt: skip
-        if verbose:  # on CPU with int8/bf16 weights it says which matmul runs them
+        if verbose:  # and on a CPU, which path the matmuls and the decode attention take
             typer.echo(f"{chosen.model}: {decoder.describe()}", err=True)
         written = ""
         if stream and n == 1:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from codegen_repl.cli.common import one_line_paragraphs
 from codegen_repl.core.settings import DEFAULT_MODEL, DEFAULT_SAMPLE, GENERATE_SAMPLE
 
 if TYPE_CHECKING:
@@ -154,6 +155,7 @@ def mtpb_show(
 
 
 @mtpb_app.command("replay")
+@one_line_paragraphs
 def mtpb_replay(
     problem_id: Annotated[str, typer.Argument(metavar="N", help="The problem id.")],
     input_index: Annotated[int, typer.Option("--input", help="The test input (0-4).")] = 0,
@@ -233,6 +235,7 @@ def _replay(
 
 
 @mtpb_app.command("sample")
+@one_line_paragraphs
 def mtpb_sample(
     out: Annotated[Path, typer.Option("-o", "--out", help="The samples file (resumed).")],
     model: ModelOption = DEFAULT_MODEL,
@@ -355,6 +358,7 @@ def _select_tasks(tasks: dict[str, Any], spec: str | None) -> list[Any]:
 
 
 @humaneval_app.command("sample")
+@one_line_paragraphs
 def humaneval_sample(
     out: Annotated[Path, typer.Option("-o", "--out", help="The samples file (resumed).")],
     model: ModelOption = DEFAULT_MODEL,

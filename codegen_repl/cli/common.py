@@ -3,11 +3,25 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import inspect
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import typer
 
 from codegen_repl.errors import CodeGenError
+
+Command = TypeVar("Command", bound=Callable[..., object])
+
+
+def one_line_paragraphs(command: Command) -> Command:
+    """`command` with each paragraph of its docstring on one line, for `--help`: typer's rich
+    help keeps the line breaks inside every paragraph after the first (typer 0.2x,
+    `rich_utils._fix_linebreaks`), so the docstring's source lines would break it mid-phrase at
+    any terminal width; rich wraps a one-line paragraph to the terminal's width."""
+    paragraphs = inspect.cleandoc(command.__doc__ or "").split("\n\n")
+    command.__doc__ = "\n\n".join(" ".join(paragraph.split()) for paragraph in paragraphs)
+    return command
 
 
 @contextlib.contextmanager

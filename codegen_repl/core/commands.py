@@ -216,7 +216,8 @@ class Commands(NotebookCommands):
 
     def _generate(self, step: str, before: int | None = None) -> tuple[str, float] | None:
         """The step's code and seconds, streamed live; None when Ctrl-C stopped it and the
-        partial code was dropped. `before`: see `Session.context`."""
+        partial code was dropped, or when the model wrote no code (said here): the caller
+        records and runs nothing then. `before`: see `Session.context`."""
         live, pieces, started = self.frontend.live_code(), list[str](), time.perf_counter()
 
         def on_text(piece: str) -> None:
@@ -235,9 +236,19 @@ class Commands(NotebookCommands):
         live.finish(code)
         if self.session.warning:
             self.frontend.show_text(self.session.warning, "warning")
-        if not code.strip():
-            self.frontend.show_text("(the model wrote no code)", "note")
+        if not code.strip():  # nothing to ask about, run or record
+            self._say_no_code()
+            return None
         return code, seconds
+
+    def _say_no_code(self) -> None:
+        """What to do when the model wrote nothing (the same step and seed write it again)."""
+        tries = ["say the step in other words"]
+        if self.session.settings.sample.temperature == 0:
+            tries.append(f"{self.frontend.prefix}set temperature=0.8 to sample other code")
+        self.frontend.show_text(f"the model wrote no code: nothing was recorded or run ("
+                                f"{', '.join(tries)}, or write the code yourself: !CODE)",
+                                "warning")  # fmt: skip
 
     def _keep_partial(self, partial: str) -> str | None:
         """After Ctrl-C stopped generation: the partial code, if the user keeps it."""
@@ -322,7 +333,13 @@ class Commands(NotebookCommands):
             raise ConfigError(f"{self.frontend.prefix}{name} takes no argument ({hint})")
 
     def _help(self, _: str) -> None:
-        self.frontend.show_text(help_text(self.frontend.prefix, self.frontend.can_ask))
+        """The commands' help: a front end with its own layout of `help_rows` shows it
+        (`show_help`: the terminal's table that wraps in its columns), else `help_text`."""
+        show_help = getattr(self.frontend, "show_help", None)
+        if show_help is not None:
+            show_help()
+        else:
+            self.frontend.show_text(help_text(self.frontend.prefix, self.frontend.can_ask))
 
     def _unknown(self, word: str) -> None:
         raise ConfigError(unknown_text(word, self.frontend.prefix))
@@ -367,15 +384,21 @@ class Commands(NotebookCommands):
 
     def _fix(self, _: str) -> Turn | None:
         """A step asking for a fix of the last error; the failed turn stays in the context (the
-        model must see the code it fixes)."""
-        step = self.session.fix_step()
+        model must see the code it fixes), unless no fix is recorded (the model wrote none)."""
+        step, kept = self.session.fix_step(), 0
         for number in range(len(self.session.turns), 0, -1):
             turn = self.session.turn(number)
             if any(output.get("output_type") == "error" for output in turn.outputs):
                 if turn.status in FAILED and not turn.kept:
                     self.session.keep_in_context(number)
+                    kept = number
                 break
-        return self.step(step)
+        count = len(self.session.turns)
+        try:
+            return self.step(step)
+        finally:
+            if kept and len(self.session.turns) == count:  # no fix was recorded
+                self.session.keep_in_context(kept, kept=False)
 
     def _retry(self, argument: str) -> Turn | None:
         """Resample the last step (the next seed) and say what changed. The new code replaces
@@ -401,9 +424,7 @@ class Commands(NotebookCommands):
                 note += (" (temperature 0 always writes the same; "
                          f"{self.frontend.prefix}set temperature=0.8 samples others)")  # fmt: skip
         else:
-            changed = sum(line[:1] in "+-" for line in difflib.ndiff(
-                before.splitlines(), turn.code.splitlines()) if line[:1] != "?")  # fmt: skip
-            note = f"new code: {count_of(changed, 'line')} changed"
+            note = f"new code: {count_of(lines_changed(before, turn.code), 'line')} changed"
         self.frontend.show_text(f"retried with seed {seed}: {note}", "note")
         return turn
 
@@ -437,12 +458,15 @@ class Commands(NotebookCommands):
         self.frontend.show_code(numbered_program(self.session, self.frontend.prefix))
 
     def _context(self, _: str) -> None:
-        program, decoder = self.session.program(), self.session.decoder
-        self.frontend.show_code(program)
+        """What the model gets (older turns that do not fit its window are cut), counted."""
+        context, left_out = self.session.fitted_context()
+        decoder = self.session.decoder
+        self.frontend.show_code(context)
         new = self.session.settings.sample.max_new_tokens
+        cut = f"; {count_of(left_out, 'older turn')} left out to fit" if left_out else ""
         self.frontend.show_text(
-            f"{decoder.count_tokens(program)} tokens of {decoder.max_context}; the next step's "
-            f"comment line and up to {new} new tokens come after it",
+            f"{decoder.count_tokens(context)} tokens of {decoder.max_context}{cut}; the next "
+            f"step's comment line and up to {new} new tokens come after it",
             "note",
         )
 
@@ -489,18 +513,30 @@ class Commands(NotebookCommands):
         return run_mode_of(mode)
 
 
+def lines_changed(before: str, after: str) -> int:
+    """Lines that differ between two versions of code: a line replaced counts once (not as
+    one removed and one added), then the lines removed or added beyond it."""
+    matcher = difflib.SequenceMatcher(a=before.splitlines(), b=after.splitlines(), autojunk=False)
+    return sum(
+        max(end_a - start_a, end_b - start_b)
+        for tag, start_a, end_a, start_b, end_b in matcher.get_opcodes()
+        if tag != "equal"
+    )
+
+
 def numbered_program(session: Session, prefix: str = "/") -> str:
     """The program with a `# --- turn N ---` line before each turn; a declined turn is named
-    (its code is not part of the program)."""
+    (its code is not part of the program), a step of several lines on the one comment line."""
     parts = [session.settings.prefix]
     for number, turn in enumerate(session.turns, start=1):
+        title = " ".join(turn.title.split())  # the header stays one comment line
         if not turn.in_program:
-            parts.append(f"# --- turn {number}: declined, not run: {turn.title} "
+            parts.append(f"# --- turn {number}: declined, not run: {title} "
                          f"({prefix}run {number} runs it) ---\n\n")  # fmt: skip
             continue
         if not turn.in_context:
             parts.append(f"# --- turn {number}: {turn.status}, left out of the context: "
-                         f"{turn.title} ({prefix}keep {number} keeps it) ---\n\n")  # fmt: skip
+                         f"{title} ({prefix}keep {number} keeps it) ---\n\n")  # fmt: skip
             continue
         mark = "" if turn.step is not None else " (your code)"
         parts.append(f"# --- turn {number}{mark} ---\n{turn.text.render()}")

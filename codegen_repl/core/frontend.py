@@ -127,23 +127,29 @@ def commands_for(prefix: str) -> tuple[CommandInfo, ...]:
     return tuple(info for info in COMMAND_TABLE if prefix == "/" or not info.terminal_only)
 
 
-def help_text(prefix: str = "/", can_ask: bool = True) -> str:
-    """The help table: a row per command (`can_ask` False: a front end that cannot ask, whose
-    `set` takes run=auto|never only); the descriptions start in one column, after the longest
-    command."""
-    infos = commands_for(prefix)
-    width = max(len(f"{prefix}{info.name} {info.usage}".rstrip()) for info in COMMAND_TABLE)
+HELP_STEPS = "anything else is a step: the model writes its code"  # the help's last line
+
+
+def help_rows(prefix: str = "/", can_ask: bool = True) -> list[tuple[str, str]]:
+    """The help table's rows, (the command with its arguments, what it does): a row per
+    command (`can_ask` False: a front end that cannot ask, whose `set` takes run=auto|never
+    only), then the rows of code the user writes. `HELP_STEPS` follows them."""
     rows = []
-    for info in infos:
-        head = f"{prefix}{info.name} {info.usage}".rstrip()
+    for info in commands_for(prefix):
         about = info.about if can_ask else info.about.replace(_RUN_MODES, "run=auto|never")
-        rows.append(f"  {head:<{width}} {about}")
-    extra = [f"  {'!CODE':<{width}} run Python you wrote (! before each line); it enters the "
-             "context"]  # fmt: skip
+        rows.append((f"{prefix}{info.name} {info.usage}".rstrip(), about))
+    rows.append(("!CODE", "run Python you wrote (! before each line); it enters the context"))
     if prefix == "%":
-        extra.append(f"  {PYTHON_HEADER:<{width}} first line of a cell of Python you wrote")
-    extra.append("  anything else is a step: the model writes its code")
-    return "\n".join(["commands:", *rows, *extra])
+        rows.append((PYTHON_HEADER, "first line of a cell of Python you wrote"))
+    return rows
+
+
+def help_text(prefix: str = "/", can_ask: bool = True) -> str:
+    """The help table as text (`help_rows`); the descriptions start in one column, after the
+    longest command."""
+    width = max(len(f"{prefix}{info.name} {info.usage}".rstrip()) for info in COMMAND_TABLE)
+    rows = [f"  {head:<{width}} {about}" for head, about in help_rows(prefix, can_ask)]
+    return "\n".join(["commands:", *rows, f"  {HELP_STEPS}"])
 
 
 def unknown_text(word: str, prefix: str = "/") -> str:

@@ -86,6 +86,7 @@ class Session:
         self._kernel_status = ""
         self.new_notice = False  # set when a background replay ended with a `notice`
         self.save_error = ""  # why the last autosave failed, until told ("": it did not)
+        self._fitted: tuple[object, tuple[str, int]] | None = None  # fitted_context's last
         self.autosave_failed = False  # whether the last autosave failed
         # The notebook cell whose input runs now (a kernel sets it per cell; "": none): new
         # turns record it (`Turn.cell_id`), so that cell run again finds its turn.
@@ -388,23 +389,42 @@ class Session:
         self.prepare_next()
         return turn
 
-    def prepare_next(self) -> None:
+    def prepare_next(self, typed: str = "") -> None:
         """Let the decoder get ready for the next step while the user types: a local decoder
         prefills the context so far and compiles what a step after it runs (decoders/local.py);
-        a loading one does it once loaded. Returns at once."""
-        sample = dataclasses.replace(self.settings.sample, codegen_rules=True, n=1)
-        prepare_decoder(self.decoder, self._context_so_far, sample)
+        a loading one does it once loaded. Returns at once.
 
-    def _context_so_far(self) -> str:
-        """The context of the next step without its step line (what `context` will start
-        with), leaving `warning` as it is."""
+        `typed`: the step as typed so far (the REPL calls again as it grows), prefilled too,
+        as its comment line without the line's end: a step then has only its last few tokens
+        left to prefill after Enter (a partial last word tokenizes apart from the whole one;
+        the decoder reuses the common prefix of its cache)."""
+        sample = dataclasses.replace(self.settings.sample, codegen_rules=True, n=1)
+
+        def context() -> str:
+            so_far = self.fitted_context()[0]
+            return so_far + step_line(typed).removesuffix("\n") if typed.strip() else so_far
+
+        prepare_decoder(self.decoder, context, sample)
+
+    def fitted_context(self) -> tuple[str, int]:
+        """What the model gets before the next step's comment line, and how many of the
+        oldest turns in the context are left out of it: `context`'s fit (within max_context
+        minus max_new_tokens tokens). When not even the prefix fits, the prefix and every
+        turn left out (the step will say so). Fitting tokenizes the context once per turn
+        left out, so the answer is kept until the turns, prefix, budget or decoder change
+        (the REPL asks at every pause in typing, in its prompt's thread)."""
         budget = self.decoder.max_context - self.settings.sample.max_new_tokens
-        turns = [turn.text for turn in self.turns if turn.in_context]
+        turns = tuple(turn.text for turn in self.turns if turn.in_context)
+        key = (self.settings.prefix, turns, budget, id(self.decoder))
+        if self._fitted is not None and self._fitted[0] == key:
+            return self._fitted[1]
         try:
             fitted = fit_context(self.settings.prefix, turns, "", budget, self.decoder.count_tokens)
-        except CodeGenError:  # nothing fits: the step itself will say so; prepare for nothing
-            return ""
-        return fitted.text.removesuffix(step_line(""))
+            result = fitted.text.removesuffix(step_line("")), fitted.dropped
+        except CodeGenError:
+            result = self.settings.prefix, len(turns)
+        self._fitted = (key, result)
+        return result
 
     def _run(self, code: str, on_output: OutputCallback | None) -> RunResult:
         self.wait_kernel()

@@ -5,12 +5,17 @@ context: when the next prompt starts with the same tokens (the next turn of a se
 new tokens are prefilled; after an undo or an edit it falls back to the longest common prefix.
 
 `prepare(prompt, sample)` gets ready for the next request while the user types: in one
-background thread it prefills `prompt` (the session so far) into the kept cache and compiles
-ahead of time (`jit(...).lower(...).compile()`) the programs a request that adds a step to it
-will run: the cache resize, the prefill of the step's text (one width, `STEP_TOKENS`) and the
-decode chunk, for the cache length that request needs (one for a whole session where the CPU
-attention kernel reads only the cache positions in use: `cache_length`; else the one or two
-`cache_bucket` lengths a request can need). The request then compiles nothing. A request
+background thread it prefills `prompt` (the session so far, and the REPL's step as typed so
+far) into the kept cache and compiles ahead of time (`jit(...).lower(...).compile()`) the
+programs a request that adds a step to it will run: the cache resize, the prefills and the
+decode chunk, for the cache length that request needs. Where the CPU attention kernel reads
+only the cache positions in use (`whole_context_cache`), one row's cache is the whole context
+and any text is prefilled in pieces of two widths (`_pieces`: TYPED_TOKENS, STEP_TOKENS), so a
+session compiles four programs once and never again; else a step's text is prefilled at
+STEP_TOKENS (or TYPED_TOKENS) width after cached tokens, at the cold widths without, for the
+one or two `cache_bucket` lengths a request can need. The request then compiles nothing. The
+prefill of a newer prompt runs before the queued compiles and drops the queued work an older
+prompt asked for and it does not need (the REPL prepares as the step is typed). A request
 that comes while a job it needs still runs waits for it (telling `on_status`); queued jobs it
 does not need are dropped.
 
@@ -22,10 +27,10 @@ it, and both decode through model/sampling.py.
 from __future__ import annotations
 
 import atexit
+import collections
 import concurrent.futures
 import dataclasses
 import functools
-import queue
 import threading
 import weakref
 from collections.abc import Callable, Iterator
@@ -146,6 +151,16 @@ Status = Callable[[str], None]  # "preparing the context": a request waits for b
 # warm prefill 16 / 32 / 64 wide took 0.33 / 0.47 / 0.42 s (median of 15), so a short step pays
 # ~0.1 s for the padding, a 17-64 token one nothing.
 STEP_TOKENS = 64
+# A step whose text was prefilled as it was typed (Session.prepare_next's `typed`) has its last
+# few tokens left after Enter (the last word, the line's end): they, and the few typed since
+# the last background prefill, are prefilled TYPED_TOKENS wide, a program of its own; a prefill
+# streams every weight once, so 8 tokens cost about one decode step where 64 cost ~5 (350M,
+# 2-core CPU; bench/repl.py).
+TYPED_TOKENS = 8
+# One row over the whole-context cache prefills any text in pieces of those two widths (see
+# `_pieces`): up to this many tokens TYPED_TOKENS at a time (each costs about what one
+# STEP_TOKENS-wide prefill's share of them would), longer text STEP_TOKENS at a time.
+TYPED_PIECES_UP_TO = 3 * TYPED_TOKENS
 # A request with no context at all prefills its step cold (nothing cached to read) at
 # prefill_width's widths, likeliest first: only the first turn of an empty session.
 COLD_WIDTHS = (16, 32, 64)
@@ -153,25 +168,38 @@ COLD_WIDTHS = (16, 32, 64)
 # ("resize", from_rows, from_length, rows, length), ("fresh", rows, length); "context" is the
 # background prefill of a prepared prompt.
 Job = tuple[Any, ...]
+Piece = tuple[int, bool]  # a prefill's (width, cold)
+# The prefill widths one row over the whole-context cache runs (see LocalDecoder._pieces).
+PIECE_WIDTHS = (TYPED_TOKENS, STEP_TOKENS)
 
 
 class Ahead:
-    """One thread running jobs in order, while there are any. Our own rather than a
-    ThreadPoolExecutor, whose idle workers live as long as it does. A daemon thread, so it never
+    """One thread running jobs in order (a job submitted `first` before the queued ones),
+    while there are any. Our own rather than a ThreadPoolExecutor, whose idle workers live as
+    long as it does and which has no way to put a job first. A daemon thread, so it never
     keeps the process alive; but a daemon thread that is inside XLA when Python finalizes aborts
     the process, so at exit the queued jobs are dropped and the running one is waited for."""
 
     def __init__(self) -> None:
-        self._queue: queue.SimpleQueue[tuple[concurrent.futures.Future[None], Callable[[], None]]]
-        self._queue = queue.SimpleQueue()
+        self._queue: collections.deque[tuple[concurrent.futures.Future[None], Callable[[], None]]]
+        self._queue = collections.deque()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self.stopped = False  # stop() was called: nothing more runs
         _RUNNING.add(self)
 
-    def submit(self, work: Callable[[], None]) -> concurrent.futures.Future[None]:
+    def submit(
+        self, work: Callable[[], None], first: bool = False
+    ) -> concurrent.futures.Future[None]:
         future: concurrent.futures.Future[None] = concurrent.futures.Future()
         with self._lock:
-            self._queue.put((future, work))
+            if self.stopped:  # at exit: a thread started now could be inside XLA at the end
+                future.cancel()
+                return future
+            if first:
+                self._queue.appendleft((future, work))
+            else:
+                self._queue.append((future, work))
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="decoder-ahead", daemon=True)
                 self._thread.start()
@@ -180,10 +208,10 @@ class Ahead:
     def _run(self) -> None:
         while True:
             with self._lock:
-                if self._queue.empty():
+                if not self._queue:
                     self._thread = None
                     return
-                future, work = self._queue.get()
+                future, work = self._queue.popleft()
             if future.set_running_or_notify_cancel():
                 try:
                     work()
@@ -193,10 +221,12 @@ class Ahead:
             del future, work  # the job's decoder is not kept alive by an idle thread
 
     def stop(self) -> None:
-        """Drop the queued jobs and wait for the running one."""
+        """Drop the queued jobs, refuse new ones and wait for the running one (a background
+        prefill stops at its next piece: see LocalDecoder._prefill_ahead)."""
         with self._lock:
-            while not self._queue.empty():
-                self._queue.get()[0].cancel()
+            self.stopped = True
+            while self._queue:
+                self._queue.popleft()[0].cancel()
             thread = self._thread
         if thread is not None:
             thread.join()
@@ -227,6 +257,7 @@ class LocalDecoder:
         self._streaming = False  # a request owns the state (between _start and _keep)
         self._ahead = Ahead()
         self._jobs: dict[Job, concurrent.futures.Future[None]] = {}
+        self._asked = 0  # prepares and requests so far: a background prefill stops when it grows
 
     @classmethod
     def create(
@@ -263,16 +294,20 @@ class LocalDecoder:
         return len(self.tokenizer.encode(text))
 
     def describe(self) -> str:
-        """`350.0M parameters · GPU (NVIDIA H100) · bfloat16`: size, device, dtype."""
+        """`350.0M parameters · GPU (NVIDIA H100) · bfloat16`: size, device, dtype; on a CPU
+        also which path a decode step's matmuls and its attention take (`· CPU matmul
+        (float32 weights): C++ kernel (avx512, XLA's thread pool) · decode attention: C++
+        kernel`, or XLA and why)."""
         count = sum(int(leaf.size) for leaf in jax.tree_util.tree_leaves(self.params))
         device = jax.devices()[0]
         kind = getattr(device, "device_kind", "") or device.platform
         text = f"{count / 1e6:,.1f}M parameters · {device.platform.upper()} ({kind}) · {self.dtype}"
+        if device.platform != "cpu":
+            return text
         weights = "int8" if self.model.int8 else jnp.dtype(self.model.param_dtype).name
-        if device.platform == "cpu" and weights in ("int8", "bfloat16"):
-            note = "" if weights == self.dtype else f" · {weights} weights"
-            text += f"{note} · {cpu_matmul.status()}"  # which path the weights take
-        return text
+        kernel = cpu_attention.applies(1, self.config.head_dim, self.dtype)
+        attention = "C++ kernel" if kernel else "XLA"
+        return f"{text} · {cpu_matmul.status(weights)} · decode attention: {attention}"
 
     def reused_tokens(self, prompt_ids: list[int]) -> int:
         """How many leading tokens of `prompt_ids` the cache already holds."""
@@ -316,12 +351,20 @@ class LocalDecoder:
         text = prompt() if callable(prompt) else prompt
         ids = self.tokenizer.encode(text) if text else []
         steps = decode_steps(sample.max_new_tokens, self.chunk_size)
-        self._jobs = {
-            job: f for job, f in self._jobs.items() if job[0] != "context" or not f.done()
-        }
+        plan = self._plan(len(ids), sample.n, sample)
+        for job, future in list(self._jobs.items()):  # an older prompt's queued work: not needed
+            if job[0] == "context":
+                dropped = future.done() or future.cancel()
+            else:
+                dropped = job not in plan and future.cancel()
+            if dropped:
+                self._jobs.pop(job, None)  # (a request's thread may have dropped it too)
         if ids and len(ids) + STEP_TOKENS + steps <= self.max_context:
-            self._submit(("context", tuple(ids), steps), lambda: self._prefill_ahead(ids, steps))
-        for job in self._plan(len(ids), sample.n, sample):
+            # first: it compiles what it runs itself, and what it leaves is what Enter waits for
+            self._asked += 1  # a prefill still running stops at its next piece
+            prefill = functools.partial(self._prefill_ahead, ids, steps, self._asked)
+            self._submit(("context", tuple(ids), steps), prefill, first=True)
+        for job in plan:
             self._submit(job, functools.partial(self._compile, job, sample))
 
     def wait_prepared(self) -> None:
@@ -358,14 +401,18 @@ class LocalDecoder:
     ) -> tuple[list[Job], list[Job]]:
         """A request's programs at one cache length: (the ones every step runs: what gives it
         its state, when there is one, its prefill and the decode; the rest: the wider cold
-        prefills and what _keep runs). After cached tokens one prefill program serves every
-        step (STEP_TOKENS wide): three programs per cache length, not five."""
+        prefills, the narrow TYPED_TOKENS prefill and what _keep runs). After cached tokens two
+        prefill programs serve every step (STEP_TOKENS wide; TYPED_TOKENS for the end of a step
+        prefilled as it was typed), not three of prefill_width's."""
         start: Job = ("fresh", rows, length) if cold else ("resize", 1, kept, rows, length)
         if not cold and (rows, length) == (1, kept):
             start = ()
         decode: Job = ("decode", length, rows, self.chunk_size, sample.mode)
-        widths = COLD_WIDTHS if cold else (STEP_TOKENS,)
-        prefills = [("prefill", length, rows, width, cold) for width in widths]
+        if self._in_pieces(rows):  # the typed pieces likeliest, then longer text's
+            prefills = [("prefill", length, rows, width, False) for width in PIECE_WIDTHS]
+        else:
+            widths = COLD_WIDTHS if cold else (STEP_TOKENS, TYPED_TOKENS)
+            prefills = [("prefill", length, rows, width, cold) for width in widths]
         keep: Job = ("resize", rows, length, 1, self.cache_length(length)) if rows > 1 else ()
         first = [job for job in (start, prefills[0], decode) if job]
         return first, [job for job in (*prefills[1:], keep) if job]
@@ -378,21 +425,78 @@ class LocalDecoder:
         room = min(tokens + STEP_TOKENS, self.max_context)
         return self.cache_length(max(tokens + steps, room), rows)
 
+    def _in_pieces(self, rows: int) -> bool:
+        """Whether a request of `rows` rows prefills in `_pieces`."""
+        return rows == 1 and self.whole_context_cache
+
+    def _pieces(
+        self,
+        ids: list[int],
+        reuse: int,
+        rows: int,
+        length: int,
+        narrow_up_to: int = TYPED_PIECES_UP_TO,
+    ) -> list[Piece]:
+        """The prefills (width, cold), in order, of `ids` after `reuse` cached tokens into a
+        cache of `length` positions. One row over the whole-context cache: pieces of
+        TYPED_TOKENS (up to `narrow_up_to` tokens) or of STEP_TOKENS (the last one
+        TYPED_TOKENS wide when it fits), and never cold (a prefill from position 0 reads
+        nothing there): two programs, compiled ahead, serve every prefill of the session,
+        whatever its length (a resume's whole context, a pasted step). Otherwise one
+        prefill, `_smallest` wide."""
+        suffix = len(ids) - reuse
+        if not self._in_pieces(rows):
+            smallest = self._smallest(suffix, reuse)
+            return [(padded_suffix(ids, reuse, length, smallest).shape[1], reuse == 0)]
+        if suffix <= narrow_up_to:
+            return [(TYPED_TOKENS, False)] * -(-suffix // TYPED_TOKENS)
+        count = -(-suffix // STEP_TOKENS)
+        last = suffix - (count - 1) * STEP_TOKENS
+        return [(STEP_TOKENS, False)] * (count - 1) + [
+            (TYPED_TOKENS if last <= TYPED_TOKENS else STEP_TOKENS, False)
+        ]
+
+    def _prefill(
+        self,
+        state: DecodeState,
+        ids: list[int],
+        reuse: int,
+        rows: list[int],
+        pieces: list[Piece],
+        stop: Callable[[], bool] | None = None,
+    ) -> tuple[DecodeState, int]:
+        """Prefill `ids` after `reuse` cached tokens in `pieces` (see _pieces) and start
+        `rows` on them; or, when `stop()` turns true between two pieces, only the pieces
+        before it. Returns the state and how many tokens of `ids` it holds."""
+        for width, cold in pieces[:-1]:
+            if stop is not None and stop():
+                return state, reuse
+            state = prefill_prompt(
+                self.logits_fn, self.params, state, ids[: reuse + width], reuse, [0], width, cold
+            )
+            reuse += width
+        width, cold = pieces[-1]
+        state = prefill_prompt(self.logits_fn, self.params, state, ids, reuse, rows, width, cold)
+        return state, len(ids)
+
     @staticmethod
     def _smallest(suffix: int, reuse: int) -> int | None:
         """The narrowest width of a prefill of `suffix` tokens after `reuse` cached ones (see
-        prefill_prompt): STEP_TOKENS for a step's text; None (prefill_width's widths) for a
-        cold prefill or a longer suffix."""
-        return STEP_TOKENS if reuse and suffix <= STEP_TOKENS else None
+        prefill_prompt): TYPED_TOKENS for what is left of a step prefilled as it was typed,
+        STEP_TOKENS for a step's text; None (prefill_width's widths) for a cold prefill or a
+        longer suffix."""
+        if not reuse or suffix > STEP_TOKENS:
+            return None
+        return TYPED_TOKENS if suffix <= TYPED_TOKENS else STEP_TOKENS
 
-    def _submit(self, job: Job, work: Callable[[], None]) -> None:
+    def _submit(self, job: Job, work: Callable[[], None], first: bool = False) -> None:
         known = self._jobs.get(job)
         failed = (
             known is not None and known.done() and not known.cancelled() and bool(known.exception())
         )
         if known is not None and not known.cancelled() and not failed:
             return  # queued, running or done (a failed one is tried again)
-        self._jobs[job] = self._ahead.submit(work)
+        self._jobs[job] = self._ahead.submit(work, first)
 
     def _compile(self, job: Job, sample: SampleParams) -> None:
         """Compile one program of `_plan` (no run, no memory for its inputs)."""
@@ -413,20 +517,32 @@ class LocalDecoder:
     def _state_shape(self, rows: int, length: int) -> Any:
         return jax.eval_shape(lambda: fresh_state(self.config, rows, length, self.dtype))
 
-    def _prefill_ahead(self, ids: list[int], steps: int) -> None:
+    def _prefill_ahead(self, ids: list[int], steps: int, asked: int) -> None:
         """Prefill `ids` into the kept cache (unless a request owns the state, or the cache
-        holds them already)."""
+        holds them already). It stops between two pieces once a newer prepare or a request
+        came (`asked`: the count of those when it was asked for) or the process exits, keeping
+        what it prefilled: Enter waits for one piece at most, not for a stale paste's whole
+        prefill."""
         with self._lock:
             if self._streaming:
                 return
             length = self._request_length(len(ids) + 1, steps)
             if self._kept is not None and self._tokens[: len(ids)] == ids:
-                if self._start_job(1, length):  # held already: only the planned length
+                # held already: grow to the planned length, never cut (the tokens past it
+                # would be lost while _tokens still names them)
+                if self._kept.cache[0].keys.shape[2] < length:
                     self._kept = resize_state(self._kept, 1, length)
                 return
             state, reuse = self._take(ids, 1, length)
-            self._kept = prefill_prompt(self.logits_fn, self.params, state, ids, reuse, [0], None)
-            self._tokens = list(ids)
+            # What a step typed so far adds goes in TYPED_TOKENS pieces: that program is
+            # compiled first (the one Enter runs), the STEP_TOKENS one last.
+            pieces = self._pieces(ids, reuse, 1, length, narrow_up_to=STEP_TOKENS)
+
+            def stale() -> bool:
+                return self._asked != asked or self._ahead.stopped
+
+            self._kept, held = self._prefill(state, ids, reuse, [0], pieces, stale)
+            self._tokens = ids[:held]
 
     def _take(self, prompt_ids: list[int], rows: int, length: int) -> tuple[DecodeState, int]:
         """The kept state fitted to `rows` x `length` (or a fresh one) and how many tokens of
@@ -459,7 +575,7 @@ class LocalDecoder:
             if future.done():
                 continue
             if future.cancel():
-                del self._jobs[job]
+                self._jobs.pop(job, None)  # (a prepare in another thread may have too)
             elif needed(job):
                 running.append(future)
         if running and not all(future.done() for future in running):
@@ -533,22 +649,24 @@ class LocalDecoder:
         steps = decode_steps(sample.max_new_tokens, self.chunk_size)
         rows = sample.n
         length = self._request_length(len(prompt_ids), steps, rows)
+        self._asked += 1  # a background prefill stops at its next piece: it is waited for
         self._wait_ahead(lambda job: job[0] == "context")
         with self._lock:
             reuse = self.reused_tokens(prompt_ids)
-            smallest = self._smallest(len(prompt_ids) - reuse, reuse)
-            width = padded_suffix(prompt_ids, reuse, length, smallest).shape[1]
+            pieces = self._pieces(prompt_ids, reuse, rows, length)
             needed = {
                 self._start_job(rows, length),
-                ("prefill", length, rows, width, reuse == 0),
+                *(("prefill", length, rows, width, cold) for width, cold in pieces),
                 ("decode", length, rows, self.chunk_size, sample.mode),
             }
             self._wait_ahead(needed.__contains__)
             state, reuse = self._take(prompt_ids, rows, length)
             self._streaming = True
-        return prefill_prompt(
-            self.logits_fn, self.params, state, prompt_ids, reuse, list(range(rows)), smallest
-        )
+        try:
+            return self._prefill(state, prompt_ids, reuse, list(range(rows)), pieces)[0]
+        except BaseException:  # the state is donated: nothing to keep, and prepares go on
+            self._keep(None, prompt_ids, [])
+            raise
 
     def _keep(
         self, state: DecodeState | None, prompt_ids: list[int], new: list[np.ndarray]

@@ -141,7 +141,7 @@ def run_chat(options: ChatOptions, console: Console | None = None) -> int:
             repl.show_turns(session.turns, 1, compact=True)
         console.print(Text("type a step, !code, or /help; Ctrl-D leaves", style="dim"))
         reader = (
-            terminal_input.prompt_reader(repl.toolbar, history_path())
+            terminal_input.prompt_reader(repl.toolbar, history_path(), repl.typing)
             if interactive
             else terminal_input.plain_reader()
         )

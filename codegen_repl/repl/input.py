@@ -4,6 +4,7 @@ key bindings, the completion of commands, `/set` keys and values, and the paths 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -65,9 +66,19 @@ def plain_reader(prompt: str = PROMPT) -> Callable[[], str]:
     return lambda: input(prompt)
 
 
-def prompt_reader(toolbar: Callable[[], str], history: Path) -> Callable[[], str]:
+# While the user types, the input so far is handed on (`on_typing`) at most once per this many
+# seconds (and once more after the last key): often enough that little is left after Enter,
+# rarely enough that a background prefill per call stays a small share of the CPU.
+TYPING_INTERVAL = 0.25
+
+
+def prompt_reader(
+    toolbar: Callable[[], str], history: Path, on_typing: Callable[[str], None] | None = None
+) -> Callable[[], str]:
     """prompt_toolkit: Enter submits, Alt-Enter (Esc Enter) inserts a newline, history in
-    `history`, Ctrl-R search, completion of slash commands, a bottom toolbar."""
+    `history`, Ctrl-R search, completion of slash commands, a bottom toolbar. `on_typing` is
+    told the input as it is typed (see TYPING_INTERVAL; in the prompt's own thread, so it must
+    return at once; an error it raises is dropped: Enter will meet it again)."""
     from prompt_toolkit import PromptSession
     from prompt_toolkit.history import FileHistory
 
@@ -84,7 +95,39 @@ def prompt_reader(toolbar: Callable[[], str], history: Path) -> Callable[[], str
         refresh_interval=0.5,
         prompt_continuation="... ",
     )
+    if on_typing is not None:
+        prompt.default_buffer.on_text_changed += _throttled(on_typing)
     return lambda: prompt.prompt(PROMPT)
+
+
+def _throttled(on_typing: Callable[[str], None]) -> Callable[[object], None]:
+    """A Buffer.on_text_changed handler that calls `on_typing(text)` TYPING_INTERVAL seconds
+    after a change (later changes within that time join the same call), while the prompt
+    runs."""
+    import asyncio
+
+    from prompt_toolkit.application import get_app_or_none
+
+    pending: list[object] = [None]  # the event loop a call is pending on (a prompt's own)
+
+    def tell(buffer) -> None:  # type: ignore[no-untyped-def]
+        pending[0] = None
+        app = get_app_or_none()
+        if app is None or not app.is_running or app.is_done:
+            return  # submitted meanwhile: the step itself runs now
+        with contextlib.suppress(Exception):
+            on_typing(buffer.text)
+
+    def changed(buffer) -> None:  # type: ignore[no-untyped-def]
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # the buffer reset before a prompt runs: nothing typed
+            return
+        if pending[0] is not loop:  # none pending, or on an earlier prompt's ended loop
+            pending[0] = loop
+            loop.call_later(TYPING_INTERVAL, tell, buffer)
+
+    return changed
 
 
 def key_bindings():  # type: ignore[no-untyped-def]

@@ -20,11 +20,11 @@ from rich.text import Text
 from codegen_repl.core.commands import Commands
 from codegen_repl.core.frontend import TextStyle, parse
 from codegen_repl.core.notebook import new_session_path
-from codegen_repl.core.session import Session, Turn, turns_named
-from codegen_repl.core.settings import RunMode
+from codegen_repl.core.session import Session, Turn, count_of, turns_named
+from codegen_repl.core.settings import DEFAULT_RUN_MODE, RunMode
 from codegen_repl.errors import CodeGenError
 from codegen_repl.paths import data_dir
-from codegen_repl.repl.render import CodeStream, Renderer, images_folder
+from codegen_repl.repl.render import CodeStream, Renderer, help_view, images_folder
 
 if TYPE_CHECKING:
     from codegen_repl.core.decoding import Decoder
@@ -62,6 +62,11 @@ class TerminalFrontend:
     def show_code(self, code: str) -> None:
         self.renderer.finish()
         self.console.print(self.renderer.code_view(code))
+
+    def show_help(self) -> None:
+        """/help as a table that wraps in its columns (the kernel shows `help_text`)."""
+        self.renderer.finish()
+        self.console.print(help_view(self.prefix))
 
     def live_code(self) -> CodeStream:
         self.renderer.finish()
@@ -135,7 +140,7 @@ class Repl:
         self.commands = Commands(
             session, self.frontend, run_mode, model_name, load_decoder, Path.cwd(), mtpb_problems
         )
-        self._counted: tuple[str, int] = ("", 0)
+        self._counted: tuple[tuple[str, int, int, int], int, int] = (("", 0, 0, 0), 0, 0)
 
     @property
     def session(self) -> Session:
@@ -190,6 +195,8 @@ class Repl:
             self.console.print("bye (this session has no file)")
             return
         options = f"{self.resume_options} " if self.resume_options else ""
+        if self.run_mode != DEFAULT_RUN_MODE:  # a choice of `never` must outlive the session
+            options += f"--run {self.run_mode} "
         resume = f"resume it with: codegen-repl {options}--session {shlex.quote(str(path))}"
         self.console.print(Text(f"saved {path}"), soft_wrap=True)  # paths are copied whole
         self.console.print(Text(resume, style="dim"), soft_wrap=True)
@@ -236,10 +243,21 @@ class Repl:
         """Recorded turns, numbered from `first` (on resume: 1, `compact`)."""
         self.commands.show_turns(turns, first, compact)
 
+    def typing(self, text: str) -> None:
+        """The input as typed so far (the terminal reader calls it as it changes): a step's
+        text is prefilled behind the prompt (Session.prepare_next), so Enter finds little left
+        to do. Commands and `!` code have nothing for the model."""
+        command = parse(text, "/")
+        if command.name == "step":
+            self.session.prepare_next(command.argument)
+
     def toolbar(self) -> str:
         decoder = self.session.decoder
         if getattr(decoder, "loaded", True):
-            context = f"context {self.context_tokens()}/{decoder.max_context} tokens"
+            tokens, left_out = self.context_size()
+            context = f"context {tokens}/{decoder.max_context} tokens"
+            if left_out:  # what the model gets is cut to fit its window
+                context += f" ({count_of(left_out, 'older turn')} left out)"
         else:  # a BackgroundDecoder still loading: asking it would freeze the prompt
             context = "loading the model"
         busy = self.session.kernel_status  # its start or a resume's replay, behind the prompt
@@ -252,8 +270,14 @@ class Repl:
         turns = f"{count} turn" if count == 1 else f"{count} turns"
         return f" {self.model_name} · {context} · run {self.run_mode} · kernel {kernel} · {turns} "
 
-    def context_tokens(self) -> int:
-        program = self.session.program()
-        if self._counted[0] != program:  # the toolbar asks often; tokenize only on change
-            self._counted = (program, self.session.decoder.count_tokens(program))
-        return self._counted[1]
+    def context_size(self) -> tuple[int, int]:
+        """The tokens of the context the model gets before the next step (the older turns
+        that do not fit its window beside max_new_tokens are cut: `Session.fitted_context`),
+        and how many turns are left out."""
+        session = self.session
+        decoder, new = session.decoder, session.settings.sample.max_new_tokens
+        key = (session.program(), id(decoder), decoder.max_context, new)
+        if self._counted[0] != key:  # the toolbar asks often; fit and tokenize only on change
+            text, left_out = session.fitted_context()
+            self._counted = (key, decoder.count_tokens(text), left_out)
+        return self._counted[1], self._counted[2]

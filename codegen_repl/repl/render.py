@@ -1,5 +1,6 @@
 """Showing code and its outputs in the terminal, through an injected `rich.Console`: the
-`Renderer` (code, nbformat outputs, images) and `CodeStream` (code drawn live while it streams).
+`Renderer` (code, nbformat outputs, images), `CodeStream` (code drawn live while it streams) and
+`help_view` (the commands' help as a table that wraps in its columns).
 
 Outputs are nbformat v4 dicts as the executor produces them. Stream text is shown as a
 terminal shows it (`\r\n` ends a line, a lone `\r` redraws it: the last state of each line), and
@@ -20,11 +21,14 @@ import io
 import re
 from pathlib import Path
 
-from rich.console import Console
+from rich.console import Console, Group
 from rich.live import Live
+from rich.padding import Padding
 from rich.syntax import Syntax
+from rich.table import Table
 from rich.text import Text
 
+from codegen_repl.core.frontend import HELP_STEPS, help_rows
 from codegen_repl.core.outputs import left_out_line, terminal_line
 from codegen_repl.core.settings import DEFAULT_THEME
 
@@ -46,6 +50,17 @@ def html_to_text(markup: str) -> str:
     text = html.unescape(_TAG.sub("", text))
     lines = [line.rstrip() for line in text.splitlines()]
     return "\n".join(line for line in lines if line.strip())
+
+
+def help_view(prefix: str = "/") -> Group:
+    """The help table (`help_rows`) in two columns at any width: a command is never broken
+    across lines (it is typed as shown), its description wraps in its own column."""
+    table = Table(box=None, show_header=False, padding=(0, 0, 0, 2), pad_edge=False)
+    table.add_column(no_wrap=True, style="bold")
+    table.add_column(overflow="fold")
+    for head, about in help_rows(prefix):
+        table.add_row(Text(head), Text(about))  # Text: `[key=value]` is no markup
+    return Group(Text("commands:"), Padding(table, (0, 0, 0, 2)), Text(f"  {HELP_STEPS}"))
 
 
 def images_folder(session_path: Path | None) -> Path | None:

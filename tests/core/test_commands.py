@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from rich.console import Console
 
+from codegen_repl.core.commands import lines_changed
 from codegen_repl.core.executor import Executor, ExecutorConfig
 from codegen_repl.core.frontend import COMMAND_NAMES, help_text, parse_edit, parse_turn_number
 from codegen_repl.core.session import Session, SessionSettings
@@ -110,11 +111,18 @@ def through_repl(repl: Repl, setup: list[str], command: str, codes: list[str]) -
     frontend.show_text = _recorded(shown, "text", frontend.show_text)  # type: ignore[method-assign]
     frontend.show_code = _recorded(shown, "code", frontend.show_code)  # type: ignore[method-assign]
     frontend.progress = _recorded(shown, "text", frontend.progress)  # type: ignore[method-assign]
+    show_help = frontend.show_help
+
+    def record_help() -> None:  # the terminal lays help_rows out as a table (tests/repl/
+        shown.append(("text", help_text("/")))  # test_help.py): recorded as the kernel's text
+        show_help()  # of the same rows
+
+    frontend.show_help = record_help  # type: ignore[method-assign]
     frontend.output = lambda output: (shown.append(_output(output)), repl.renderer.output(output))  # type: ignore[method-assign]
     try:
         assert repl.handle(command)
     finally:
-        for name in ("show_text", "show_code", "output", "progress"):
+        for name in ("show_text", "show_code", "output", "progress", "show_help"):
             del frontend.__dict__[name]
     return _result(repl.session, repl.run_mode, shown)
 
@@ -246,3 +254,10 @@ def test_turn_numbers_are_parsed_from_one() -> None:
     assert parse_turn_number("", "/", "run") is None and parse_turn_number("3", "%", "run") == 3
     with pytest.raises(ConfigError, match=r"use %run \[N\] with N a turn number \(from 1\)"):
         parse_turn_number("-1", "%", "run")
+
+
+def test_a_retry_counts_a_replaced_line_once() -> None:
+    assert lines_changed("x = 1", "y = 2") == 1  # not one removed and one added
+    assert lines_changed("a\nb\nc", "a\nB\nc\nd") == 2  # one replaced, one added
+    assert lines_changed("a\nb", "a") == 1
+    assert lines_changed("a", "a") == 0

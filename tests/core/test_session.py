@@ -367,3 +367,37 @@ def test_damaged_cell_metadata_is_one_clear_error(tmp_path) -> None:
     nbformat.write(nbformat.v4.new_notebook(cells=[cell], metadata={"codegen": {}}), path)
     with pytest.raises(ConfigError, match=r"cell 1's metadata .* is not readable"):
         Session.open(path, ScriptedDecoder(), None)  # type: ignore[arg-type]
+
+
+class CountingDecoder(ScriptedDecoder):
+    max_context = 64
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counted = 0
+
+    def count_tokens(self, text: str) -> int:
+        self.counted += 1
+        return super().count_tokens(text)
+
+
+def test_the_fitted_context_is_kept_until_the_turns_change(tmp_path: Path) -> None:
+    """The REPL asks for the fitted context at every pause in typing, in its prompt's thread:
+    fitting tokenizes once per turn left out (a 400-turn session took seconds a keypress),
+    so the answer is kept while nothing it depends on changes (breaker trial)."""
+    from codegen_repl.core.notebook import Turn
+
+    decoder = CountingDecoder()
+    settings = SessionSettings(prefix="", sample=SampleParams(max_new_tokens=8))
+    session = Session(decoder, Executor(ExecutorConfig(cwd=tmp_path)), None, settings)
+    session.turns = [Turn(f"step {n}", f"x{n} = {n}", status="ok") for n in range(40)]
+    first = session.fitted_context()
+    assert first[1] > 0  # older turns left out
+    counted = decoder.counted
+    for _ in range(5):  # typing pauses
+        assert session.fitted_context() == first
+    assert decoder.counted == counted
+    session.turns.append(Turn("one more", "y = 1", status="ok"))
+    assert session.fitted_context() != first and decoder.counted > counted
+    session.settings = SessionSettings(prefix="", sample=SampleParams(max_new_tokens=16))
+    assert session.fitted_context()[1] > first[1]  # a smaller budget: fitted again

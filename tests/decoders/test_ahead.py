@@ -7,12 +7,13 @@ import contextlib
 import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import jax
 import pytest
 
-from codegen_repl.decoders.local import STEP_TOKENS, LocalDecoder
-from codegen_repl.model import cpu_matmul
+from codegen_repl.decoders.local import STEP_TOKENS, TYPED_TOKENS, Ahead, LocalDecoder
+from codegen_repl.model import cpu_matmul, sampling
 from codegen_repl.model.checkpoint import load_model
 from codegen_repl.model.sample_params import SampleParams
 from codegen_repl.model.sampling import decode_chunk, fresh_state, prefill_rows, resize_state
@@ -113,10 +114,12 @@ def test_prepare_plans_the_programs_of_a_request(chat_checkpoint: Path, rows: in
     # the next request's two cache lengths, then the one after them (compiled while the user
     # types the turns before it needs it)
     assert [job[1] for job in plan if job[0] == "decode"] == [384, 512, 768]
-    # one warm prefill program per cache length (a step's text is prefilled STEP_TOKENS wide)
-    assert [job[1:] for job in plan if job[0] == "prefill"] == [
-        (length, rows, STEP_TOKENS, False) for length in (384, 512, 768)
-    ]
+    # one warm prefill program per cache length (a step's text is prefilled STEP_TOKENS wide),
+    # first; then the narrow one for the end of a step prefilled as it was typed
+    prefills = [job[1:] for job in plan if job[0] == "prefill"]
+    wide = [(length, rows, STEP_TOKENS, False) for length in (384, 512)]
+    narrow = [(length, rows, TYPED_TOKENS, False) for length in (384, 512)]
+    assert prefills == [*wide, *narrow, (768, rows, STEP_TOKENS, False)]
     # fewer new tokens than STEP_TOKENS: the cache still has room for a STEP_TOKENS-wide prefill
     # (200 + 1 + 16 would fit in 256 positions, but not 200 + 1 + 64)
     short = decoder._plan(200, rows, dataclasses.replace(sample, max_new_tokens=16))
@@ -149,8 +152,11 @@ def test_prepare_compiles_one_prefill_program_per_cache_length(chat_checkpoint: 
     with compiles() as compiled:
         decoder.prepare(context, SAMPLE)
         decoder.wait_prepared()
-    # the context's own (cold) prefill, then one prefill per cache length: not three (16/32/64)
-    assert compiled.count("prefill_rows") == 1 + len(lengths), compiled
+    # the context's own (cold) prefill, then one STEP_TOKENS-wide prefill per cache length
+    # (not three: 16/32/64) and one TYPED_TOKENS-wide per length the next request can have
+    prefills = [job for job in plan if job[0] == "prefill"]
+    assert sorted(job[3] for job in prefills) == [TYPED_TOKENS] * 2 + [STEP_TOKENS] * 3
+    assert compiled.count("prefill_rows") == 1 + len(prefills), compiled
     assert compiled.count("decode_chunk") == len(lengths), compiled
 
 
@@ -206,3 +212,168 @@ def test_a_request_that_ends_at_the_window_fits_the_whole_context_cache(
     assert [c.tolist() for c in whole.stream_tokens(short, sample)] == [
         c.tolist() for c in cut.stream_tokens(short, sample)
     ]
+
+
+@pytest.mark.parametrize("whole_context", [False, True])
+def test_a_step_prefilled_as_it_was_typed_leaves_a_narrow_prefill(
+    chat_checkpoint: Path, whole_context: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The REPL prepares the step as it is typed (Session.prepare_next's `typed`): after Enter
+    only its last tokens are left, prefilled TYPED_TOKENS wide by a program compiled ahead,
+    and the tokens are a cold run's."""
+    for program in (prefill_rows, decode_chunk, resize_state, fresh_state):
+        program.clear_cache()
+    decoder = long_context_decoder(chat_checkpoint, whole_context)
+    cold = long_context_decoder(chat_checkpoint)
+    context = "import math\n" + "x = [1, 2, 3]\nprint(x)\n\n" * 8
+    step = STEPS[4]
+    ids = decoder.tokenizer.encode(f"{context}# {step}\n")
+    decoder.prepare(context, SAMPLE)  # after the last turn
+    for end in (*range(3, len(step), 5), len(step) - 2):  # a few keys at a time
+        decoder.prepare(f"{context}# {step[:end]}", SAMPLE)
+    decoder.wait_prepared()
+    left = len(ids) - decoder.reused_tokens(ids)
+    assert 0 < left <= TYPED_TOKENS
+    widths: list[int] = []
+
+    def prefill(*args: Any, **kwargs: Any) -> Any:
+        widths.append(args[3].shape[1])  # tokens: [1, width]
+        return prefill_rows(*args, **kwargs)
+
+    monkeypatch.setattr(sampling, "prefill_rows", prefill)
+    with compiles() as compiled:
+        got = [chunk.tolist() for chunk in decoder.stream_tokens(ids, SAMPLE)]
+    assert compiled == [], f"the step compiled {compiled}"
+    assert widths == [TYPED_TOKENS]  # not STEP_TOKENS: ~one decode step's work, not ~5
+    assert got == [chunk.tolist() for chunk in cold.stream_tokens(ids, SAMPLE)]
+
+
+def test_a_newer_prompt_drops_the_queued_prefill_of_an_older_one(chat_checkpoint: Path) -> None:
+    decoder = long_context_decoder(chat_checkpoint)
+    context = "import math\n" + "x = [1, 2, 3]\nprint(x)\n\n" * 4
+    typed = [f"{context}# make the list{' longer' * n}" for n in range(3)]
+    with decoder._lock:  # the first prefill runs and waits: the next ones queue behind it
+        decoder.prepare(typed[0], SAMPLE)
+        first = next(future for key, future in decoder._jobs.items() if key[0] == "context")
+        while not first.running():
+            pass
+        decoder.prepare(typed[1], SAMPLE)
+        second = next(f for key, f in decoder._jobs.items() if key[0] == "context" and f != first)
+        decoder.prepare(typed[2], SAMPLE)
+    assert second.cancelled()  # never run: the user typed on
+    decoder.wait_prepared()
+    assert decoder._tokens == decoder.tokenizer.encode(typed[2])
+
+
+def test_one_row_prefills_any_text_in_pieces_of_the_two_programs_compiled_ahead(
+    chat_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Over the whole-context cache a session runs two prefill programs, whatever the text's
+    length and whether anything is cached: a long context (a resume), a pasted step, a short
+    one; the tokens are those of the bucketed cache's single prefill."""
+    for program in (prefill_rows, decode_chunk, resize_state, fresh_state):
+        program.clear_cache()
+    decoder = long_context_decoder(chat_checkpoint, whole_context=True)
+    cut = long_context_decoder(chat_checkpoint)
+    decoder.prepare("", SAMPLE)  # a new session: what its first request runs
+    decoder.wait_prepared()
+    widths: list[tuple[int, bool]] = []
+
+    def prefill(*args: Any, **kwargs: Any) -> Any:
+        widths.append((args[3].shape[1], kwargs["cold"]))  # tokens: [1, width]
+        return prefill_rows(*args, **kwargs)
+
+    context = "import math\n" + "x = [1, 2, 3]\nprint(x)\n\n" * 16
+    ids = decoder.tokenizer.encode(context)
+    assert len(ids) > 2 * STEP_TOKENS + TYPED_TOKENS
+    pasted = decoder.tokenizer.encode(f"# {STEPS[1]} " * 6 + "\n")
+    prompts = (ids, ids + pasted, ids + pasted[:5])
+    want = []
+    for prompt in prompts:
+        cut.forget()
+        want.append([chunk.tolist() for chunk in cut.stream_tokens(prompt, SAMPLE)])
+    monkeypatch.setattr(sampling, "prefill_rows", prefill)
+    for prompt, tokens in zip(prompts, want, strict=True):
+        with compiles() as compiled:
+            got = [chunk.tolist() for chunk in decoder.stream_tokens(prompt, SAMPLE)]
+        assert compiled == [], f"a {len(prompt)}-token prompt compiled {compiled}"
+        assert got == tokens
+    count = -(-len(ids) // STEP_TOKENS)  # nothing cached: STEP_TOKENS pieces, none cold
+    last = len(ids) - (count - 1) * STEP_TOKENS  # and the last one narrow where it fits
+    assert widths[:count] == [(STEP_TOKENS, False)] * (count - 1) + [
+        (TYPED_TOKENS if last <= TYPED_TOKENS else STEP_TOKENS, False)
+    ]
+    assert set(widths) == {(STEP_TOKENS, False), (TYPED_TOKENS, False)}
+
+
+def test_a_prepare_of_a_prompt_the_cache_holds_keeps_what_it_holds(chat_checkpoint: Path) -> None:
+    """A long pasted step, /undo (a prepare of the context before it), the step again: the
+    kept cache was cut to the shorter prompt's length while its tokens still named the cut
+    positions, and the step decoded other tokens than a fresh decoder's (breaker trial)."""
+    decoder, fresh = long_context_decoder(chat_checkpoint), long_context_decoder(chat_checkpoint)
+    context = "import os\n"
+    step = "# " + " ".join(f"item{i} = {i}" for i in range(40))
+    ids = decoder.tokenizer.encode(f"{context}{step}\n")
+    assert len(ids) > 192  # longer than the context's request length (cut to 192 before)
+    list(decoder.stream_tokens(ids, SAMPLE))
+    decoder.prepare(context, SAMPLE)  # /undo
+    decoder.wait_prepared()
+    decoder.prepare(f"{context}{step}", SAMPLE)  # the step again, as typed
+    decoder.wait_prepared()
+    got = [chunk.tolist() for chunk in decoder.stream_tokens(ids, SAMPLE)]
+    assert got == [chunk.tolist() for chunk in fresh.stream_tokens(ids, SAMPLE)]
+
+
+def test_a_newer_prompt_stops_a_running_prefill_at_its_next_piece(
+    chat_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pasted step's prefill runs in pieces; the user deletes it and types another step
+    (or presses Enter): the stale prefill stops after the piece it runs, keeping what it
+    prefilled, instead of running its whole length first (13-16 s for 1,500 tokens of 350M)."""
+    decoder = long_context_decoder(chat_checkpoint, whole_context=True)
+    fresh = long_context_decoder(chat_checkpoint)
+    pasted = decoder.tokenizer.encode("x = [1, 2, 3]\nprint(x)\n\n" * 30)
+    assert len(pasted) > 4 * STEP_TOKENS
+    other = "import math\n# print pi\n"
+    pieces: list[int] = []
+
+    def prefill(*args: Any, **kwargs: Any) -> Any:
+        pieces.append(args[3].shape[1])
+        if len(pieces) == 1:  # while the paste's first piece runs, a newer prompt comes
+            decoder.prepare(other, SAMPLE)
+        return prefill_rows(*args, **kwargs)
+
+    monkeypatch.setattr(sampling, "prefill_rows", prefill)
+    decoder.prepare(decoder.tokenizer.decode(pasted), SAMPLE)
+    decoder.wait_prepared()
+    assert pieces[0] == STEP_TOKENS and len(pieces) < 4  # the paste's first piece, then other's
+    assert decoder._tokens == decoder.tokenizer.encode(other)
+    ids = decoder.tokenizer.encode(other + "x = 1\n")
+    got = [chunk.tolist() for chunk in decoder.stream_tokens(ids, SAMPLE)]
+    assert got == [chunk.tolist() for chunk in fresh.stream_tokens(ids, SAMPLE)]
+
+
+def test_a_failed_prefill_leaves_the_decoder_usable(
+    chat_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    decoder = long_context_decoder(chat_checkpoint)
+    ids = decoder.tokenizer.encode("import math\n")
+
+    def fail(*args: Any, **kwargs: Any) -> Any:
+        raise KeyboardInterrupt  # Ctrl-C inside the request's prefill
+
+    with monkeypatch.context() as patched:
+        patched.setattr(sampling, "prefill_rows", fail)
+        with pytest.raises(KeyboardInterrupt):
+            next(decoder.stream_tokens(ids, SAMPLE))
+    decoder.prepare("import os\n", SAMPLE)  # the background prefill is not skipped for good
+    decoder.wait_prepared()
+    assert decoder._tokens == decoder.tokenizer.encode("import os\n")
+
+
+def test_the_background_thread_takes_no_work_once_stopped() -> None:
+    ahead = Ahead()
+    ran: list[int] = []
+    assert ahead.submit(lambda: ran.append(1)).result(30) is None
+    ahead.stop()  # at exit: a thread started after it could be inside XLA as Python ends
+    assert ahead.submit(lambda: ran.append(2)).cancelled() and ran == [1]

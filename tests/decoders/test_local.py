@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from codegen_repl.errors import ConfigError
+from codegen_repl.model import cpu_matmul
 from codegen_repl.model.modeling import CodeGen, init_cache, write_cache
 from codegen_repl.model.sample_params import SampleParams
 from codegen_repl.model.sampling import decode_chunk, model_logits_fn, prefill_rows
@@ -134,8 +135,12 @@ def test_undo_and_edit_fall_back_to_the_common_prefix(tiny_checkpoint, tokenizer
     )
 
 
-def test_no_recompilation_inside_a_bucket(tiny_checkpoint, tokenizer_files) -> None:
+@pytest.mark.parametrize("whole_context", [False, True])
+def test_no_recompilation_inside_a_bucket(tiny_checkpoint, tokenizer_files, whole_context) -> None:
     fresh = local_decoder(tiny_checkpoint, tokenizer_files)
+    if whole_context and not fresh.whole_context_cache:
+        pytest.skip(f"the CPU attention kernel does not apply here: {cpu_matmul.status()}")
+    fresh.whole_context_cache = whole_context
     prefill_rows.clear_cache()
     decode_chunk.clear_cache()
     decoded_ids(fresh, PROMPT[:13], SampleParams(8))
@@ -145,8 +150,12 @@ def test_no_recompilation_inside_a_bucket(tiny_checkpoint, tokenizer_files) -> N
         decoded_ids(fresh, PROMPT[:length], SampleParams(8))
     assert (prefill_rows._cache_size(), decode_chunk._cache_size()) == (1, 1)
     fresh.forget()
-    decoded_ids(fresh, PROMPT, SampleParams(8))  # 23 tokens: the 24 bucket compiles
-    assert (prefill_rows._cache_size(), decode_chunk._cache_size()) == (2, 1)
+    decoded_ids(fresh, PROMPT, SampleParams(8))  # 23 tokens: the 24 bucket compiles, or
+    # over the whole-context cache nothing: three pieces of the 8-wide program
+    assert (prefill_rows._cache_size(), decode_chunk._cache_size()) == (
+        (1 if whole_context else 2),
+        1,
+    )
 
 
 def test_stop_string_ends_decoding_early(chat_checkpoint, tokenizer_files) -> None:

@@ -278,7 +278,7 @@ def test_generate_verbose_says_which_matmul_runs(chat_checkpoint, switch: str) -
     assert result.returncode == 0, result.stderr
     if switch == "0" or not cpu_matmul.available():
         assert "note: int8/bf16 weights on CPU save memory but decode slower" in result.stderr
-        assert "· int8 weights · int8/bf16 CPU matmul: XLA (" in result.stderr
+        assert "· CPU matmul (int8 weights): XLA (" in result.stderr
     else:
         assert "note:" not in result.stderr
-        assert "· int8 weights · int8/bf16 CPU matmul: C++ kernel (" in result.stderr
+        assert "· CPU matmul (int8 weights): C++ kernel (" in result.stderr

@@ -401,7 +401,7 @@ def test_a_declined_turn_never_runs_in_a_replay(tmp_path, executor) -> None:
     repl, out = make_repl(tmp_path, executor, *codes, run_mode="ask", answers=("", "n", ""))
     repl.session.settings = SessionSettings(prefix="", timeout=3.0)
     repl.handle("Set x.")
-    repl.handle("Loop forever.")
+    repl.handle("Loop\nforever.")  # a step of two lines: its /code header stays one comment
     assert "(declined: not run, and not part of the program; /run 2 runs it)" in out.getvalue()
     repl.handle("/edit 1\nx = 2")
     repl.handle("Print x.")
@@ -512,7 +512,18 @@ def test_ctrl_d_says_where_the_session_is_and_how_to_resume_it(tmp_path, executo
 
     repl.loop(end_of_input)
     path = tmp_path / "s.ipynb"
-    assert out.getvalue() == f"saved {path}\nresume it with: codegen-repl --session {path}\n"
+    # the run mode, when not the default, goes on with the session (`never` above all: code
+    # that must not run), as it is now: the command line's or the last /set run=
+    assert out.getvalue() == (
+        f"saved {path}\nresume it with: codegen-repl --run auto --session {path}\n"
+    )
+    never, out = make_repl(tmp_path, executor, run_mode="never")
+    never.handle("/set run=ask")
+    never.loop(end_of_input)
+    assert out.getvalue().endswith(f"resume it with: codegen-repl --session {path}\n")
+    never.handle("/set run=never")
+    never.loop(end_of_input)
+    assert out.getvalue().endswith(f"resume it with: codegen-repl --run never --session {path}\n")
 
 
 def test_the_resume_command_names_the_model_or_server() -> None:
@@ -565,7 +576,7 @@ def test_chat_asks_before_opening_a_notebook_it_did_not_write(
     assert opened.returncode == 0, opened.stderr
     assert "10\n" in opened.stdout and theirs.read_bytes() == before
     [new] = tmp_path.glob("session-*.ipynb")
-    resume = f"resume it with: codegen-repl --model {chat_checkpoint} --session {new}"
+    resume = f"resume it with: codegen-repl --model {chat_checkpoint} --run auto --session {new}"
     assert resume in opened.stdout
     assert [cell.source for cell in nbformat.read(new, 4).cells] == ["z = 5", "print(z * 2)"]
 

@@ -72,7 +72,9 @@ def test_a_session_in_a_terminal(tmp_path: Path, chat_checkpoint: Path) -> None:
     child.expect(">>>")  # Ctrl-D at the prompt (typed earlier, the terminal would drop it)
     child.sendcontrol("d")
     child.expect(f"saved {session}")
-    resume = f"resume it with: codegen-repl --model {chat_checkpoint} --session {session}"
+    resume = (
+        f"resume it with: codegen-repl --model {chat_checkpoint} --run auto --session {session}"
+    )
     child.expect(styled(resume))
     child.expect(pexpect.EOF)
     child.close()
