@@ -3,8 +3,12 @@ compile nothing (counted with JAX's own compile events, not timed) and decode as
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
+import functools
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -377,3 +381,19 @@ def test_the_background_thread_takes_no_work_once_stopped() -> None:
     assert ahead.submit(lambda: ran.append(1)).result(30) is None
     ahead.stop()  # at exit: a thread started after it could be inside XLA as Python ends
     assert ahead.submit(lambda: ran.append(2)).cancelled() and ran == [1]
+
+
+def test_the_background_thread_runs_the_jobs_by_priority() -> None:
+    """The programs the next request runs come before the prefill of what is typed, which
+    comes before the other programs: typing (a prefill every 0.25 s) must not keep the decode
+    chunk from compiling (turn 1 compiled it after Enter: 7.3 s instead of 2.7 s)."""
+    ahead, gate, order = Ahead(), threading.Event(), list[str]()
+    busy = ahead.submit(lambda: gate.wait(30) and None)
+    while not busy.running():
+        time.sleep(0.001)
+    jobs = [(2, "later"), (1, "prefill"), (0, "decode"), (1, "prefill again"), (0, "fresh")]
+    futures = [ahead.submit(functools.partial(order.append, name), p) for p, name in jobs]
+    gate.set()
+    concurrent.futures.wait(futures, timeout=30)
+    assert order == ["decode", "fresh", "prefill", "prefill again", "later"]
+    ahead.stop()
