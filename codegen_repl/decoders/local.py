@@ -267,6 +267,7 @@ class LocalDecoder:
         self._ahead = Ahead()
         self._jobs: dict[Job, concurrent.futures.Future[None]] = {}
         self._asked = 0  # prepares and requests so far: a background prefill stops when it grows
+        self._prefills: set[Job] = set()  # the prefill programs compiled (or run) so far
 
     @classmethod
     def create(
@@ -486,15 +487,18 @@ class LocalDecoder:
         """Prefill `ids` after `reuse` cached tokens in `pieces` (see _pieces) and start
         `rows` on them; or, when `stop()` turns true between two pieces, only the pieces
         before it. Returns the state and how many tokens of `ids` it holds."""
-        for width, cold in pieces[:-1]:
-            if stop is not None and stop():
+        length, count = state.cache[0].keys.shape[2], state.position.shape[0]
+        for done, (width, cold) in enumerate(pieces[:-1]):
+            if done and stop is not None and stop():  # (one piece at least: progress)
                 return state, reuse
             state = prefill_prompt(
                 self.logits_fn, self.params, state, ids[: reuse + width], reuse, [0], width, cold
             )
+            self._prefills.add(("prefill", length, count, width, cold))
             reuse += width
         width, cold = pieces[-1]
         state = prefill_prompt(self.logits_fn, self.params, state, ids, reuse, rows, width, cold)
+        self._prefills.add(("prefill", length, count, width, cold))
         return state, len(ids)
 
     @staticmethod
@@ -528,6 +532,7 @@ class LocalDecoder:
         state = self._state_shape(job[2], job[1])
         if kind == "prefill":
             lower_prefill(self.logits_fn, self.params, state, job[3], job[2], job[4]).compile()
+            self._prefills.add(job)
         else:
             knobs = request_knobs(sample)  # also compiles the few small programs knobs run
             lower_decode(self.logits_fn, self.params, state, knobs, job[3], job[4]).compile()
@@ -671,7 +676,12 @@ class LocalDecoder:
         self._wait_ahead(lambda job: job[0] == "context")
         with self._lock:
             reuse = self.reused_tokens(prompt_ids)
-            pieces = self._pieces(prompt_ids, reuse, rows, length)
+            # Up to STEP_TOKENS tokens in TYPED_TOKENS pieces while only that program is
+            # compiled (turn 1, typed as its programs compile): ~0.1 s a piece, not seconds
+            # of compiling the wide one after Enter.
+            wide = ("prefill", length, rows, STEP_TOKENS, False)
+            narrow = TYPED_PIECES_UP_TO if wide in self._prefills else STEP_TOKENS
+            pieces = self._pieces(prompt_ids, reuse, rows, length, narrow)
             needed = {
                 self._start_job(rows, length),
                 *(("prefill", length, rows, width, cold) for width, cold in pieces),

@@ -16,7 +16,13 @@ from typing import Any
 import jax
 import pytest
 
-from codegen_repl.decoders.local import STEP_TOKENS, TYPED_TOKENS, Ahead, LocalDecoder
+from codegen_repl.decoders.local import (
+    STEP_TOKENS,
+    TYPED_PIECES_UP_TO,
+    TYPED_TOKENS,
+    Ahead,
+    LocalDecoder,
+)
 from codegen_repl.model import cpu_matmul, sampling
 from codegen_repl.model.checkpoint import load_model
 from codegen_repl.model.sample_params import SampleParams
@@ -397,3 +403,31 @@ def test_the_background_thread_runs_the_jobs_by_priority() -> None:
     concurrent.futures.wait(futures, timeout=30)
     assert order == ["decode", "fresh", "prefill", "prefill again", "later"]
     ahead.stop()
+
+
+def test_a_step_before_the_wide_prefill_compiled_goes_in_narrow_pieces(
+    chat_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Turn 1 typed while its programs compile: the 8-wide prefill is compiled first (the
+    one Enter runs after a typed step), the 64-wide last; a step of up to 64 tokens that
+    comes before it runs 8 wide, not a compile of seconds after Enter."""
+    decoder = long_context_decoder(chat_checkpoint, whole_context=True)
+    length = decoder.cache_length(1)
+    decoder._compile(("prefill", length, 1, TYPED_TOKENS, False), SAMPLE)
+    widths: list[int] = []
+
+    def prefill(*args: Any, **kwargs: Any) -> Any:
+        widths.append(args[3].shape[1])
+        return prefill_rows(*args, **kwargs)
+
+    prefill.lower = prefill_rows.lower  # type: ignore[attr-defined]  # for _compile
+    monkeypatch.setattr(sampling, "prefill_rows", prefill)
+    ids = decoder.tokenizer.encode("import math\n# " + STEPS[3] * 2 + "\n")
+    assert TYPED_PIECES_UP_TO < len(ids) <= STEP_TOKENS
+    list(decoder.stream_tokens(ids, SAMPLE))
+    assert widths == [TYPED_TOKENS] * -(-len(ids) // TYPED_TOKENS)
+    decoder._compile(("prefill", length, 1, STEP_TOKENS, False), SAMPLE)
+    decoder.forget()
+    widths.clear()
+    list(decoder.stream_tokens(ids, SAMPLE))  # once compiled, the wide one: fewer pieces
+    assert widths == [STEP_TOKENS]
