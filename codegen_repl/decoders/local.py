@@ -371,7 +371,7 @@ class LocalDecoder:
             if dropped:
                 self._jobs.pop(job, None)  # (a request's thread may have dropped it too)
         if ids and len(ids) + STEP_TOKENS + steps <= self.max_context:
-            # first: it compiles what it runs itself, and what it leaves is what Enter waits for
+            # after the programs the next request runs (see PREFILL_PRIORITY)
             self._asked += 1  # a prefill still running stops at its next piece
             prefill = functools.partial(self._prefill_ahead, ids, steps, self._asked)
             self._submit(("context", tuple(ids), steps), prefill, PREFILL_PRIORITY)
