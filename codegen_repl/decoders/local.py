@@ -196,8 +196,13 @@ class Ahead:
         self._order = itertools.count()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
-        self.stopped = False  # stop() was called: nothing more runs
+        self._stopped = False  # stop() was called: nothing more runs
         _RUNNING.add(self)
+
+    @property
+    def stopped(self) -> bool:
+        """stop() was called, or the process exits (`_stop_ahead`): nothing more runs."""
+        return self._stopped or _EXITING.is_set()
 
     def submit(
         self, work: Callable[[], None], priority: int = 0
@@ -232,7 +237,7 @@ class Ahead:
         """Drop the queued jobs, refuse new ones and wait for the running one (a background
         prefill stops at its next piece: see LocalDecoder._prefill_ahead)."""
         with self._lock:
-            self.stopped = True
+            self._stopped = True
             for _, _, future, _ in self._queue:
                 future.cancel()
             self._queue.clear()
@@ -242,10 +247,15 @@ class Ahead:
 
 
 _RUNNING: weakref.WeakSet[Ahead] = weakref.WeakSet()
+_EXITING = threading.Event()  # set at exit (see _stop_ahead)
 
 
 @atexit.register
 def _stop_ahead() -> None:
+    """At exit: no background job starts any more (a model loading in a thread may create
+    its decoder, and ask it to prepare, after this ran: atexit's later handlers run first),
+    and the running ones end."""
+    _EXITING.set()
     for ahead in list(_RUNNING):
         ahead.stop()
 
