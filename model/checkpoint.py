@@ -58,13 +58,18 @@ def load_model(
     dtype: str = "float32",
     revision: str | None = None,
     cache_dir: Path | None = None,
+    on_config: Callable[[Path, CodeGenConfig], None] | None = None,
 ) -> LoadedModel:
     """Load a CodeGen checkpoint from a local folder or a hub id such as
-    `Salesforce/codegen-350M-mono`."""
+    `Salesforce/codegen-350M-mono`. `on_config(folder, config)` is called once config.json is
+    read, before the weights are (a decoder compiles its programs meanwhile, see
+    `params_shapes`)."""
     if dtype not in DTYPES:
         raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     path = resolve_checkpoint(model, revision=revision, cache_dir=cache_dir)
     config = read_config(path)
+    if on_config is not None:
+        on_config(path, config)
     params = load_params(path, config, DTYPES[dtype])
     return LoadedModel(config=config, params=params, path=path, dtype=dtype)
 
@@ -248,6 +253,23 @@ def load_params(path: Path, config: CodeGenConfig, dtype: jnp.dtype = jnp.float3
     return params
 
 
+def params_shapes(config: CodeGenConfig, dtype: jnp.dtype = jnp.float32) -> Params:
+    """The params tree `load_params` returns for `config` and `dtype`, as jax.ShapeDtypeStruct
+    leaves, without reading a file: enough to compile the model's programs while the weights
+    load (a program lowered over these is the one a call over the loaded arrays finds)."""
+    params: Params = {}
+    for spec in tensor_map(config).values():
+        shape = _flax_shape(spec.to_flax, spec.hf_shape)
+        _set(params, spec.path, jax.ShapeDtypeStruct(shape, jnp.dtype(dtype)))
+    return params
+
+
+@functools.lru_cache(maxsize=64)
+def _flax_shape(to_flax: Callable[[Any], Any], hf_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape `to_flax` gives a tensor of `hf_shape` (once per function and shape)."""
+    return tuple(jax.eval_shape(to_flax, jax.ShapeDtypeStruct(hf_shape, jnp.float32)).shape)
+
+
 def save_hf(params: Params, config: CodeGenConfig, out: Path) -> None:
     """Write an HF folder (config.json + model.safetensors) that transformers loads."""
     from safetensors.numpy import save_file
@@ -261,7 +283,7 @@ def save_hf(params: Params, config: CodeGenConfig, out: Path) -> None:
     save_file(tensors, str(out / SAFETENSORS), metadata={"format": "pt"})
 
 
-def _set(tree: Params, path: tuple[str, ...], value: jax.Array) -> None:
+def _set(tree: Params, path: tuple[str, ...], value: jax.Array | jax.ShapeDtypeStruct) -> None:
     for key in path[:-1]:
         tree = tree.setdefault(key, {})
     tree[path[-1]] = value

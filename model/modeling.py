@@ -23,7 +23,9 @@ tokens (see sampling.py). Reading before writing lets XLA update the cache in pl
 
 from __future__ import annotations
 
-from typing import Any, Literal, NamedTuple
+import functools
+from collections.abc import Callable
+from typing import Any, Literal, NamedTuple, cast
 
 import flax.linen as nn
 import jax
@@ -504,16 +506,44 @@ class CodeGen(Layer):
         )(tokens)  # fmt: skip
         rotary = Rotary(positions, *rotary_angles(positions, cfg.rotary_dim))  # once, not per layer
         kv = []
+        # Decoding (a cache; not init, not training): every block goes through one jitted
+        # function of its params, so a program traces one block, not num_layers (the 350M
+        # decode chunk: 1.21 -> 0.33 s of tracing on the 2-core CPU); XLA inlines the calls,
+        # so the compiled program is the same.
+        shared = cache is not None and not self.remat and not self.is_initializing()
         for i in range(cfg.num_layers):
-            block_class = nn.remat(Block) if self.remat else Block
-            block = block_class(
-                cfg, self.int8, self.dtype, self.param_dtype, self.decode_attention,
-                name=f"block_{i}",
-            )  # fmt: skip
-            x, layer_kv = block(x, rotary, None if cache is None else cache[i])
+            layer_cache = None if cache is None else cache[i]
+            if shared:
+                block_fn = _block_fn(
+                    Block(cfg, self.int8, self.dtype, self.param_dtype, self.decode_attention,
+                          parent=None)
+                )  # fmt: skip
+                params = self.variables["params"][f"block_{i}"]
+                x, layer_kv = block_fn(params, x, rotary, layer_cache)
+            else:
+                block_class = nn.remat(Block) if self.remat else Block
+                block = block_class(
+                    cfg, self.int8, self.dtype, self.param_dtype, self.decode_attention,
+                    name=f"block_{i}",
+                )  # fmt: skip
+                x, layer_kv = block(x, rotary, layer_cache)
             kv.append(layer_kv)
         if logits_at is not None:
             x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)  # [batch, 1, hidden]
         x = layer_norm(self, "ln_f")(x)
         logits = linear(self, (cfg.vocab_size,), "lm_head")(x)
         return logits.astype(jnp.float32), tuple(kv)
+
+
+@functools.cache
+def _block_fn(block: Block) -> Callable[..., tuple[jax.Array, LayerCache]]:
+    """`block` applied to one layer's params, jitted: (params, x, rotary, cache) -> (x, cache).
+    One per block configuration (an unbound Block is hashable by its fields), so every layer
+    of a program, and every program of a model, reuses its trace."""
+
+    def apply(
+        params: Any, x: jax.Array, rotary: Rotary, cache: LayerCache | None
+    ) -> tuple[jax.Array, LayerCache]:
+        return cast(tuple[jax.Array, LayerCache], block.apply({"params": params}, x, rotary, cache))
+
+    return jax.jit(apply)

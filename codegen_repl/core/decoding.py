@@ -15,6 +15,7 @@ from __future__ import annotations
 import atexit
 import concurrent.futures
 import contextlib
+import contextvars
 import dataclasses
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -75,8 +76,9 @@ def open_decoder(
         from codegen_repl.decoders.local import LocalDecoder  # imports JAX: only when asked for
 
         return LocalDecoder.load(
-            model, dtype=dtype, int8=int8, compilation_cache=default_cache_dir() / "jax"
-        )
+            model, dtype=dtype, int8=int8, compilation_cache=default_cache_dir() / "jax",
+            early=EARLY.get(),
+        )  # fmt: skip
 
     def check() -> object:
         from codegen_repl.model.files import resolve_checkpoint
@@ -93,6 +95,13 @@ Status = Callable[[str], None]  # told when a call waits: "loading the model cod
 
 
 Prompt = str | Callable[[], str]  # a prompt, or how to build it (once the decoder can count)
+# In a BackgroundDecoder's load thread: what a load calls with its decoder before the weights
+# are read (the local one can compile then, not count or prefill), so that the programs the
+# session asked to prepare for compile while the weights load. open_decoder's local load
+# passes it on; a load that does not (a server's decoder) loses nothing.
+EARLY: contextvars.ContextVar[Callable[[Decoder], None] | None] = contextvars.ContextVar(
+    "EARLY", default=None
+)
 
 
 def prepare_decoder(decoder: Decoder, prompt: Prompt, sample: SampleParams) -> None:
@@ -107,7 +116,12 @@ class BackgroundDecoder:
     """A Decoder that loads in a daemon thread: `loaded` says whether it is ready, `wait`
     blocks until it is (telling `status` first); every Decoder call waits the same way, telling
     `on_status`. A failed load raises, at each use, a CodeGenError that ends with `hint` (what to
-    do, e.g. "load another model with %model NAME")."""
+    do, e.g. "load another model with %model NAME").
+
+    A load that calls `EARLY.get()` (set in its thread) with its decoder before the weights are
+    read (open_decoder's local one does) gets the samples asked to prepare for (`prepare`) at
+    once, for an empty prompt: the decoder compiles the first request's programs while its
+    weights load. The prompts themselves are passed on once it has loaded."""
 
     def __init__(
         self,
@@ -124,6 +138,7 @@ class BackgroundDecoder:
         self._prepared: tuple[Prompt, SampleParams] | None = None  # asked before the load ended
         self._lock = threading.Lock()
         self._decoder: Decoder | None = None  # set in the load thread, before _future
+        self._early: Decoder | None = None  # the decoder while its weights load (see _shaped)
         self._thread = threading.Thread(
             target=self._load, args=(load,), name="model-load", daemon=True
         )
@@ -131,6 +146,14 @@ class BackgroundDecoder:
         # A daemon thread inside XLA when Python finalizes aborts the process: at exit, wait
         # for the load (at most LOAD_EXIT_WAIT_S; a download is Python code, safe to abandon).
         atexit.register(self._thread.join, LOAD_EXIT_WAIT_S)
+
+    def _shaped(self, decoder: Decoder) -> None:
+        """`early`: the decoder, its weights not read yet; told the sample asked for so far."""
+        with self._lock:  # (prepare passes a later sample on under it)
+            self._early = decoder
+            if self._prepared is not None:
+                with contextlib.suppress(Exception):  # only work ahead lost
+                    prepare_decoder(decoder, "", self._prepared[1])
 
     def _load(self, load: Callable[[], Decoder]) -> None:
         self._future.set_running_or_notify_cancel()
@@ -143,10 +166,13 @@ class BackgroundDecoder:
             self._future.set_exception(error)
             return
         try:
+            EARLY.set(self._shaped)  # (this thread's own context)
             decoder = load()
         except BaseException as error:  # reported at each use, see get()
             self._future.set_exception(error)
             return
+        finally:
+            self._early = None
         self._decoder = decoder  # for the prompts built below (they count tokens)
         while True:  # pass on what was asked meanwhile, then open the doors
             with self._lock:
@@ -218,7 +244,10 @@ class BackgroundDecoder:
         prompt is built then)."""
         with self._lock:
             if not self._future.done():
-                self._prepared = (prompt, sample)
+                before, self._prepared = self._prepared, (prompt, sample)
+                if self._early is not None and (before is None or before[1] != sample):
+                    with contextlib.suppress(Exception):  # a new sample: compile for it
+                        prepare_decoder(self._early, "", sample)
                 return
         if self._future.exception() is None:
             prepare_decoder(self._future.result(), prompt, sample)

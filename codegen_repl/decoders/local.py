@@ -20,6 +20,12 @@ one asked for and it does not need, and stops a running prefill at its next piec
 prepares as the step is typed). A request that comes while a job it needs still runs waits
 for it (telling `on_status`); queued jobs it does not need are dropped.
 
+The first request's programs compile while the weights load: `LocalDecoder.load(early=...)`
+hands out the decoder over the params' shapes (`checkpoint.params_shapes`, from config.json)
+before it reads a weight, and a `prepare` then compiles (a program lowered over
+jax.ShapeDtypeStruct params is the one the loaded arrays run); prefills wait for the weights.
+The REPL's BackgroundDecoder passes the session's sample on at once (core/decoding.py).
+
 `load_for_decoding` loads a checkpoint ready to decode (quantized when asked, split over the
 local devices when asked): the local decoder and the decoder server's engine both start from
 it, and both decode through model/sampling.py.
@@ -47,7 +53,7 @@ from codegen_repl.core.decoding import SampleText
 from codegen_repl.core.truncation import Cutter
 from codegen_repl.errors import ConfigError
 from codegen_repl.model import cpu_attention, cpu_matmul
-from codegen_repl.model.checkpoint import Params, load_model
+from codegen_repl.model.checkpoint import DTYPES, Params, load_model, params_shapes
 from codegen_repl.model.config import CodeGenConfig
 from codegen_repl.model.modeling import CodeGen, DecodeAttention, quantize_int8
 from codegen_repl.model.sample_params import SampleParams
@@ -104,7 +110,16 @@ class DecodingModel:
         dtype = jax.tree_util.tree_leaves(params)[0].dtype
         compute = jnp.dtype(jnp.float32) if cpu_matmul.takes(dtype) else dtype
         model = CodeGen(config, int8, compute, dtype, decode_attention)
-        return cls(config, quantize_int8(params) if int8 else params, tokenizer, model)
+        return cls(config, params, tokenizer, model).with_params(params)
+
+    def with_params(self, params: Params) -> DecodingModel:
+        """This model over `params` (of its dtype: quantized here when it is int8). Leaves that
+        are jax.ShapeDtypeStruct (`checkpoint.params_shapes`) make a model that can only
+        compile: its programs are the ones the loaded params run."""
+        if self.model.int8:
+            abstract = isinstance(jax.tree_util.tree_leaves(params)[0], jax.ShapeDtypeStruct)
+            params = jax.eval_shape(quantize_int8, params) if abstract else quantize_int8(params)
+        return dataclasses.replace(self, params=params)
 
     @property
     def dtype(self) -> jnp.dtype:
@@ -123,10 +138,14 @@ def load_for_decoding(
     cache_dir: Path | None = None,
     compilation_cache: Path | None = None,
     shard: bool = False,
+    on_shapes: Callable[[DecodingModel], None] | None = None,
 ) -> DecodingModel:
     """A checkpoint folder or hub id, ready to decode; dtype defaults to fp32 on CPU, bf16
     elsewhere. `shard` splits the params over all local devices (tensor parallel; the server
-    does this), which changes nothing on one device."""
+    does this), which changes nothing on one device. `on_shapes` is called, before the
+    weights are read, with the model over their shapes (`DecodingModel.with_params`), so the
+    caller can compile meanwhile; the model returned then has the same module (its programs
+    are the ones compiled)."""
     if compilation_cache is not None:
         enable_compilation_cache(compilation_cache)
     dtype = dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
@@ -135,9 +154,17 @@ def load_for_decoding(
             "float16 cannot run on the CPU (XLA has no float16 matrix products there); "
             "use --dtype float32 or bfloat16, or run on a GPU"
         )
-    loaded = load_model(model, dtype=dtype, revision=revision, cache_dir=cache_dir)
-    tokenizer = CodeGenTokenizer.from_dir(loaded.path)
-    ready = DecodingModel.create(loaded.config, loaded.params, tokenizer, int8=int8)
+    shaped: list[DecodingModel] = []
+
+    def config_read(path: Path, config: CodeGenConfig) -> None:
+        tokenizer = CodeGenTokenizer.from_dir(path)
+        shapes = params_shapes(config, DTYPES[dtype])
+        shaped.append(DecodingModel.create(config, shapes, tokenizer, int8=int8))
+        if on_shapes is not None:
+            on_shapes(shaped[0])
+
+    loaded = load_model(model, dtype, revision, cache_dir, on_config=config_read)
+    ready = shaped[0].with_params(loaded.params)
     if not shard:
         return ready
     params, cache_sharding = shard_for_decoding(ready.params, loaded.config.num_heads)
@@ -233,16 +260,16 @@ class Ahead:
                     future.set_exception(error)
             del future, work  # the job's decoder is not kept alive by an idle thread
 
-    def stop(self) -> None:
-        """Drop the queued jobs, refuse new ones and wait for the running one (a background
-        prefill stops at its next piece: see LocalDecoder._prefill_ahead)."""
+    def stop(self, wait: bool = True) -> None:
+        """Drop the queued jobs, refuse new ones and (`wait`) wait for the running one (a
+        background prefill stops at its next piece: see LocalDecoder._prefill_ahead)."""
         with self._lock:
             self._stopped = True
             for _, _, future, _ in self._queue:
                 future.cancel()
             self._queue.clear()
             thread = self._thread
-        if thread is not None:
+        if thread is not None and wait:
             thread.join()
 
 
@@ -278,6 +305,10 @@ class LocalDecoder:
         self._jobs: dict[Job, concurrent.futures.Future[None]] = {}
         self._asked = 0  # prepares and requests so far: a background prefill stops when it grows
         self._prefills: set[Job] = set()  # the prefill programs compiled (or run) so far
+        # False while the params are shapes only (LocalDecoder.load's `early`)
+        self.loaded = not isinstance(
+            jax.tree_util.tree_leaves(self.params)[0], jax.ShapeDtypeStruct
+        )
 
     @classmethod
     def create(
@@ -302,9 +333,36 @@ class LocalDecoder:
         revision: str | None = None,
         cache_dir: Path | None = None,
         compilation_cache: Path | None = None,
+        early: Callable[[LocalDecoder], None] | None = None,
     ) -> LocalDecoder:
-        """A checkpoint folder or hub id (see load_for_decoding)."""
-        return cls(load_for_decoding(model, dtype, int8, revision, cache_dir, compilation_cache))
+        """A checkpoint folder or hub id (see load_for_decoding). `early` is called with the
+        decoder before its weights are read: it can `prepare` then (for an empty context:
+        compiles only, see `loaded`), and the first request's programs compile while the
+        weights load (~2 s of each ~2-4 s on a CPU for 350M)."""
+        made: list[LocalDecoder] = []
+
+        def shapes_known(shapes: DecodingModel) -> None:
+            made.append(cls(shapes))
+            if early is not None:
+                early(made[0])
+
+        try:
+            ready = load_for_decoding(
+                model, dtype, int8, revision, cache_dir, compilation_cache, on_shapes=shapes_known
+            )
+        except BaseException:
+            if made:  # its compiles serve nobody now
+                made[0]._ahead.stop(wait=False)
+            raise
+        made[0]._loaded(ready)
+        return made[0]
+
+    def _loaded(self, ready: DecodingModel) -> None:
+        """The weights, once read (see load): until then the params are shapes only, and
+        `prepare` compiles but prefills nothing."""
+        with self._lock:
+            self.ready, self.params = ready, ready.params
+            self.loaded = True
 
     @property
     def max_context(self) -> int:
@@ -380,7 +438,7 @@ class LocalDecoder:
                 dropped = job not in plan and future.cancel()
             if dropped:
                 self._jobs.pop(job, None)  # (a request's thread may have dropped it too)
-        if ids and len(ids) + STEP_TOKENS + steps <= self.max_context:
+        if ids and self.loaded and len(ids) + STEP_TOKENS + steps <= self.max_context:
             # after the programs the next request runs (see PREFILL_PRIORITY)
             self._asked += 1  # a prefill still running stops at its next piece
             prefill = functools.partial(self._prefill_ahead, ids, steps, self._asked)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from codegen_repl.core.decoding import BackgroundDecoder, open_decoder
+from codegen_repl.core.decoding import BackgroundDecoder, Decoder, open_decoder
 from codegen_repl.decoders.local import LocalDecoder
 from codegen_repl.errors import CheckpointError
 from codegen_repl.model.sample_params import SampleParams
@@ -18,9 +18,9 @@ SAMPLE = SampleParams(max_new_tokens=8)
 
 
 def held_load(folder: Path, gate: threading.Event) -> BackgroundDecoder:
-    def load() -> LocalDecoder:
+    def load() -> Decoder:
         assert gate.wait(60), "the test never let the load go on"
-        return LocalDecoder.load(folder)
+        return open_decoder(folder)  # in the load's thread: compiles while the weights load
 
     return BackgroundDecoder(load, "tiny", "load another model with /model NAME")
 
@@ -58,6 +58,43 @@ def test_prepare_asked_during_the_load_is_done_after_it(chat_checkpoint: Path) -
     assert isinstance(loaded, LocalDecoder)
     loaded.wait_prepared()
     assert loaded._tokens == loaded.tokenizer.encode("import math\n")
+
+
+def test_the_samples_asked_during_the_load_compile_while_the_weights_load(
+    chat_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sample a session asks to prepare for (and one asked later) reaches the decoder
+    before its weights are read: the weights are held until both programs have compiled."""
+    from codegen_repl.model import checkpoint
+
+    compiled: list[tuple[object, bool]] = []
+    both = threading.Event()
+    original = LocalDecoder._compile
+
+    def spy(self: LocalDecoder, job: tuple, sample: SampleParams) -> None:
+        original(self, job, sample)
+        compiled.append((job, self.loaded))
+        modes = {job[4] for job, _ in compiled if job[0] == "decode"}
+        if len(modes) == 2:
+            both.set()
+
+    load_params = checkpoint.load_params
+
+    def held(*args, **kwargs):  # type: ignore[no-untyped-def]
+        assert both.wait(120), f"no compile for both samples before the weights: {compiled}"
+        return load_params(*args, **kwargs)
+
+    monkeypatch.setattr(LocalDecoder, "_compile", spy)
+    monkeypatch.setattr(checkpoint, "load_params", held)
+    gate = threading.Event()
+    decoder = held_load(chat_checkpoint, gate)
+    decoder.prepare("", SAMPLE)  # greedy
+    gate.set()
+    assert eventually(lambda: any(job[0] == "decode" for job, _ in compiled), 120)
+    decoder.prepare("", SampleParams(max_new_tokens=8, temperature=0.5))  # sampled
+    decoder.wait()
+    decodes = [(job, loaded) for job, loaded in compiled if job[0] == "decode"]
+    assert len(decodes) == 2 and not any(loaded for _, loaded in decodes), decodes
 
 
 def test_a_model_that_is_not_there_fails_at_the_check_and_at_each_use(tmp_path: Path) -> None:

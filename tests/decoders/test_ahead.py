@@ -35,11 +35,13 @@ STEPS = [f"step {n}: make the list {'longer ' * (n % 3)}and print it" for n in r
 
 @contextlib.contextmanager
 def compiles() -> Iterator[list[str]]:
-    """The functions JAX traces and compiles inside the block (any jit cache miss)."""
+    """The functions JAX traces or compiles inside the block (any jit cache miss: a trace, or
+    a compile of a program traced before, e.g. for other shardings)."""
     seen: list[str] = []
+    events = ("jaxpr_trace_duration", "backend_compile_duration")
 
     def listen(event: str, duration: float, **kwargs: object) -> None:
-        if event == "/jax/core/compile/jaxpr_trace_duration":
+        if event.removeprefix("/jax/core/compile/") in events:
             seen.append(str(kwargs.get("fun_name", "?")))
 
     jax.monitoring.register_event_duration_secs_listener(listen)
@@ -84,6 +86,29 @@ def test_prepared_turns_compile_nothing(chat_checkpoint: Path, whole_context: bo
         assert lengths == {1024 + decoder.chunk_size - 1}
     else:
         assert len(lengths) >= 2, lengths  # the session grew across a cache length
+
+
+def test_the_first_request_compiles_while_the_weights_load(chat_checkpoint: Path) -> None:
+    """LocalDecoder.load's `early`: the decoder over the params' shapes compiles the first
+    request's programs before the weights are read; the loaded arrays then find them compiled
+    (what a lowering over jax.ShapeDtypeStruct params gives is the program they run)."""
+    for program in (prefill_rows, decode_chunk, resize_state, fresh_state):
+        program.clear_cache()
+    seen: list[tuple[bool, bool]] = []
+
+    def early(shaped: LocalDecoder) -> None:
+        leaves = jax.tree_util.tree_leaves(shaped.params)
+        seen.append((shaped.loaded, all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)))
+        shaped.prepare("", SAMPLE)
+        shaped.wait_prepared()  # all compiled before the weights are read
+
+    decoder = LocalDecoder.load(chat_checkpoint, early=early)
+    assert seen == [(False, True)] and decoder.loaded
+    prompt = f"# {STEPS[1]}\n"
+    with compiles() as compiled:
+        code = "".join(decoder.generate(prompt, SAMPLE))
+    assert compiled == [], f"the first request compiled {compiled}"
+    assert code == "".join(LocalDecoder.load(chat_checkpoint).generate(prompt, SAMPLE))
 
 
 def test_prepared_turns_give_the_tokens_of_cold_runs(chat_checkpoint: Path) -> None:
