@@ -177,6 +177,17 @@ def test_a_first_turn_without_context_plans_the_cold_widths(chat_checkpoint: Pat
     assert sorted(prefills) == [(n, 1, width, True) for n in lengths for width in (16, 32, 64)]
 
 
+def test_an_empty_context_plans_the_narrow_prefill_only(chat_checkpoint: Path) -> None:
+    """Turn 1 over the whole-context cache goes in narrow pieces: the wide prefill compiles
+    after it (the next plan), not beside the first request."""
+    decoder = long_context_decoder(chat_checkpoint, whole_context=True)
+    length = decoder.cache_length(1)
+    first = [job for job in decoder._plan(0, 1, SAMPLE) if job[0] == "prefill"]
+    assert first == [("prefill", length, 1, TYPED_TOKENS, False)]
+    later = [job[3] for job in decoder._plan(40, 1, SAMPLE) if job[0] == "prefill"]
+    assert later == [TYPED_TOKENS, STEP_TOKENS]
+
+
 def test_prepare_compiles_one_prefill_program_per_cache_length(chat_checkpoint: Path) -> None:
     for program in (prefill_rows, decode_chunk, resize_state, fresh_state):
         program.clear_cache()
@@ -310,8 +321,9 @@ def test_one_row_prefills_any_text_in_pieces_of_the_two_programs_compiled_ahead(
         program.clear_cache()
     decoder = long_context_decoder(chat_checkpoint, whole_context=True)
     cut = long_context_decoder(chat_checkpoint)
-    decoder.prepare("", SAMPLE)  # a new session: what its first request runs
+    decoder.prepare("import math\n", SAMPLE)  # a session after its first turn: both programs
     decoder.wait_prepared()
+    decoder.forget()  # and nothing cached
     widths: list[tuple[int, bool]] = []
 
     def prefill(*args: Any, **kwargs: Any) -> Any:
