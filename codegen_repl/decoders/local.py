@@ -305,6 +305,7 @@ class LocalDecoder:
         self._jobs: dict[Job, concurrent.futures.Future[None]] = {}
         self._asked = 0  # prepares and requests so far: a background prefill stops when it grows
         self._prefills: set[Job] = set()  # the prefill programs compiled (or run) so far
+        self._served = False  # a request has ended (see _programs)
         # False while the params are shapes only (LocalDecoder.load's `early`)
         self.loaded = not isinstance(
             jax.tree_util.tree_leaves(self.params)[0], jax.ShapeDtypeStruct
@@ -449,8 +450,10 @@ class LocalDecoder:
 
     def wait_prepared(self) -> None:
         """Block until the background work `prepare` asked for is done (benchmarks and tests
-        use it to stand for a user who types slower than the machine prepares)."""
-        concurrent.futures.wait(list(self._jobs.values()))
+        use it to stand for a user who types slower than the machine prepares), including
+        work asked for meanwhile."""
+        while pending := [job for job in list(self._jobs.values()) if not job.done()]:
+            concurrent.futures.wait(pending)
 
     def _plan(self, base: int, rows: int, sample: SampleParams) -> list[Job]:
         """The programs a request of `rows` rows on `base` + 1..STEP_TOKENS tokens runs, the
@@ -496,11 +499,13 @@ class LocalDecoder:
             start = ()
         decode: Job = ("decode", length, rows, self.chunk_size, sample.mode)
         if self._in_pieces(rows):  # the typed pieces likeliest, then longer text's
-            # An empty context (turn 1, its programs compiled as the weights load): the step
-            # goes in narrow pieces (see _start), and the wide program compiles after it, as
-            # the next step is typed, rather than beside the first request (2-3 s of a core
-            # for 350M; measured: turn 1's first code 0.79 s instead of 0.32 s when it ran).
-            widths = PIECE_WIDTHS[:1] if cold else PIECE_WIDTHS
+            # Before the first request (turn 1, its programs compiled as the weights load and
+            # its step prefilled as it is typed): the step goes in narrow pieces (see _start),
+            # and the wide program compiles after it, as the next step is typed, rather than
+            # beside the first request (2-3 s of a core for 350M; measured in process: turn
+            # 1's first code 0.67-0.88 s instead of 0.32 s when it ran alongside). A long
+            # context before it (a resume) compiles it in its own background prefill.
+            widths = PIECE_WIDTHS if self._served else PIECE_WIDTHS[:1]
             prefills = [("prefill", length, rows, width, False) for width in widths]
         else:
             widths = COLD_WIDTHS if cold else (STEP_TOKENS, TYPED_TOKENS)
@@ -775,7 +780,7 @@ class LocalDecoder:
         """Keep row 0 for the next request (unless an interrupt left the state donated, or
         it failed: None, and the next request starts afresh)."""
         with self._lock:
-            self._streaming = False
+            self._streaming, self._served = False, True
             if state is None:
                 self.forget()
                 return

@@ -177,13 +177,15 @@ def test_a_first_turn_without_context_plans_the_cold_widths(chat_checkpoint: Pat
     assert sorted(prefills) == [(n, 1, width, True) for n in lengths for width in (16, 32, 64)]
 
 
-def test_an_empty_context_plans_the_narrow_prefill_only(chat_checkpoint: Path) -> None:
-    """Turn 1 over the whole-context cache goes in narrow pieces: the wide prefill compiles
-    after it (the next plan), not beside the first request."""
+def test_turn_1_plans_the_narrow_prefill_only(chat_checkpoint: Path) -> None:
+    """Turn 1 over the whole-context cache goes in narrow pieces, also as it is typed: the
+    wide prefill compiles after the first request (the next plan), not beside it."""
     decoder = long_context_decoder(chat_checkpoint, whole_context=True)
     length = decoder.cache_length(1)
-    first = [job for job in decoder._plan(0, 1, SAMPLE) if job[0] == "prefill"]
-    assert first == [("prefill", length, 1, TYPED_TOKENS, False)]
+    for typed in (0, 12):  # the empty context, then the step as typed so far
+        first = [job for job in decoder._plan(typed, 1, SAMPLE) if job[0] == "prefill"]
+        assert first == [("prefill", length, 1, TYPED_TOKENS, False)]
+    decoder.complete("# say hi\n", dataclasses.replace(SAMPLE, max_new_tokens=4))
     later = [job[3] for job in decoder._plan(40, 1, SAMPLE) if job[0] == "prefill"]
     assert later == [TYPED_TOKENS, STEP_TOKENS]
 
@@ -321,7 +323,8 @@ def test_one_row_prefills_any_text_in_pieces_of_the_two_programs_compiled_ahead(
         program.clear_cache()
     decoder = long_context_decoder(chat_checkpoint, whole_context=True)
     cut = long_context_decoder(chat_checkpoint)
-    decoder.prepare("import math\n", SAMPLE)  # a session after its first turn: both programs
+    decoder.complete("import math\n", SAMPLE)  # a session after its first turn:
+    decoder.prepare("import math\n", SAMPLE)  # both programs compiled
     decoder.wait_prepared()
     decoder.forget()  # and nothing cached
     widths: list[tuple[int, bool]] = []
