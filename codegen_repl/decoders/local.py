@@ -505,8 +505,8 @@ class LocalDecoder:
             # beside the first request (2-3 s of a core for 350M; measured in process: turn
             # 1's first code 0.67-0.88 s instead of 0.32 s when it ran alongside). A long
             # context before it (a resume) compiles it in its own background prefill.
-            widths = PIECE_WIDTHS if self._served else PIECE_WIDTHS[:1]
-            prefills = [("prefill", length, rows, width, False) for width in widths]
+            pieces = PIECE_WIDTHS if self._served else PIECE_WIDTHS[:1]
+            prefills = [("prefill", length, rows, width, False) for width in pieces]
         else:
             widths = COLD_WIDTHS if cold else (STEP_TOKENS, TYPED_TOKENS)
             prefills = [("prefill", length, rows, width, cold) for width in widths]
@@ -564,7 +564,10 @@ class LocalDecoder:
     ) -> tuple[DecodeState, int]:
         """Prefill `ids` after `reuse` cached tokens in `pieces` (see _pieces) and start
         `rows` on them; or, when `stop()` turns true between two pieces, only the pieces
-        before it. Returns the state and how many tokens of `ids` it holds."""
+        before it. With `stop` (a background prefill) each piece is computed before the next
+        is asked for, not only dispatched (JAX dispatches asynchronously: 24 pieces of a
+        paste would all be queued at once, and a request would wait for every one). Returns
+        the state and how many tokens of `ids` it holds."""
         length, count = state.cache[0].keys.shape[2], state.position.shape[0]
         for done, (width, cold) in enumerate(pieces[:-1]):
             if done and stop is not None and stop():  # (one piece at least: progress)
@@ -572,10 +575,14 @@ class LocalDecoder:
             state = prefill_prompt(
                 self.logits_fn, self.params, state, ids[: reuse + width], reuse, [0], width, cold
             )
+            if stop is not None:
+                jax.block_until_ready(state)
             self._prefills.add(("prefill", length, count, width, cold))
             reuse += width
         width, cold = pieces[-1]
         state = prefill_prompt(self.logits_fn, self.params, state, ids, reuse, rows, width, cold)
+        if stop is not None:
+            jax.block_until_ready(state)
         self._prefills.add(("prefill", length, count, width, cold))
         return state, len(ids)
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 import pytest
 
 from codegen_repl.decoders.local import (
@@ -401,6 +402,35 @@ def test_a_newer_prompt_stops_a_running_prefill_at_its_next_piece(
     ids = decoder.tokenizer.encode(other + "x = 1\n")
     got = [chunk.tolist() for chunk in decoder.stream_tokens(ids, SAMPLE)]
     assert got == [chunk.tolist() for chunk in fresh.stream_tokens(ids, SAMPLE)]
+
+
+def test_a_background_prefill_is_computed_when_its_job_ends(
+    chat_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each piece is computed before the next (JAX dispatches asynchronously): a prefill that
+    stops between pieces stops the work, and `wait_prepared` means the cache is there (a
+    request right after it waited 2-5 s for a queued prefill of 350M)."""
+    decoder = long_context_decoder(chat_checkpoint, whole_context=True)
+
+    @jax.jit
+    def slow(keys: jax.Array) -> jax.Array:  # ready 0.2 s after it is dispatched
+        def sleep() -> np.ndarray:
+            time.sleep(0.2)
+            return np.zeros((), np.float32)
+
+        return keys + jax.pure_callback(sleep, jax.ShapeDtypeStruct((), np.float32))
+
+    def prefill(*args: Any, **kwargs: Any) -> Any:
+        state = prefill_rows(*args, **kwargs)
+        keys = slow(state.cache[0].keys)
+        return state._replace(cache=(state.cache[0]._replace(keys=keys), *state.cache[1:]))
+
+    monkeypatch.setattr(sampling, "prefill_rows", prefill)
+    context = decoder.tokenizer.decode(decoder.tokenizer.encode("x = [1, 2, 3]\n" * 100)[:300])
+    decoder.prepare(context, SAMPLE)
+    decoder.wait_prepared()
+    assert decoder._kept is not None and len(decoder._tokens) == decoder.count_tokens(context)
+    assert decoder._kept.cache[0].keys.is_ready()
 
 
 def test_a_failed_prefill_leaves_the_decoder_usable(
