@@ -207,6 +207,11 @@ Piece = tuple[int, bool]  # a prefill's (width, cold)
 COMPILE_FIRST_PRIORITY, PREFILL_PRIORITY, COMPILE_LATER_PRIORITY = 0, 1, 2
 # The prefill widths one row over the whole-context cache runs (see LocalDecoder._pieces).
 PIECE_WIDTHS = (TYPED_TOKENS, STEP_TOKENS)
+# The first decode chunk's steps over the whole-context cache: the first code shows after
+# one model step, not chunk_size (350M, 2-core CPU: ~80 ms a step at 1,500 cached tokens, so
+# Enter -> first code 0.55-0.7 s became ~0.3 s); its program is compiled after the others,
+# from the second turn on (see LocalDecoder._programs).
+FIRST_STEPS = 1
 
 
 class Ahead:
@@ -304,7 +309,7 @@ class LocalDecoder:
         self._ahead = Ahead()
         self._jobs: dict[Job, concurrent.futures.Future[None]] = {}
         self._asked = 0  # prepares and requests so far: a background prefill stops when it grows
-        self._prefills: set[Job] = set()  # the prefill programs compiled (or run) so far
+        self._compiled: set[Job] = set()  # the prefill and decode programs compiled (or run)
         self._served = False  # a request has ended (see _programs)
         # False while the params are shapes only (LocalDecoder.load's `early`)
         self.loaded = not isinstance(
@@ -511,8 +516,11 @@ class LocalDecoder:
             widths = COLD_WIDTHS if cold else (STEP_TOKENS, TYPED_TOKENS)
             prefills = [("prefill", length, rows, width, cold) for width in widths]
         keep: Job = ("resize", rows, length, 1, self.cache_length(length)) if rows > 1 else ()
+        short: Job = ()
+        if self._in_pieces(rows) and self._served and self.chunk_size != FIRST_STEPS:
+            short = ("decode", length, rows, FIRST_STEPS, sample.mode)  # as the wide prefill
         first = [job for job in (start, prefills[0], decode) if job]
-        return first, [job for job in (*prefills[1:], keep) if job]
+        return first, [job for job in (short, *prefills[1:], keep) if job]
 
     def _request_length(self, tokens: int, steps: int, rows: int = 1) -> int:
         """The cache length of a request of `rows` rows on `tokens` tokens that decodes
@@ -577,13 +585,13 @@ class LocalDecoder:
             )
             if stop is not None:
                 jax.block_until_ready(state)
-            self._prefills.add(("prefill", length, count, width, cold))
+            self._compiled.add(("prefill", length, count, width, cold))
             reuse += width
         width, cold = pieces[-1]
         state = prefill_prompt(self.logits_fn, self.params, state, ids, reuse, rows, width, cold)
         if stop is not None:
             jax.block_until_ready(state)
-        self._prefills.add(("prefill", length, count, width, cold))
+        self._compiled.add(("prefill", length, count, width, cold))
         return state, len(ids)
 
     @staticmethod
@@ -617,10 +625,11 @@ class LocalDecoder:
         state = self._state_shape(job[2], job[1])
         if kind == "prefill":
             lower_prefill(self.logits_fn, self.params, state, job[3], job[2], job[4]).compile()
-            self._prefills.add(job)
+            self._compiled.add(job)
         else:
             knobs = request_knobs(sample)  # also compiles the few small programs knobs run
             lower_decode(self.logits_fn, self.params, state, knobs, job[3], job[4]).compile()
+            self._compiled.add(job)
 
     def _state_shape(self, rows: int, length: int) -> Any:
         return jax.eval_shape(lambda: fresh_state(self.config, rows, length, self.dtype))
@@ -729,18 +738,29 @@ class LocalDecoder:
         traced, mode = request_knobs(sample), sample.mode
         new: list[np.ndarray] = []
         failed = False
+        steps, done = self._first_steps(state, sample), 0
         try:
-            for done in range(0, sample.max_new_tokens, self.chunk_size):
+            while done < sample.max_new_tokens:
                 state, tokens = decode_chunk(
-                    self.logits_fn, self.params, state, traced, self.chunk_size, mode
+                    self.logits_fn, self.params, state, traced, steps, mode
                 )
                 new.append(np.asarray(tokens))
                 yield new[-1][:, : sample.max_new_tokens - done]
+                done, steps = done + steps, self.chunk_size
         except Exception:  # a state that failed to compute must not serve the next request
             failed = True
             raise
         finally:
             self._keep(None if failed else state, prompt_ids, new)
+
+    def _first_steps(self, state: DecodeState, sample: SampleParams) -> int:
+        """The first chunk's steps: FIRST_STEPS over the whole-context cache once that program
+        is compiled (its room, chunk_size - 1 positions past the window, holds the one step
+        more a request then runs), else chunk_size. The tokens are the same either way
+        (a step's sample key is its index)."""
+        rows, length = state.position.shape[0], state.cache[0].keys.shape[2]
+        first: Job = ("decode", length, rows, FIRST_STEPS, sample.mode)
+        return FIRST_STEPS if self._in_pieces(rows) and first in self._compiled else self.chunk_size
 
     def _check_fits(self, prompt_ids: list[int], sample: SampleParams) -> None:
         if not prompt_ids:
@@ -765,7 +785,7 @@ class LocalDecoder:
             # compiled (turn 1, typed as its programs compile): ~0.1 s a piece, not seconds
             # of compiling the wide one after Enter.
             wide = ("prefill", length, rows, STEP_TOKENS, False)
-            narrow = TYPED_PIECES_UP_TO if wide in self._prefills else STEP_TOKENS
+            narrow = TYPED_PIECES_UP_TO if wide in self._compiled else STEP_TOKENS
             pieces = self._pieces(prompt_ids, reuse, rows, length, narrow)
             needed = {
                 self._start_job(rows, length),

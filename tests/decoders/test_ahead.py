@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from codegen_repl.decoders.local import (
+    FIRST_STEPS,
     STEP_TOKENS,
     TYPED_PIECES_UP_TO,
     TYPED_TOKENS,
@@ -342,11 +343,11 @@ def test_one_row_prefills_any_text_in_pieces_of_the_two_programs_compiled_ahead(
     want = []
     for prompt in prompts:
         cut.forget()
-        want.append([chunk.tolist() for chunk in cut.stream_tokens(prompt, SAMPLE)])
+        want.append([t for chunk in cut.stream_tokens(prompt, SAMPLE) for t in chunk[0].tolist()])
     monkeypatch.setattr(sampling, "prefill_rows", prefill)
     for prompt, tokens in zip(prompts, want, strict=True):
         with compiles() as compiled:
-            got = [chunk.tolist() for chunk in decoder.stream_tokens(prompt, SAMPLE)]
+            got = [t for chunk in decoder.stream_tokens(prompt, SAMPLE) for t in chunk[0].tolist()]
         assert compiled == [], f"a {len(prompt)}-token prompt compiled {compiled}"
         assert got == tokens
     count = -(-len(ids) // STEP_TOKENS)  # nothing cached: STEP_TOKENS pieces, none cold
@@ -402,6 +403,36 @@ def test_a_newer_prompt_stops_a_running_prefill_at_its_next_piece(
     ids = decoder.tokenizer.encode(other + "x = 1\n")
     got = [chunk.tolist() for chunk in decoder.stream_tokens(ids, SAMPLE)]
     assert got == [chunk.tolist() for chunk in fresh.stream_tokens(ids, SAMPLE)]
+
+
+def test_from_turn_2_the_first_code_comes_after_one_step(chat_checkpoint: Path) -> None:
+    """Over the whole-context cache the first chunk is FIRST_STEPS long once its program is
+    compiled (planned from the second turn on); the tokens are those of whole chunks, and the
+    request compiles nothing."""
+    decoder = long_context_decoder(chat_checkpoint, whole_context=True)
+    cut = long_context_decoder(chat_checkpoint)
+    sample = dataclasses.replace(SAMPLE, max_new_tokens=13)  # 1 + 3 chunks of 4: 13
+    context = "import math\n"
+    decoder.prepare(context, sample)
+    decoder.wait_prepared()
+    assert not any(job[0] == "decode" and job[3] == FIRST_STEPS for job in decoder._compiled)
+    first = [
+        chunk.shape[1]
+        for chunk in decoder.stream_tokens(decoder.tokenizer.encode(context + "# a\n"), sample)
+    ]
+    assert first[0] == decoder.chunk_size  # turn 1: not compiled, not waited for
+    for step in STEPS[:3]:
+        decoder.prepare(context, sample)
+        decoder.wait_prepared()
+        prompt = decoder.tokenizer.encode(f"{context}# {step}\n")
+        with compiles() as compiled:
+            chunks = list(decoder.stream_tokens(prompt, sample))
+        assert compiled == [], compiled
+        assert [chunk.shape[1] for chunk in chunks] == [FIRST_STEPS, 4, 4, 4]
+        cut.forget()
+        want = [t for chunk in cut.stream_tokens(prompt, sample) for t in chunk[0].tolist()]
+        assert [t for chunk in chunks for t in chunk[0].tolist()] == want
+        context = f"{context}# {step}\n{decoder.tokenizer.decode(want)}\n\n"
 
 
 def test_a_background_prefill_is_computed_when_its_job_ends(
