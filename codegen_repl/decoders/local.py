@@ -476,10 +476,14 @@ class LocalDecoder:
             self._request_length(base + extra, steps, rows) for extra in (1, STEP_TOKENS)
         )
         cold = base == 0
+        # Before the first request, a context that narrow pieces cover (turn 1 as it is typed)
+        # leaves the wide prefill and the one-step chunk for later (see _programs); a longer
+        # one (a resume) needs the wide prefill.
+        wide = self._served or base > STEP_TOKENS
         first: list[Job] = []
         later: list[Job] = []
         for length in lengths:
-            now, after = self._programs(rows, kept, length, cold, sample)
+            now, after = self._programs(rows, kept, length, cold, sample, wide)
             first += now
             later += after
         # The cache length after those: compiled while the user types the turns before it
@@ -487,16 +491,17 @@ class LocalDecoder:
         beyond = self.cache_length(max(lengths) + 1, rows)
         if beyond > max(lengths) and not cold:
             resized = ("resize", 1, max(lengths), rows, beyond)
-            now = self._programs(rows, kept, beyond, cold, sample)[0]
+            now = self._programs(rows, kept, beyond, cold, sample, wide)[0]
             later += [resized, *(job for job in now if job[0] in ("prefill", "decode"))]
         return first, later
 
     def _programs(
-        self, rows: int, kept: int, length: int, cold: bool, sample: SampleParams
+        self, rows: int, kept: int, length: int, cold: bool, sample: SampleParams, wide: bool
     ) -> tuple[list[Job], list[Job]]:
         """A request's programs at one cache length: (the ones every step runs: what gives it
         its state, when there is one, its prefill and the decode; the rest: the wider cold
-        prefills, the narrow TYPED_TOKENS prefill and what _keep runs). After cached tokens two
+        prefills, the narrow TYPED_TOKENS prefill and what _keep runs; `wide`: also the
+        STEP_TOKENS prefill and the one-step chunk of the pieces path). After cached tokens two
         prefill programs serve every step (STEP_TOKENS wide; TYPED_TOKENS for the end of a step
         prefilled as it was typed), not three of prefill_width's."""
         start: Job = ("fresh", rows, length) if cold else ("resize", 1, kept, rows, length)
@@ -504,20 +509,19 @@ class LocalDecoder:
             start = ()
         decode: Job = ("decode", length, rows, self.chunk_size, sample.mode)
         if self._in_pieces(rows):  # the typed pieces likeliest, then longer text's
-            # Before the first request (turn 1, its programs compiled as the weights load and
-            # its step prefilled as it is typed): the step goes in narrow pieces (see _start),
-            # and the wide program compiles after it, as the next step is typed, rather than
-            # beside the first request (2-3 s of a core for 350M; measured in process: turn
-            # 1's first code 0.67-0.88 s instead of 0.32 s when it ran alongside). A long
-            # context before it (a resume) compiles it in its own background prefill.
-            pieces = PIECE_WIDTHS if self._served else PIECE_WIDTHS[:1]
+            # Not `wide` (turn 1, its programs compiled as the weights load and its step
+            # prefilled as it is typed): the step goes in narrow pieces (see _start), and the
+            # wide program compiles after the first request, as the next step is typed, rather
+            # than beside it (2-3 s of a core for 350M; measured in process: turn 1's first
+            # code 0.67-0.88 s instead of 0.32 s when it ran alongside).
+            pieces = PIECE_WIDTHS if wide else PIECE_WIDTHS[:1]
             prefills = [("prefill", length, rows, width, False) for width in pieces]
         else:
             widths = COLD_WIDTHS if cold else (STEP_TOKENS, TYPED_TOKENS)
             prefills = [("prefill", length, rows, width, cold) for width in widths]
         keep: Job = ("resize", rows, length, 1, self.cache_length(length)) if rows > 1 else ()
         short: Job = ()
-        if self._in_pieces(rows) and self._served and self.chunk_size != FIRST_STEPS:
+        if self._in_pieces(rows) and wide and self.chunk_size != FIRST_STEPS:
             short = ("decode", length, rows, FIRST_STEPS, sample.mode)  # as the wide prefill
         first = [job for job in (start, prefills[0], decode) if job]
         return first, [job for job in (short, *prefills[1:], keep) if job]
