@@ -91,6 +91,28 @@ def open_decoder(
 
 
 LOAD_EXIT_WAIT_S = 60.0
+# Set at exit: no background decoder work starts any more (decoders/local.py's Ahead checks
+# it). Here, not beside that work, so that it is set before a loading model is waited for,
+# even when the load thread imports the local decoder (and registers its own exit handler)
+# after the main thread has exited: a handler registered while atexit runs is never called,
+# and a thread that is inside XLA when Python finalizes aborts the process.
+EXITING = threading.Event()
+_EXIT_HOOKS: list[Callable[[], None]] = []  # what stops background work at exit (at_exit)
+
+
+def at_exit(hook: Callable[[], None]) -> None:
+    """Call `hook` at exit, once EXITING is set and before a loading model is waited for
+    (a decoder stops its background thread there)."""
+    _EXIT_HOOKS.append(hook)
+
+
+@atexit.register
+def _exiting() -> None:
+    EXITING.set()
+    for hook in list(_EXIT_HOOKS):
+        hook()
+
+
 Status = Callable[[str], None]  # told when a call waits: "loading the model codegen-350M …"
 
 
@@ -143,9 +165,14 @@ class BackgroundDecoder:
             target=self._load, args=(load,), name="model-load", daemon=True
         )
         self._thread.start()
-        # A daemon thread inside XLA when Python finalizes aborts the process: at exit, wait
-        # for the load (at most LOAD_EXIT_WAIT_S; a download is Python code, safe to abandon).
-        atexit.register(self._thread.join, LOAD_EXIT_WAIT_S)
+        # A daemon thread inside XLA when Python finalizes aborts the process: at exit, stop
+        # the background work (its compiles while the weights load too: EXITING), then wait for
+        # the load (at most LOAD_EXIT_WAIT_S; a download is Python code, safe to abandon).
+        atexit.register(self._at_exit)
+
+    def _at_exit(self) -> None:
+        _exiting()
+        self._thread.join(LOAD_EXIT_WAIT_S)
 
     def _shaped(self, decoder: Decoder) -> None:
         """`early`: the decoder, its weights not read yet; told the sample asked for so far."""

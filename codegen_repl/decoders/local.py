@@ -33,7 +33,6 @@ it, and both decode through model/sampling.py.
 
 from __future__ import annotations
 
-import atexit
 import concurrent.futures
 import dataclasses
 import functools
@@ -49,7 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from codegen_repl.core.decoding import SampleText
+from codegen_repl.core.decoding import EXITING, SampleText, at_exit
 from codegen_repl.core.truncation import Cutter
 from codegen_repl.errors import ConfigError
 from codegen_repl.model import cpu_attention, cpu_matmul
@@ -233,8 +232,9 @@ class Ahead:
 
     @property
     def stopped(self) -> bool:
-        """stop() was called, or the process exits (`_stop_ahead`): nothing more runs."""
-        return self._stopped or _EXITING.is_set()
+        """stop() was called, or the process exits (core/decoding.py EXITING): nothing more
+        runs."""
+        return self._stopped or EXITING.is_set()
 
     def submit(
         self, work: Callable[[], None], priority: int = 0
@@ -279,17 +279,18 @@ class Ahead:
 
 
 _RUNNING: weakref.WeakSet[Ahead] = weakref.WeakSet()
-_EXITING = threading.Event()  # set at exit (see _stop_ahead)
 
 
-@atexit.register
 def _stop_ahead() -> None:
-    """At exit: no background job starts any more (a model loading in a thread may create
-    its decoder, and ask it to prepare, after this ran: atexit's later handlers run first),
-    and the running ones end."""
-    _EXITING.set()
+    """At exit (core/decoding.py's at_exit, which sets EXITING first: no background job starts
+    any more, also in a decoder created later, e.g. by a model loading in a thread), the
+    running jobs end."""
+    EXITING.set()
     for ahead in list(_RUNNING):
         ahead.stop()
+
+
+at_exit(_stop_ahead)
 
 
 class LocalDecoder:
