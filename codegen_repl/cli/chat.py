@@ -51,10 +51,16 @@ def chat(
 
     Defaults come from config.toml (see `codegen-repl config show`); options override it."""
     from codegen_repl.core.settings import Overrides, merge, resolve
+    from codegen_repl.errors import ConfigError
     from codegen_repl.repl.chat import ChatOptions, run_chat
     from codegen_repl.userconfig import UserConfig
 
     with user_errors():
+        if yes and run not in (None, "auto"):
+            raise ConfigError(
+                f"--yes runs every snippet (--run auto); it conflicts with --run {run}: "
+                "give one of them"
+            )
         flags = Overrides.of(
             {"model": model, "server": server, "api_key": api_key, "dtype": dtype,
              "run": "auto" if yes else run, "temperature": temperature, "top_p": top_p,

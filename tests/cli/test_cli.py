@@ -128,6 +128,8 @@ def test_the_bare_command_runs_the_chat(tmp_path: Path, chat_checkpoint: Path) -
     assert session.is_file()
     wrong = run_cli("--run", "sometimes", env=env)
     assert wrong.returncode == 2 and "run must be one of ask, auto, never" in wrong.stderr
+    both = run_cli("--yes", "--run", "never", env=env)  # one wins silently: refused instead
+    assert both.returncode == 2 and "conflicts with --run never" in both.stderr
     typo = run_cli("generat", env=env)
     assert typo.returncode == 2 and "No such command 'generat'" in typo.stderr
 
