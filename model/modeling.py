@@ -506,11 +506,18 @@ class CodeGen(Layer):
         )(tokens)  # fmt: skip
         rotary = Rotary(positions, *rotary_angles(positions, cfg.rotary_dim))  # once, not per layer
         kv = []
-        # Decoding (a cache; not init, not training): every block goes through one jitted
-        # function of its params, so a program traces one block, not num_layers (the 350M
-        # decode chunk: 0.82 -> 0.24 s of tracing on the 2-core CPU); XLA inlines the calls,
-        # so the compiled program is the same.
-        shared = cache is not None and not self.remat and not self.is_initializing()
+        # Decoding inside a traced program (a cache; not init, not training): every block goes
+        # through one jitted function of its params, so a program traces one block, not
+        # num_layers (the 350M decode chunk: 0.82 -> 0.24 s of tracing on the 2-core CPU); XLA
+        # inlines the calls, so the compiled program is the same. Not with concrete positions
+        # (an eager call, a gradient through the cached path): a jit would make them abstract,
+        # and blocked_attention's loop bounds with them (no reverse-mode derivative).
+        shared = (
+            cache is not None
+            and isinstance(positions, jax.core.Tracer)
+            and not self.remat
+            and not self.is_initializing()
+        )
         for i in range(cfg.num_layers):
             layer_cache = None if cache is None else cache[i]
             if shared:
