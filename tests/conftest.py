@@ -6,6 +6,9 @@ import json
 import shutil
 import signal
 import subprocess
+import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -209,12 +212,62 @@ def decoded_ids(decoder, prompt: list[int], sample) -> list[list[int]]:
     return np.concatenate(list(decoder.stream_tokens(prompt, sample)), axis=1).tolist()
 
 
+TRAINED_WAIT_S = 900  # the build takes ~40-50 s alone on the 2-core CPU, longer beside tests
+
+
 @pytest.fixture(scope="session")
-def trained_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny CodeGen trained here to write `tests.trained.PAIRS[step]` for each step."""
+def trained_checkpoint(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Path:
+    """A tiny CodeGen trained here to write `tests.trained.PAIRS[step]` for each step. Under
+    pytest-xdist it is trained once for all workers, from their first test on
+    (`trained_in_background`), so no worker sits idle while another trains it."""
     from tests.trained import build_trained_checkpoint
 
-    return build_trained_checkpoint(tmp_path_factory.mktemp("trained"))
+    if worker_id == "master":  # no xdist workers
+        return build_trained_checkpoint(tmp_path_factory.mktemp("trained"))
+    shared = tmp_path_factory.getbasetemp().parent / "trained"
+    deadline = time.monotonic() + TRAINED_WAIT_S
+    while not (shared / "done").exists():
+        if (shared / "failed").exists():
+            pytest.fail(f"training the tiny model failed:\n{(shared / 'failed').read_text()}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"the tiny model was not trained within {TRAINED_WAIT_S} s")
+        time.sleep(0.2)
+    return shared / "checkpoint"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def trained_in_background(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, worker_id: str
+) -> Iterator[None]:
+    """Under pytest-xdist, when a collected test needs `trained_checkpoint`: the first worker
+    to start a test (mkdir is the claim) trains the tiny model in a subprocess, into the run's
+    common temporary folder; `trained_checkpoint` waits for its "done" (or "failed")."""
+    needed = any("trained_checkpoint" in item.fixturenames for item in request.session.items)
+    shared = tmp_path_factory.getbasetemp().parent / "trained"
+    if worker_id == "master" or not needed:
+        yield
+        return
+    try:
+        shared.mkdir()
+    except FileExistsError:  # another worker trains it
+        yield
+        return
+    script = (
+        "import sys, traceback\n"
+        "from pathlib import Path\n"
+        "from tests.trained import build_trained_checkpoint\n"
+        "shared = Path(sys.argv[1])\n"
+        "try:\n"
+        "    build_trained_checkpoint(shared)\n"
+        "except BaseException:\n"
+        "    (shared / 'failed').write_text(traceback.format_exc())\n"
+        "    raise\n"
+        "(shared / 'done').touch()\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    build = subprocess.Popen([sys.executable, "-c", script, str(shared)], cwd=root)
+    yield
+    build.wait()  # other workers may still need it; a Ctrl-C reaches it too (same group)
 
 
 @pytest.fixture(autouse=True)

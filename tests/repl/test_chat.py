@@ -52,7 +52,8 @@ def make_repl(
     answers: tuple[str, ...] = (),
 ) -> tuple[Repl, io.StringIO]:  # fmt: skip
     out = io.StringIO()
-    console = Console(file=out, width=100, force_terminal=False)
+    # Wide enough for the temporary paths messages name (pytest-xdist's are longer) on one line
+    console = Console(file=out, width=200, force_terminal=False)
     settings = SessionSettings(prefix="")
     session = Session(ScriptedDecoder(*codes), executor, tmp_path / "s.ipynb", settings)
     replies = list(answers)
