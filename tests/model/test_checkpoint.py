@@ -244,6 +244,47 @@ def test_truncated_safetensors(tmp_path: Path, tiny_checkpoint) -> None:
         load_model(folder)
 
 
+@pytest.mark.parametrize("cut", ["empty", "in the header size", "in the header", "in a tensor"])
+def test_safetensors_cut_anywhere_are_truncated_or_corrupt(
+    tmp_path: Path, tiny_checkpoint, cut: str
+) -> None:
+    folder = copy_checkpoint(tiny_checkpoint, tmp_path / "c")
+    weights = folder / "model.safetensors"
+    data = weights.read_bytes()
+    header_end = 8 + int.from_bytes(data[:8], "little")
+    keep = {"empty": 0, "in the header size": 5, "in the header": header_end - 3}
+    weights.write_bytes(data[: keep.get(cut, len(data) - 7)])
+    with pytest.raises(CheckpointError, match=r"model.safetensors is truncated or corrupt"):
+        load_model(folder)
+
+
+def test_safetensors_are_read_as_the_library_reads_them(tmp_path: Path) -> None:
+    """Our reader maps the file (views, no copies): every dtype equal to safetensors' own."""
+    from safetensors.numpy import load_file
+    from safetensors.numpy import save_file as save_numpy
+
+    from codegen_repl.model.checkpoint import read_tensors
+
+    rng = np.random.default_rng(0)
+    tensors = {
+        "f32": rng.normal(size=(3, 5)).astype(np.float32),
+        "f16": rng.normal(size=(7,)).astype(np.float16),
+        "i64": np.arange(6, dtype=np.int64).reshape(2, 3),
+        "scalar": np.array(2.5, dtype=np.float32),
+        "empty": np.zeros((0, 4), dtype=np.float32),
+    }
+    save_numpy(tensors, str(tmp_path / "t.safetensors"))
+    save_file({"bf16": torch.arange(5, dtype=torch.bfloat16)}, str(tmp_path / "b.safetensors"))
+    read = dict(read_tensors([tmp_path / "t.safetensors", tmp_path / "b.safetensors"]))
+    expected = load_file(str(tmp_path / "t.safetensors"))
+    for name, array in expected.items():
+        assert read[name].dtype == array.dtype and read[name].shape == array.shape, name
+        np.testing.assert_array_equal(read[name], array)
+        assert not read[name].flags.writeable  # a view of the mapped file
+    assert str(read["bf16"].dtype) == "bfloat16"
+    np.testing.assert_array_equal(read["bf16"].astype(np.float32), np.arange(5, dtype=np.float32))
+
+
 def test_corrupt_torch_bin(tmp_path: Path, tiny_hf) -> None:
     save_bin(tiny_hf, tmp_path)
     (tmp_path / "pytorch_model.bin").write_bytes(b"not a checkpoint" * 100)
