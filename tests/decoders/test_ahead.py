@@ -466,6 +466,43 @@ def test_a_background_prefill_is_computed_when_its_job_ends(
     assert decoder._kept.cache[0].keys.is_ready()
 
 
+def test_a_request_prefills_while_its_decode_program_compiles(
+    chat_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Turn 1 with a cold compile cache: Enter comes while the decode chunk compiles in the
+    background; the step's prefill runs meanwhile, not after it (350M on the 2-core CPU: ~1 s
+    of prefill, ~2 s of compile), and the tokens are a cold decoder's."""
+    decoder = long_context_decoder(chat_checkpoint, whole_context=True)
+    compiling, release, prefilled = threading.Event(), threading.Event(), threading.Event()
+    compile_program = LocalDecoder._compile
+
+    def held_compile(self: LocalDecoder, job: Any, sample: SampleParams) -> None:
+        if job[0] == "decode":  # a compile that takes until the test releases it
+            compiling.set()
+            release.wait(60)
+        compile_program(self, job, sample)
+
+    def prefill(*args: Any, **kwargs: Any) -> Any:
+        prefilled.set()
+        return prefill_rows(*args, **kwargs)
+
+    monkeypatch.setattr(LocalDecoder, "_compile", held_compile)
+    monkeypatch.setattr(sampling, "prefill_rows", prefill)
+    decoder.prepare("", SAMPLE)  # turn 1's programs, as while the weights load
+    assert compiling.wait(60)
+    ids = decoder.tokenizer.encode("import math\n# make a list of squares\n")
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        tokens = pool.submit(lambda: [c[0].tolist() for c in decoder.stream_tokens(ids, SAMPLE)])
+        try:
+            assert prefilled.wait(30), "the prefill waited for the decode program's compile"
+            assert not tokens.done()  # and the decode waits for that compile, not compiling twice
+        finally:
+            release.set()
+        got = [t for chunk in tokens.result(120) for t in chunk]
+    cold = long_context_decoder(chat_checkpoint, whole_context=True)
+    assert got == [t for chunk in cold.stream_tokens(ids, SAMPLE) for t in chunk[0].tolist()]
+
+
 def test_a_failed_prefill_leaves_the_decoder_usable(
     chat_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
