@@ -208,8 +208,9 @@ COMPILE_FIRST_PRIORITY, PREFILL_PRIORITY, COMPILE_LATER_PRIORITY = 0, 1, 2
 PIECE_WIDTHS = (TYPED_TOKENS, STEP_TOKENS)
 # The first decode chunk's steps over the whole-context cache: the first code shows after
 # one model step, not chunk_size (350M, 2-core CPU: ~80 ms a step at 1,500 cached tokens, so
-# Enter -> first code 0.55-0.7 s became ~0.3 s); its program is compiled after the others,
-# from the second turn on (see LocalDecoder._programs).
+# Enter -> first code 0.55-0.7 s became ~0.3 s). Turn 1 compiles only this decode program
+# ahead and runs all its chunks with it (LocalDecoder._later_steps); the chunk_size one
+# compiles after turn 1 (see LocalDecoder._programs).
 FIRST_STEPS = 1
 
 
@@ -502,13 +503,16 @@ class LocalDecoder:
         """A request's programs at one cache length: (the ones every step runs: what gives it
         its state, when there is one, its prefill and the decode; the rest: the wider cold
         prefills, the narrow TYPED_TOKENS prefill and what _keep runs; `wide`: also the
-        STEP_TOKENS prefill and the one-step chunk of the pieces path). After cached tokens two
+        STEP_TOKENS prefill and the chunk_size decode of the pieces path, whose first decode is
+        the one-step chunk, turn 1's only one). After cached tokens two
         prefill programs serve every step (STEP_TOKENS wide; TYPED_TOKENS for the end of a step
         prefilled as it was typed), not three of prefill_width's."""
         start: Job = ("fresh", rows, length) if cold else ("resize", 1, kept, rows, length)
         if not cold and (rows, length) == (1, kept):
             start = ()
         decode: Job = ("decode", length, rows, self.chunk_size, sample.mode)
+        if self._in_pieces(rows) and not wide:  # turn 1 decodes in one-step chunks: see below
+            decode = ("decode", length, rows, FIRST_STEPS, sample.mode)
         if self._in_pieces(rows):  # the typed pieces likeliest, then longer text's
             # Not `wide` (turn 1, its programs compiled as the weights load and its step
             # prefilled as it is typed): the step goes in narrow pieces (see _start), and the
@@ -524,6 +528,7 @@ class LocalDecoder:
         short: Job = ()
         if self._in_pieces(rows) and wide and self.chunk_size != FIRST_STEPS:
             short = ("decode", length, rows, FIRST_STEPS, sample.mode)  # as the wide prefill
+            decode, short = short, decode  # the one-step chunk is turn 1's: compiled already
         first = [job for job in (start, prefills[0], decode) if job]
         return first, [job for job in (short, *prefills[1:], keep) if job]
 
@@ -744,6 +749,7 @@ class LocalDecoder:
         new: list[np.ndarray] = []
         failed = False
         steps, done = self._first_steps(state, sample), 0
+        later = self._later_steps(state, sample)
         try:
             while done < sample.max_new_tokens:
                 state, tokens = decode_chunk(
@@ -751,7 +757,7 @@ class LocalDecoder:
                 )
                 new.append(np.asarray(tokens))
                 yield new[-1][:, : sample.max_new_tokens - done]
-                done, steps = done + steps, self.chunk_size
+                done, steps = done + steps, later
         except Exception:  # a state that failed to compute must not serve the next request
             failed = True
             raise
@@ -767,6 +773,18 @@ class LocalDecoder:
         first: Job = ("decode", length, rows, FIRST_STEPS, sample.mode)
         return FIRST_STEPS if self._in_pieces(rows) and first in self._compiled else self.chunk_size
 
+    def _later_steps(self, state: DecodeState, sample: SampleParams) -> int:
+        """The steps of the chunks after the first: chunk_size, but FIRST_STEPS over the
+        whole-context cache while only that program is compiled ahead (turn 1 of a prepared
+        session: it compiles while the weights load, in 1.3 core-seconds where the 4-step
+        chunk took 1.9 for 350M on the 2-core CPU, and shows the first code after one model
+        step; the chunk_size program compiles after turn 1). Same tokens either way."""
+        rows, length = state.position.shape[0], state.cache[0].keys.shape[2]
+        one: Job = ("decode", length, rows, FIRST_STEPS, sample.mode)
+        chunk: Job = ("decode", length, rows, self.chunk_size, sample.mode)
+        only_one = one in self._compiled and chunk not in self._compiled
+        return FIRST_STEPS if self._in_pieces(rows) and only_one else self.chunk_size
+
     def _check_fits(self, prompt_ids: list[int], sample: SampleParams) -> None:
         if not prompt_ids:
             raise ConfigError("the prompt is empty; give at least one token of context")
@@ -780,7 +798,7 @@ class LocalDecoder:
     def _start(self, prompt_ids: list[int], sample: SampleParams) -> DecodeState:
         """n rows on the prompt: prefill what the kept cache lacks into row 0, copy it to all."""
         steps = decode_steps(sample.max_new_tokens, self.chunk_size)
-        rows = sample.n
+        rows, mode = sample.n, sample.mode
         length = self._request_length(len(prompt_ids), steps, rows)
         self._asked += 1  # a background prefill stops at its next piece: it is waited for
         self._wait_ahead(lambda job: job[0] == "context")
@@ -801,11 +819,12 @@ class LocalDecoder:
             self._streaming = True
         try:
             state = self._prefill(state, prompt_ids, reuse, list(range(rows)), pieces)[0]
-            # The decode chunk's compile, if it is running, is waited for only now: the prefill
-            # (dispatched, computing) runs beside it (turn 1 with a cold compile cache: the
-            # typed step's prefill, ~1 s for 350M on the 2-core CPU, no longer waits for it).
-            decode: Job = ("decode", length, rows, self.chunk_size, sample.mode)
-            self._wait_ahead(lambda job: job == decode)
+            # A decode chunk's compile (any steps), if it is running, is waited for only now:
+            # the prefill (dispatched, computing) runs beside it (turn 1 with a cold compile
+            # cache: the typed step's prefill no longer waits for that compile).
+            self._wait_ahead(
+                lambda job: job[0] == "decode" and job[1:3] == (length, rows) and job[4] == mode
+            )
         except BaseException:  # the state is donated: nothing to keep, and prepares go on
             self._keep(None, prompt_ids, [])
             raise

@@ -53,6 +53,12 @@ def compiles() -> Iterator[list[str]]:
         jax.monitoring.unregister_event_duration_listener(listen)
 
 
+def tokens(chunks: Iterator[np.ndarray]) -> list[list[int]]:
+    """Each row's tokens, whatever the chunks' lengths (a prepared decoder's first chunks may
+    be one step where a cold one's are chunk_size)."""
+    return np.concatenate(list(chunks), axis=1).tolist()
+
+
 def long_context_decoder(folder: Path, whole_context: bool = False) -> LocalDecoder:
     """The chat checkpoint with a 1024-token window (rotary positions have no limit), so a
     session crosses cache lengths (192 -> 256 -> 384), unless `whole_context`: then one row's
@@ -225,10 +231,10 @@ def test_short_and_long_steps_after_a_prepared_context_compile_nothing(
         decoder.prepare(context, SAMPLE)
         decoder.wait_prepared()
         with compiles() as compiled:
-            got = [chunk.tolist() for chunk in decoder.stream_tokens(ids + step, SAMPLE)]
+            got = tokens(decoder.stream_tokens(ids + step, SAMPLE))
         assert compiled == [], f"a {len(step)}-token step compiled {compiled}"
         cold.forget()
-        assert got == [chunk.tolist() for chunk in cold.stream_tokens(ids + step, SAMPLE)]
+        assert got == tokens(cold.stream_tokens(ids + step, SAMPLE))
 
 
 @pytest.mark.parametrize("rows", [1, 3])
@@ -258,8 +264,8 @@ def test_a_request_that_ends_at_the_window_fits_the_whole_context_cache(
     cut = long_context_decoder(chat_checkpoint)
     sample = dataclasses.replace(SAMPLE, max_new_tokens=new_tokens, codegen_rules=False)
     ids = [whole.tokenizer.encode("x = 1\n")[0]] * (1024 - new_tokens)
-    want = [chunk.tolist() for chunk in cut.stream_tokens(ids, sample)]
-    assert [chunk.tolist() for chunk in whole.stream_tokens(ids, sample)] == want
+    want = tokens(cut.stream_tokens(ids, sample))
+    assert tokens(whole.stream_tokens(ids, sample)) == want
     short = ids[: 1024 // 2]  # and the decoder serves the next request
     assert [c.tolist() for c in whole.stream_tokens(short, sample)] == [
         c.tolist() for c in cut.stream_tokens(short, sample)
@@ -374,8 +380,8 @@ def test_a_prepare_of_a_prompt_the_cache_holds_keeps_what_it_holds(chat_checkpoi
     decoder.wait_prepared()
     decoder.prepare(f"{context}{step}", SAMPLE)  # the step again, as typed
     decoder.wait_prepared()
-    got = [chunk.tolist() for chunk in decoder.stream_tokens(ids, SAMPLE)]
-    assert got == [chunk.tolist() for chunk in fresh.stream_tokens(ids, SAMPLE)]
+    got = tokens(decoder.stream_tokens(ids, SAMPLE))
+    assert got == tokens(fresh.stream_tokens(ids, SAMPLE))
 
 
 def test_a_newer_prompt_stops_a_running_prefill_at_its_next_piece(
@@ -403,26 +409,29 @@ def test_a_newer_prompt_stops_a_running_prefill_at_its_next_piece(
     assert pieces[0] == STEP_TOKENS and len(pieces) < 4  # the paste's first piece, then other's
     assert decoder._tokens == decoder.tokenizer.encode(other)
     ids = decoder.tokenizer.encode(other + "x = 1\n")
-    got = [chunk.tolist() for chunk in decoder.stream_tokens(ids, SAMPLE)]
-    assert got == [chunk.tolist() for chunk in fresh.stream_tokens(ids, SAMPLE)]
+    got = tokens(decoder.stream_tokens(ids, SAMPLE))
+    assert got == tokens(fresh.stream_tokens(ids, SAMPLE))
 
 
-def test_from_turn_2_the_first_code_comes_after_one_step(chat_checkpoint: Path) -> None:
-    """Over the whole-context cache the first chunk is FIRST_STEPS long once its program is
-    compiled (planned from the second turn on); the tokens are those of whole chunks, and the
-    request compiles nothing."""
+def test_the_first_code_comes_after_one_step(chat_checkpoint: Path) -> None:
+    """Over the whole-context cache the first chunk is FIRST_STEPS long: turn 1 compiles only
+    that decode program ahead (cheaper to compile, while the weights load) and runs every chunk
+    with it; from turn 2 on the first chunk is one step, the others chunk_size. The tokens are
+    those of whole chunks, and no request compiles anything."""
     decoder = long_context_decoder(chat_checkpoint, whole_context=True)
     cut = long_context_decoder(chat_checkpoint)
     sample = dataclasses.replace(SAMPLE, max_new_tokens=13)  # 1 + 3 chunks of 4: 13
     context = "import math\n"
     decoder.prepare(context, sample)
     decoder.wait_prepared()
-    assert not any(job[0] == "decode" and job[3] == FIRST_STEPS for job in decoder._compiled)
-    first = [
-        chunk.shape[1]
-        for chunk in decoder.stream_tokens(decoder.tokenizer.encode(context + "# a\n"), sample)
-    ]
-    assert first[0] == decoder.chunk_size  # turn 1: not compiled, not waited for
+    assert {job[3] for job in decoder._compiled if job[0] == "decode"} == {FIRST_STEPS}
+    prompt = decoder.tokenizer.encode(context + "# a\n")
+    with compiles() as compiled:
+        turn_1 = list(decoder.stream_tokens(prompt, sample))
+    assert compiled == [], compiled
+    assert [chunk.shape[1] for chunk in turn_1] == [FIRST_STEPS] * 13
+    want = [t for chunk in cut.stream_tokens(prompt, sample) for t in chunk[0].tolist()]
+    assert [t for chunk in turn_1 for t in chunk[0].tolist()] == want
     for step in STEPS[:3]:
         decoder.prepare(context, sample)
         decoder.wait_prepared()
