@@ -115,27 +115,54 @@ _SAFETENSORS_DTYPES = {
 
 
 def _read_safetensors(file: Path) -> Iterator[tuple[str, np.ndarray]]:
-    """(name, read-only view of the mapped file) per tensor of a .safetensors file.
+    """(name, read-only view of the mapped file) per tensor of a .safetensors file, checked as
+    the format's spec and safetensors' own reader require: integer shapes and offsets, the
+    tensors' bytes covering the data exactly (no gap, no overlap, nothing after the last),
+    unique names.
 
     Raises:
-        CheckpointError: the header is not the format's, or a tensor lies outside the file
-            (truncated), or has a dtype numpy cannot hold (also as read_tensors words it).
+        CheckpointError: a dtype numpy does not hold here (F8_*, complex).
+        ValueError, KeyError, TypeError: anything else not as the format says (read_tensors
+            words them as a truncated or corrupt file).
     """
     mapped = np.memmap(file, dtype=np.uint8, mode="r")
     size = int.from_bytes(mapped[:8].tobytes(), "little") if len(mapped) >= 8 else -1
     if not 0 <= size <= len(mapped) - 8:
         raise ValueError(f"a header of {size} bytes in a file of {len(mapped)}")
-    header = json.loads(mapped[8 : 8 + size].tobytes())
+    header = json.loads(mapped[8 : 8 + size].tobytes(), object_pairs_hook=_unique_keys)
     data = mapped[8 + size :]
+    tensors = []
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        dtype = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]])
-        shape = tuple(int(n) for n in info["shape"])
-        begin, end = (int(n) for n in info["data_offsets"])
-        if not 0 <= begin <= end <= len(data) or end - begin != math.prod(shape) * dtype.itemsize:
-            raise ValueError(f"tensor {name!r} at bytes {begin}-{end} of {len(data)}")
+        if info["dtype"] not in _SAFETENSORS_DTYPES:
+            raise CheckpointError(
+                f"tensor {name!r} in {file} is {info['dtype']}, which codegen-repl does not "
+                f"read (it reads {', '.join(_SAFETENSORS_DTYPES)}); save the checkpoint in "
+                "float32, float16 or bfloat16"
+            )
+        dtype, shape = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]]), info["shape"]
+        begin, end = info["data_offsets"]
+        if not all(type(n) is int and n >= 0 for n in (*shape, begin, end)):
+            raise ValueError(f"tensor {name!r}: shape {shape}, offsets {begin}-{end}")
+        tensors.append((begin, end, name, dtype, tuple(shape)))
+    covered = 0
+    for begin, end, name, dtype, shape in sorted(tensors, key=lambda t: t[:2]):
+        if begin != covered or end - begin != math.prod(shape) * dtype.itemsize:
+            raise ValueError(f"tensor {name!r} at bytes {begin}-{end}, after {covered}")
+        covered = end
+    if covered != len(data):
+        raise ValueError(f"the tensors cover {covered} of the {len(data)} data bytes")
+    for begin, end, name, dtype, shape in tensors:
         yield name, data[begin:end].view(dtype).reshape(shape)
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json's object_pairs_hook: a name given twice is an error, not the last one's value."""
+    names = [name for name, _ in pairs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"a name given twice in {names}")
+    return dict(pairs)
 
 
 def _read_torch_bin(file: Path) -> Iterator[tuple[str, np.ndarray]]:
@@ -274,6 +301,10 @@ def load_params(path: Path, config: CodeGenConfig, dtype: jnp.dtype = jnp.float3
                 f"from config.json; the weights and config.json in {path} do not match"
             )
         _set(params, spec.path, _to_device(spec.to_flax, np.asarray(array), jnp.dtype(dtype)))
+    # The conversions read views of the mapped files (JAX takes them without a copy on a CPU)
+    # and run after dispatch: the load ends when they have, so that a file changed or cut
+    # after it neither changes the weights nor crashes the process (SIGBUS).
+    jax.block_until_ready(params)
     if mapping:
         missing = sorted(mapping, key=_natural)
         shown = ", ".join(missing[:5]) + (

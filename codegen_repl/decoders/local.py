@@ -197,6 +197,10 @@ COLD_WIDTHS = (16, 32, 64)
 # background prefill of a prepared prompt.
 Job = tuple[Any, ...]
 Piece = tuple[int, bool]  # a prefill's (width, cold)
+# A request that prefills more new tokens than this says so first (on_status; the REPL prints
+# it): a pasted step or the first turn after a resume reads for seconds on a CPU (350M fp32 on
+# 2 cores: ~150 tokens/s), where a typed step's few tokens are not worth a line.
+TOLD_PREFILL_TOKENS = 2 * STEP_TOKENS
 # The order of the background jobs (Ahead's priorities): the programs the next request runs
 # (its state, its prefill and the decode chunk), then the prefill of the prompt prepared
 # last, then the other programs. A prefill before those compiles would keep them waiting
@@ -817,6 +821,8 @@ class LocalDecoder:
             self._wait_ahead(needed.__contains__)
             state, reuse = self._take(prompt_ids, rows, length)
             self._streaming = True
+        if len(prompt_ids) - reuse > TOLD_PREFILL_TOKENS and self.on_status is not None:
+            self.on_status(f"reading {len(prompt_ids) - reuse} new tokens of context…")
         try:
             state = self._prefill(state, prompt_ids, reuse, list(range(rows)), pieces)[0]
             # A decode chunk's compile (any steps), if it is running, is waited for only now:

@@ -475,6 +475,23 @@ def test_a_background_prefill_is_computed_when_its_job_ends(
     assert decoder._kept.cache[0].keys.is_ready()
 
 
+def test_a_long_prefill_is_told_before_it_runs(chat_checkpoint: Path) -> None:
+    """A request that must read many new tokens (a pasted step, the first turn after a resume)
+    says so first (the REPL prints it), not a silent screen for seconds; a typed step does not."""
+    decoder = long_context_decoder(chat_checkpoint, whole_context=True)
+    told: list[str] = []
+    decoder.on_status = told.append
+    context = decoder.tokenizer.decode(decoder.tokenizer.encode("x = [1, 2, 3]\n" * 60)[:400])
+    ids = decoder.tokenizer.encode(context)
+    next(decoder.stream_tokens(ids, SAMPLE))
+    assert told == [f"reading {len(ids)} new tokens of context…"]
+    told.clear()
+    decoder.prepare(context, SAMPLE)
+    decoder.wait_prepared()
+    next(decoder.stream_tokens(decoder.tokenizer.encode(context + "# a short step\n"), SAMPLE))
+    assert told == []
+
+
 def test_a_request_prefills_while_its_decode_program_compiles(
     chat_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

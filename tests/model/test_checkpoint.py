@@ -258,6 +258,93 @@ def test_safetensors_cut_anywhere_are_truncated_or_corrupt(
         load_model(folder)
 
 
+def _rewrite_header(weights: Path, change) -> None:
+    """Rewrite model.safetensors' JSON header through `change(header)`, data left as it is."""
+    data = weights.read_bytes()
+    end = 8 + int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:end])
+    text = change(header)
+    raw = (text if isinstance(text, str) else json.dumps(header)).encode()
+    weights.write_bytes(len(raw).to_bytes(8, "little") + raw + data[end:])
+
+
+def _all_at_zero(header: dict) -> None:  # every tensor's bytes at the data's start
+    for name, info in header.items():
+        if name != "__metadata__":
+            begin, end = info["data_offsets"]
+            info["data_offsets"] = [0, end - begin]
+
+
+def _shift_bias(header: dict) -> None:  # lm_head.bias reads 4 bytes of its neighbour
+    begin, end = header["lm_head.bias"]["data_offsets"]
+    header["lm_head.bias"]["data_offsets"] = [begin + 4, end + 4]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        _shift_bias,
+        _all_at_zero,
+        lambda h: h["lm_head.bias"].update(shape=[1003.0]),
+        lambda h: json.dumps(h)[:-1] + ', "lm_head.bias": ' + json.dumps(h["lm_head.bias"]) + "}",
+    ],
+    ids=["overlapping offsets", "every tensor at 0", "a float in a shape", "a name twice"],
+)
+def test_safetensors_whose_header_does_not_cover_the_data_exactly_are_corrupt(
+    tmp_path: Path, tiny_checkpoint, change
+) -> None:
+    """As safetensors' own reader: silently wrong weights otherwise (a breaker's finding)."""
+    folder = copy_checkpoint(tiny_checkpoint, tmp_path / "c")
+    _rewrite_header(folder / "model.safetensors", change)
+    with pytest.raises(CheckpointError, match=r"model.safetensors is truncated or corrupt"):
+        load_model(folder)
+
+
+def test_safetensors_with_bytes_after_the_last_tensor_are_corrupt(
+    tmp_path: Path, tiny_checkpoint
+) -> None:
+    folder = copy_checkpoint(tiny_checkpoint, tmp_path / "c")
+    with open(folder / "model.safetensors", "ab") as weights:
+        weights.write(b"\0" * 16)
+    with pytest.raises(CheckpointError, match=r"model.safetensors is truncated or corrupt"):
+        load_model(folder)
+
+
+def test_a_dtype_we_do_not_read_is_named(tmp_path: Path, tiny_checkpoint) -> None:
+    folder = copy_checkpoint(tiny_checkpoint, tmp_path / "c")
+    _rewrite_header(
+        folder / "model.safetensors", lambda h: h["lm_head.bias"].update(dtype="F8_E4M3")
+    )
+    with pytest.raises(CheckpointError, match=r"'lm_head.bias' in .* is F8_E4M3, which"):
+        load_model(folder)
+
+
+def test_the_load_ends_when_the_weights_are_copied_out_of_the_file(
+    tmp_path: Path, tiny_checkpoint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The conversions read views of the mapped file after dispatch: a load that returned
+    before they ran let a file cut after it crash the process (SIGBUS; a breaker's finding)."""
+    import jax
+    import jax.numpy as jnp
+
+    from codegen_repl.model import checkpoint
+
+    convert = checkpoint._to_device
+
+    @jax.jit
+    def late(out: jax.Array) -> jax.Array:  # ready well after dispatch, as a big tensor is
+        work = jax.lax.fori_loop(0, 40, lambda _, x: x @ x / 512, jnp.eye(512))
+        return out + (work[0, 0] * 0).astype(out.dtype)
+
+    def slow(to_flax, array, dtype):
+        return late(convert(to_flax, array, dtype))
+
+    monkeypatch.setattr(checkpoint, "_to_device", slow)
+    folder = copy_checkpoint(tiny_checkpoint, tmp_path / "c")
+    params = load_model(folder).params
+    assert all(leaf.is_ready() for leaf in jax.tree_util.tree_leaves(params))
+
+
 def test_safetensors_are_read_as_the_library_reads_them(tmp_path: Path) -> None:
     """Our reader maps the file (views, no copies): every dtype equal to safetensors' own."""
     from safetensors.numpy import load_file
