@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import shlex
+import shutil
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -197,7 +199,7 @@ class Repl:
         options = f"{self.resume_options} " if self.resume_options else ""
         if self.run_mode != DEFAULT_RUN_MODE:  # a choice of `never` must outlive the session
             options += f"--run {self.run_mode} "
-        resume = f"resume it with: codegen-repl {options}--session {shlex.quote(str(path))}"
+        resume = f"resume it with: {command_name()} {options}--session {shlex.quote(str(path))}"
         self.console.print(Text(f"saved {path}"), soft_wrap=True)  # paths are copied whole
         self.console.print(Text(resume, style="dim"), soft_wrap=True)
 
@@ -281,3 +283,19 @@ class Repl:
             text, left_out = session.fitted_context()
             self._counted = (key, decoder.count_tokens(text), left_out)
         return self._counted[1], self._counted[2]
+
+
+def command_name() -> str:
+    """How to start this command again, for the resume line it prints: `codegen-repl` where that
+    name on PATH is the program running; else the path it was started by, as typed (the README's
+    install does not put `.venv/bin` on PATH, so `codegen-repl` alone was "command not found"),
+    or `python -m codegen_repl`."""
+    started = Path(sys.argv[0])
+    if started.name == "__main__.py":
+        return f"{shlex.quote(sys.executable)} -m codegen_repl"
+    if started.name != "codegen-repl":
+        return "codegen-repl"  # not run as the command (a Repl driven in another program)
+    found = shutil.which("codegen-repl")
+    if found is not None and Path(found).resolve() == started.resolve():
+        return "codegen-repl"
+    return shlex.quote(str(started))

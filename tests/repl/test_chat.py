@@ -566,6 +566,7 @@ def test_chat_asks_before_opening_a_notebook_it_did_not_write(
     before = theirs.read_bytes()
     args = [str(SCRIPT), "--model", str(chat_checkpoint), "--session", str(theirs), "--yes"]
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XDG_DATA_HOME": str(tmp_path)}
+    env["PATH"] = os.pathsep.join([str(Path(SCRIPT).parent), env.get("PATH", "")])  # activated
 
     def chat(stdin: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(args, input=stdin, capture_output=True, text=True, timeout=300,

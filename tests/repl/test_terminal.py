@@ -17,9 +17,17 @@ SCRIPT = str(Path(sys.executable).with_name("codegen-repl"))
 WAIT = 120  # a cold start imports JAX and compiles the tiny model on a 2-core machine
 
 
+def without_script_folder(path: str) -> str:
+    """PATH without the venv's bin folder, as after the README's install (never activated)."""
+    folder = Path(SCRIPT).parent.resolve()
+    kept = [entry for entry in path.split(os.pathsep) if entry and Path(entry).resolve() != folder]
+    return os.pathsep.join(kept)
+
+
 def spawn(*args: str, cwd: Path) -> pexpect.spawn:
     env = {
         **os.environ,
+        "PATH": without_script_folder(os.environ.get("PATH", "")),
         "JAX_PLATFORMS": "cpu",
         "TERM": "xterm",
         "HF_HUB_OFFLINE": "1",
@@ -72,8 +80,8 @@ def test_a_session_in_a_terminal(tmp_path: Path, chat_checkpoint: Path) -> None:
     child.expect(">>>")  # Ctrl-D at the prompt (typed earlier, the terminal would drop it)
     child.sendcontrol("d")
     child.expect(f"saved {session}")
-    resume = (
-        f"resume it with: codegen-repl --model {chat_checkpoint} --run auto --session {session}"
+    resume = (  # codegen-repl is not on PATH here: the path it was started by
+        f"resume it with: {SCRIPT} --model {chat_checkpoint} --run auto --session {session}"
     )
     child.expect(styled(resume))
     child.expect(pexpect.EOF)
