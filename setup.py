@@ -63,7 +63,7 @@ setup(
         Extension(
             "codegen_repl.model._cpu_matmul",
             sources=["csrc/cpu_matmul.cc", "csrc/cpu_attention.cc"],
-            depends=["csrc/matmul_body.h"],
+            depends=["csrc/matmul_body.h", "csrc/matmul_amx.h"],
             language="c++",
             optional=True,
         )

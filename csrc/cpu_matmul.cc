@@ -25,6 +25,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <string>
 
@@ -163,6 +164,12 @@ inline V wload(const float* p) { return _mm256_loadu_ps(p); }
 #else
 #pragma GCC pop_options
 #endif
+
+// AMX intrinsics: g++ >= 11, clang >= 12 (older compilers build without the AMX path).
+#if (defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && __GNUC__ >= 11)
+#define CODEGEN_AMX 1
+#include "matmul_amx.h"
+#endif
 #endif  // x86-64
 
 // ------------------------------------------------------------------ run-time dispatch
@@ -179,6 +186,7 @@ struct Kernels {
   BlockFn<uint16_t> bf16;
   BlockFn<float> f32;
   AddUpFn add_up;
+  bool amx = false;  // int8/bf16 products of many rows (prefills) on AMX tiles (matmul_amx.h)
 };
 
 constexpr Kernels kGeneric{"generic", generic::block_int8, generic::block_bf16, generic::block_f32,
@@ -193,6 +201,9 @@ bool cpu_has(const char* isa) {
   if (std::strcmp(isa, "avx2") == 0)
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 #endif
+#ifdef CODEGEN_AMX
+  if (std::strcmp(isa, "amx") == 0) return cpu_has("avx512") && amx::enable();
+#endif
   return std::strcmp(isa, "generic") == 0;
 }
 
@@ -203,8 +214,15 @@ const Kernels* kernels_for(const char* isa) {
                                     avx512::block_f32, avx512::add_up};
   static constexpr Kernels kAvx2{"avx2", avx2::block_int8, avx2::block_bf16, avx2::block_f32,
                                  avx2::add_up};
-  if (isa == nullptr) isa = cpu_has("avx512") ? "avx512" : cpu_has("avx2") ? "avx2" : "generic";
+  static constexpr Kernels kAmx{"amx", avx512::block_int8, avx512::block_bf16, avx512::block_f32,
+                                avx512::add_up, true};
+  if (isa == nullptr)
+    isa = cpu_has("amx")      ? "amx"
+          : cpu_has("avx512") ? "avx512"
+          : cpu_has("avx2")   ? "avx2"
+                              : "generic";
   if (!cpu_has(isa)) return nullptr;
+  if (std::strcmp(isa, "amx") == 0) return &kAmx;
   if (std::strcmp(isa, "avx512") == 0) return &kAvx512;
   if (std::strcmp(isa, "avx2") == 0) return &kAvx2;
 #else
@@ -344,6 +362,54 @@ void parallel_product(ffi::ThreadPool& pool, Product<W> product) {
   for (int64_t left; (left = job->unfinished.load()) != 0;) job->unfinished.wait(left);
 }
 
+#ifdef CODEGEN_AMX
+// Products of at least this many rows take AMX tiles (`set_amx_rows`: cpu_matmul.py sets
+// MAX_ROWS + 1); fewer stream the weights through the vector kernels above, which read them at
+// memory speed for decode steps (AMX would first widen and repack every weight it reads).
+std::atomic<int64_t> amx_min_rows{17};
+
+// x [M, K] @ w [K, N] on AMX tiles (matmul_amx.h), in passes of rows whose bf16 parts of x
+// stay under 24 MB; the panels of a pass are tasks on the pool.
+template <typename W>
+void amx_product(ffi::ThreadPool& pool, const float* x, const W* w, const float* scale, float* y,
+                 int64_t M, int64_t K, int64_t N) {
+  const int64_t k_pad = (K + amx::kTileK - 1) / amx::kTileK * amx::kTileK;
+  const int64_t part_bytes = amx::kParts * k_pad * 2;  // per row of x
+  const int64_t pass = std::max<int64_t>(amx::kRowBlock, (24 << 20) / part_bytes /
+                                                             amx::kRowBlock * amx::kRowBlock);
+  const int64_t columns = amx::panel_columns(k_pad);
+  const int64_t tasks = (N + columns - 1) / columns;
+  const int64_t threads = std::min(
+      {worker_count(pool, M, K, N), tasks, std::max<int64_t>(1, pool.num_threads())});
+  for (int64_t m0 = 0; m0 < M; m0 += pass) {
+    const int64_t rows = std::min(pass, M - m0);
+    const int64_t rows_pad = (rows + amx::kRowBlock - 1) / amx::kRowBlock * amx::kRowBlock;
+    auto* parts = reinterpret_cast<uint16_t*>(scratch((rows_pad * part_bytes + 3) / 4));
+    amx::split(x + m0 * K, rows, K, parts, rows_pad, k_pad);
+    const amx::Product<W> product{w, scale, y + m0 * N, parts, rows, K, N, rows_pad, k_pad, columns};
+    auto job = std::make_shared<Job>(tasks, 1, 1);
+    auto run = [job, tasks, product] {
+      amx::work(job->next, tasks, product, [&job] {
+        if (job->unfinished.fetch_sub(1) == 1) job->unfinished.notify_all();
+      });
+    };
+    for (int64_t t = 1; t < threads; ++t) pool.Schedule(decltype(run)(run));
+    run();
+    for (int64_t left; (left = job->unfinished.load()) != 0;) job->unfinished.wait(left);
+  }
+}
+#endif
+
+// Whether a product of M rows takes AMX tiles with these kernels.
+bool takes_amx(const Kernels* kernels, int64_t M) {
+#ifdef CODEGEN_AMX
+  return kernels->amx && M >= amx_min_rows.load();
+#else
+  (void)kernels, (void)M;
+  return false;
+#endif
+}
+
 // ------------------------------------------------------------------ FFI handlers
 
 ffi::Error check_shapes(ffi::AnyBuffer::Dimensions x, ffi::AnyBuffer::Dimensions w,
@@ -363,6 +429,13 @@ ffi::Error MatmulInt8(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   ffi::Error shapes = check_shapes(x.dimensions(), w.dimensions(), y->dimensions(), dims[0]);
   if (shapes.failure()) return shapes;
   const Kernels* kernels = active.load();
+#ifdef CODEGEN_AMX
+  if (takes_amx(kernels, x.dimensions()[0])) {
+    amx_product<int8_t>(pool, x.typed_data(), w.typed_data(), scale.typed_data(),
+                        y->typed_data(), x.dimensions()[0], x.dimensions()[1], w.dimensions()[1]);
+    return ffi::Error::Success();
+  }
+#endif
   parallel_product<int8_t>(pool, {kernels, kernels->int8, x.typed_data(), w.typed_data(),
                                   scale.typed_data(), y->typed_data(), nullptr,
                                   x.dimensions()[0], x.dimensions()[1], w.dimensions()[1]});
@@ -375,6 +448,13 @@ ffi::Error MatmulBf16(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   if (shapes.failure()) return shapes;
   const Kernels* kernels = active.load();
   const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.typed_data());
+#ifdef CODEGEN_AMX
+  if (takes_amx(kernels, x.dimensions()[0])) {
+    amx_product<uint16_t>(pool, x.typed_data(), wp, nullptr, y->typed_data(), x.dimensions()[0],
+                          x.dimensions()[1], w.dimensions()[1]);
+    return ffi::Error::Success();
+  }
+#endif
   parallel_product<uint16_t>(pool, {kernels, kernels->bf16, x.typed_data(), wp, nullptr,
                                     y->typed_data(), nullptr, x.dimensions()[0],
                                     x.dimensions()[1], w.dimensions()[1]});
@@ -391,6 +471,39 @@ ffi::Error MatmulF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<
                                  w.dimensions()[1]});
   return ffi::Error::Success();
 }
+
+// rows[i, :] = fp32(table[ids[i], :]) for a bf16 table [V, H], with jnp.take's rules: an id in
+// [-V, 0) counts from the end, one outside [-V, V) gives NaNs ("fill"). XLA's CPU backend has
+// no bf16 gather: it widens the whole table for a lookup (and hoists that out of a decode loop,
+// 200 MB for 350M's embedding per decode chunk); this reads only the rows asked for.
+ffi::Error TakeRowsBf16(ffi::Buffer<ffi::BF16> table, ffi::Buffer<ffi::S32> ids,
+                        ffi::ResultBuffer<ffi::F32> rows) {
+  auto dims = table.dimensions(), out = rows->dimensions();
+  if (dims.size() != 2 || out.size() != 2 || out[0] != static_cast<int64_t>(ids.element_count()) ||
+      out[1] != dims[1])
+    return ffi::Error::InvalidArgument(
+        "codegen take_rows: table [V, H], ids [n] -> rows [n, H]: shapes do not match");
+  const int64_t vocab = dims[0], width = dims[1];
+  const uint16_t* bits = reinterpret_cast<const uint16_t*>(table.typed_data());
+  float* y = rows->typed_data();
+  for (int64_t i = 0; i < out[0]; ++i) {
+    int64_t id = ids.typed_data()[i];
+    if (id < 0) id += vocab;
+    float* row = y + i * width;
+    if (id < 0 || id >= vocab) {
+      std::fill(row, row + width, std::numeric_limits<float>::quiet_NaN());
+      continue;
+    }
+    for (int64_t j = 0; j < width; ++j) row[j] = generic::widen(bits[id * width + j]);
+  }
+  return ffi::Error::Success();
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CodegenTakeRowsBf16, TakeRowsBf16,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CodegenMatmulInt8, MatmulInt8,
                               ffi::Ffi::Bind()
@@ -424,9 +537,9 @@ PyObject* capsule(XLA_FFI_Error* (*handler)(XLA_FFI_CallFrame*)) {
 }
 
 PyObject* handlers(PyObject*, PyObject*) {
-  return Py_BuildValue("{s:N,s:N,s:N,s:N}", "int8", capsule(CodegenMatmulInt8), "bf16",
+  return Py_BuildValue("{s:N,s:N,s:N,s:N,s:N}", "int8", capsule(CodegenMatmulInt8), "bf16",
                        capsule(CodegenMatmulBf16), "f32", capsule(CodegenMatmulF32), "attention",
-                       capsule(CodegenCacheAttention));
+                       capsule(CodegenCacheAttention), "take_rows", capsule(CodegenTakeRowsBf16));
 }
 
 PyObject* isa(PyObject*, PyObject*) { return PyUnicode_FromString(active.load()->isa); }
@@ -438,8 +551,8 @@ PyObject* set_isa(PyObject*, PyObject* arg) {
   const Kernels* chosen = kernels_for(best ? nullptr : name);
   if (chosen == nullptr) {
     PyErr_Format(PyExc_ValueError,
-                 "instruction set %R is not available on this CPU; use 'best', 'avx512', "
-                 "'avx2' or 'generic' (x86-64) or 'generic' (others)",
+                 "instruction set %R is not available on this CPU; use 'best', 'amx', "
+                 "'avx512', 'avx2' or 'generic' (x86-64) or 'generic' (others)",
                  arg);
     return nullptr;
   }
@@ -457,11 +570,31 @@ PyObject* set_threads(PyObject*, PyObject* arg) {
   return PyLong_FromLongLong(planned_threads.exchange(count));
 }
 
+PyObject* set_amx_rows(PyObject*, PyObject* arg) {
+  const long long rows = PyLong_AsLongLong(arg);
+  if (rows == -1 && PyErr_Occurred()) return nullptr;
+  if (rows < 1) {
+    PyErr_SetString(PyExc_ValueError, "rows must be 1 or more");
+    return nullptr;
+  }
+#ifdef CODEGEN_AMX
+  return PyLong_FromLongLong(amx_min_rows.exchange(rows));
+#else
+  return PyLong_FromLongLong(0);
+#endif
+}
+
 PyMethodDef methods[] = {
     {"handlers", handlers, METH_NOARGS,
-     "{'int8': capsule, 'bf16': capsule, 'attention': capsule} XLA FFI handlers"},
-    {"isa", isa, METH_NOARGS, "The instruction set the kernels use: avx512, avx2 or generic"},
+     "{'int8': capsule, 'bf16': capsule, 'f32': capsule, 'attention': capsule, 'take_rows': "
+     "capsule} XLA FFI handlers"},
+    {"isa", isa, METH_NOARGS,
+     "The instruction set the kernels use: amx (avx512 with AMX prefills), avx512, avx2 or "
+     "generic"},
     {"set_isa", set_isa, METH_O, "Use 'best' or a named instruction set; returns its name"},
+    {"set_amx_rows", set_amx_rows, METH_O,
+     "int8/bf16 products of at least this many rows take AMX tiles (when the instruction set "
+     "is 'amx'); returns the previous count (0: built without AMX)"},
     {"set_threads", set_threads, METH_O,
      "Plan blocks for this many workers (0: the pool's size); returns the previous count"},
     {nullptr, nullptr, 0, nullptr},

@@ -12,6 +12,12 @@ per output channel for int8 (`quantize_int8`). Activations and sums stay fp32, s
 and the XLA path differ only by fp32 rounding: |y - exact| <= gamma(K + 2) * sum_k |x_k w_kn|
 (gamma(n) = n u / (1 - n u), u = 2^-24; Higham, Accuracy and Stability of Numerical
 Algorithms, 2nd ed., section 3.1).
+
+Products of more than MAX_ROWS rows (a prefill) of int8/bf16 weights take AMX tiles where the
+CPU has them (Intel Sapphire Rapids and later; `amx`): each fp32 activation is cut into three
+bf16 parts that sum to it exactly, so the products stay exact and only the summation differs
+(`max_error_bound(..., parts=AMX_PARTS)`); elsewhere a prefill takes XLA's matmul of the
+widened weights.
 """
 
 from __future__ import annotations
@@ -25,14 +31,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# Above this many rows (a prefill) XLA's blocked fp32 matmul of the widened weights wins:
-# the kernel keeps no more than 4 rows in registers (measured in bench/decode.py `kernels`).
+# Above this many rows (a prefill) XLA's blocked fp32 matmul of the widened weights beats the
+# vector kernel, which keeps no more than 4 rows in registers (bench/decode.py `kernels`); on a
+# CPU with AMX, int8/bf16 products of more rows take the kernel's AMX tiles instead (`amx`).
 MAX_ROWS = int(os.environ.get("CODEGEN_CPU_MATMUL_MAX_ROWS", "16"))
 TARGETS = {
     "int8": "codegen_matmul_int8",
     "bf16": "codegen_matmul_bf16",
     "f32": "codegen_matmul_f32",
     "attention": "codegen_cache_attention",  # cpu_attention.py
+    "take_rows": "codegen_take_rows_bf16",  # `take_rows`
 }
 INSTALL_HINT = (
     "reinstall with a C++ compiler (e.g. `apt install g++` or Xcode's command line tools), "
@@ -43,13 +51,20 @@ INSTALL_HINT = (
 @functools.cache
 def extension() -> tuple[ModuleType | None, str]:
     """The loaded extension with its FFI targets (matmuls and cpu_attention.py's) registered,
-    or None and why not."""
+    or None and why not. CODEGEN_CPU_MATMUL_ISA names the instruction set to use (see
+    `set_isa`; default 'best'). Raises ValueError when the CPU lacks the one it names."""
     if os.environ.get("CODEGEN_CPU_MATMUL", "1") == "0":
         return None, "turned off by CODEGEN_CPU_MATMUL=0"
     try:
         from codegen_repl.model import _cpu_matmul  # type: ignore[attr-defined]
     except ImportError as missing:
         return None, f"the C++ extension is not built ({missing}); {INSTALL_HINT}"
+    wanted = os.environ.get("CODEGEN_CPU_MATMUL_ISA", "best")
+    try:
+        _cpu_matmul.set_isa(wanted)
+    except ValueError as error:
+        raise ValueError(f"CODEGEN_CPU_MATMUL_ISA={wanted}: {error}") from None
+    _cpu_matmul.set_amx_rows(MAX_ROWS + 1)  # the C++ side picks AMX by rows: the same rule
     if not _registered:  # once per process, even if the cache above is cleared
         for kind, capsule in _cpu_matmul.handlers().items():
             jax.ffi.register_ffi_target(TARGETS[kind], capsule, platform="cpu")
@@ -78,8 +93,10 @@ def status(weights: str = "") -> str:
 
 
 def set_isa(name: str) -> str:
-    """Use 'best' or a named instruction set ('avx512', 'avx2', 'generic') from now on; returns
-    the one in use. Raises RuntimeError without the extension, ValueError if the CPU lacks it."""
+    """Use 'best' or a named instruction set ('amx': avx512 with AMX tiles for products of more
+    than MAX_ROWS rows; 'avx512', 'avx2', 'generic') from now on; returns the one in use.
+    Programs traced before keep the path they took (jax.clear_caches() to trace again).
+    Raises RuntimeError without the extension, ValueError if the CPU lacks it."""
     module, why_not = extension()
     if module is None:
         raise RuntimeError(why_not)
@@ -108,9 +125,21 @@ def takes(weight_dtype: jnp.dtype) -> bool:
     return weight_dtype in WEIGHT_DTYPES and jax.default_backend() == "cpu" and available()
 
 
+def amx() -> bool:
+    """Whether int8/bf16 products of more than MAX_ROWS rows (prefills) take the kernel's AMX
+    tiles (csrc/matmul_amx.h): the CPU has AMX-BF16, Linux granted it, and the instruction set
+    in use is 'amx' (see `set_isa`)."""
+    module = extension()[0]
+    return module is not None and module.isa() == "amx"
+
+
 def applies(weight_dtype: jnp.dtype, rows: int) -> bool:
-    """Whether a Linear with weights of `weight_dtype` over `rows` rows takes the kernel."""
-    return rows <= MAX_ROWS and takes(weight_dtype)
+    """Whether a Linear with weights of `weight_dtype` over `rows` rows takes the kernel: decode
+    steps (up to MAX_ROWS rows) always; more rows only with int8/bf16 weights on AMX tiles."""
+    if not takes(weight_dtype):
+        return False
+    narrow = jnp.dtype(weight_dtype) in (jnp.int8, jnp.bfloat16)
+    return rows <= MAX_ROWS or (narrow and takes_amx(rows))
 
 
 def reference(x: jax.Array, w: jax.Array, scale: jax.Array | None) -> jax.Array:
@@ -176,11 +205,70 @@ def linear(x: jax.Array, kernel: jax.Array, scale: jax.Array | None, in_axes: in
     return y.reshape(*lead, *features)
 
 
-def max_error_bound(x: np.ndarray, w: np.ndarray, scale: np.ndarray | None = None) -> np.ndarray:
+# bf16 parts per activation on the AMX path (csrc/matmul_amx.h): their sum is the fp32 value.
+AMX_PARTS = 3
+
+
+def takes_amx(rows: int) -> bool:
+    """Whether a product of `rows` rows of int8/bf16 weights runs on AMX tiles (see `amx`)."""
+    return rows > MAX_ROWS and amx()
+
+
+def max_error_bound(
+    x: np.ndarray, w: np.ndarray, scale: np.ndarray | None = None, parts: int = 1
+) -> np.ndarray:
     """The fp32 rounding bound above, per output [rows, N]: gamma(K + 2) * sum_k |x_k w_kn|
-    (* |scale_n|), computed in float64."""
+    (* |scale_n|), computed in float64.
+
+    `parts` = AMX_PARTS: the AMX path's bound (int8/bf16 weights, more than MAX_ROWS rows, see
+    `takes_amx`). Each activation is cut into 3 bf16 parts that sum to it exactly, with
+    |hi| + |mid| + |lo| <= (1 + 2^-7) |x|; every part times a weight (8 significant bits
+    each) is exact in fp32, so the result is an fp32 sum of 3K exact products:
+    gamma(3K + 2) (1 + 2^-7) sum_k |x_k w_kn| (* |scale_n|), plus 2^-126 per product for AMX's
+    flush of denormals to zero (Intel SDM, TDPBF16PS)."""
     k = x.shape[1]
     unit = 2.0**-24
-    gamma = (k + 2) * unit / (1 - (k + 2) * unit)
+    terms = parts * k + 2
+    gamma = terms * unit / (1 - terms * unit)
     bound = np.abs(x.astype(np.float64)) @ np.abs(w.astype(np.float64))
-    return gamma * (bound if scale is None else bound * np.abs(scale.astype(np.float64)))
+    if parts > 1:
+        bound = bound * (1 + 2.0**-7) * gamma + parts * k * 2.0**-126
+    else:
+        bound = bound * gamma
+    return bound if scale is None else bound * np.abs(scale.astype(np.float64))
+
+
+def take_rows(table: jax.Array, ids: jax.Array) -> jax.Array:
+    """fp32 rows of a bf16 table: table [V, H] bf16, ids [...] int -> [..., H] fp32, by
+    jnp.take's rules (an id in [-V, 0) counts from the end; outside [-V, V): NaNs). XLA's CPU
+    backend has no bf16 gather and widens the whole table for one (in a decode loop, once per
+    program run: 200 MB written for 350M's embedding); the C++ kernel reads only the rows.
+    Callers check `takes(jnp.bfloat16)` first. Raises RuntimeError without the extension."""
+    module, why_not = extension()  # registers the FFI targets before the first call
+    if module is None:
+        raise RuntimeError(why_not)
+    return _take_rows(table, ids)
+
+
+@jax.custom_vjp
+def _take_rows(table: jax.Array, ids: jax.Array) -> jax.Array:
+    out = jax.ShapeDtypeStruct((math.prod(ids.shape), table.shape[1]), jnp.float32)
+    flat = ids.reshape(-1).astype(jnp.int32)
+    rows = jax.ffi.ffi_call(TARGETS["take_rows"], out, vmap_method="sequential")(table, flat)
+    return rows.reshape(*ids.shape, table.shape[1])
+
+
+def _take_rows_reference(table: jax.Array, ids: jax.Array) -> jax.Array:
+    return jnp.take(table, ids, axis=0).astype(jnp.float32)
+
+
+def _take_rows_fwd(table: jax.Array, ids: jax.Array) -> tuple:
+    return _take_rows(table, ids), (table, ids)
+
+
+def _take_rows_bwd(residuals: tuple, grad: jax.Array) -> tuple:
+    table, ids = residuals  # gradients (fine-tuning bf16 weights on a CPU) through XLA's take
+    return (*jax.vjp(lambda t: _take_rows_reference(t, ids), table)[1](grad), None)
+
+
+_take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)

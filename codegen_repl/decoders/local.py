@@ -310,6 +310,7 @@ class LocalDecoder:
         self.on_status: Status | None = None  # told when a request waits for background work
         self._tokens: list[int] = []  # the tokens whose keys/values are in _kept
         self._kept: DecodeState | None = None  # row 0 of the last request
+        self._spare: DecodeState | None = None  # a forgotten state, its memory for the next
         self._lock = threading.Lock()  # guards _kept/_tokens/_streaming between the threads
         self._streaming = False  # a request owns the state (between _start and _keep)
         self._ahead = Ahead()
@@ -404,7 +405,11 @@ class LocalDecoder:
         return 0 if self._kept is None else common_prefix(self._tokens, prompt_ids)
 
     def forget(self) -> None:
-        """Drop the kept cache: the next request prefills its whole prompt."""
+        """Drop the kept tokens: the next request prefills its whole prompt. On the CPU the kept
+        state's memory stays for that request when it has the same shape (see _fits): its
+        cache is written over, not allocated and zeroed afresh (40-85 ms for 350M's 335 MB fp32
+        cache on the 2-core CPU, mostly page faults)."""
+        self._spare = self._kept if self._kept is not None else self._spare
         self._tokens, self._kept = [], None
 
     @functools.cached_property
@@ -684,11 +689,26 @@ class LocalDecoder:
             assert self._kept is not None
             state = self._kept
         elif start[0] == "fresh":
-            state = fresh_state(self.config, rows, length, self.dtype)
+            state = self._spare if self._fits(self._spare, rows, length) else None
+            if state is None:
+                state = fresh_state(self.config, rows, length, self.dtype)
         else:
             state = resize_state(self._kept, rows, length)
-        self.forget()
+        self._tokens, self._kept, self._spare = [], None, None
         return state, reuse
+
+    def _fits(self, state: DecodeState | None, rows: int, length: int) -> bool:
+        """Whether `state` (a forgotten one, see forget) can start a request of this shape.
+        Only with `whole_context_cache` (the CPU: a 335 MB cache for 350M, where a fresh one
+        costs): the prefill sets every row's position and step, decode steps read only the
+        positions in use, and a prefill piece's attention gives the positions past them
+        weight 0, so what the old cache holds there (finite keys/values the model wrote) never
+        counts."""
+        if state is None or not self.whole_context_cache:
+            return False
+        if any(leaf.is_deleted() for leaf in jax.tree_util.tree_leaves(state)):
+            return False
+        return (state.position.shape[0], state.cache[0].keys.shape[2]) == (rows, length)
 
     def _start_job(self, rows: int, length: int) -> Job:
         """The program that gives a request its state: a fresh one, a resize, or () (the kept
@@ -844,7 +864,7 @@ class LocalDecoder:
         with self._lock:
             self._streaming, self._served = False, True
             if state is None:
-                self.forget()
+                self._tokens, self._kept, self._spare = [], None, None
                 return
             if any(leaf.is_deleted() for leaf in jax.tree_util.tree_leaves(state)):
                 return

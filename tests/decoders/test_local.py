@@ -208,3 +208,26 @@ def test_float16_on_the_cpu_is_refused_at_load(tiny_checkpoint) -> None:
 
     with pytest.raises(ConfigError, match=r"float16 cannot run on the CPU.*bfloat16"):
         load_for_decoding(tiny_checkpoint, dtype="float16")
+
+
+def test_a_forgotten_cache_is_written_over_not_allocated_again(
+    tiny_checkpoint, tokenizer_files
+) -> None:
+    """After forget() the next cold request reuses the forgotten state's memory (its cache is
+    donated to the prefill) where the cache spans the whole context: the same tokens as a
+    fresh decoder's, though the old cache holds stale keys/values past the new prompt."""
+    reused = local_decoder(tiny_checkpoint, tokenizer_files)
+    if not reused.whole_context_cache:
+        pytest.skip(f"the CPU attention kernel does not apply here: {cpu_matmul.status()}")
+    fresh = local_decoder(tiny_checkpoint, tokenizer_files)
+    long_one = PROMPT + PROMPT[::-1]
+    decoded_ids(reused, long_one, SampleParams(8))  # 46 tokens + 8 of keys/values
+    old = reused._kept
+    reused.forget()
+    assert reused.reused_tokens(PROMPT[:9]) == 0
+    ids = decoded_ids(reused, PROMPT[:9], SampleParams(8, n=1))
+    assert all(leaf.is_deleted() for leaf in jax.tree_util.tree_leaves(old.cache))
+    assert ids == decoded_ids(fresh, PROMPT[:9], SampleParams(8))
+    reused.forget()  # n=3: another shape, a fresh state
+    many = decoded_ids(reused, PROMPT[:9], SampleParams(8, n=3, temperature=0.8, seed=1))
+    assert many == decoded_ids(fresh, PROMPT[:9], SampleParams(8, n=3, temperature=0.8, seed=1))

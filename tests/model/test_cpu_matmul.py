@@ -6,7 +6,9 @@ Error bounds (never loosened; see cpu_matmul.max_error_bound):
   summation bound gamma(K + 2) * sum_k |x_k w_kn| per output;
 - against the unquantized fp32 weights: that plus the quantization's own error, at most
   scale_n / 2 per int8 weight (round to nearest) and 2^-8 |w| per bf16 weight (8
-  significant bits, round to nearest).
+  significant bits, round to nearest);
+- on AMX tiles (more than MAX_ROWS rows of int8/bf16 weights, where the CPU has AMX-BF16):
+  the bound of an fp32 sum of 3K exact products (max_error_bound(..., parts=AMX_PARTS)).
 """
 
 from __future__ import annotations
@@ -35,13 +37,18 @@ pytestmark = pytest.mark.skipif(
 needs_kernel = pytest.mark.skipif(
     not cpu_matmul.available(), reason="the C++ extension is not built (no compiler at install)"
 )
+needs_amx = pytest.mark.skipif(
+    not cpu_matmul.amx(),
+    reason="no AMX-BF16 here (Intel Sapphire Rapids or later, granted by Linux), or the "
+    "extension is not built: prefills take XLA's path",
+)
 
 
 def instruction_sets() -> list[str]:
     if not cpu_matmul.available():
         return []
     found = []
-    for name in ("avx512", "avx2", "generic"):
+    for name in ("amx", "avx512", "avx2", "generic"):
         with contextlib.suppress(ValueError):  # this CPU lacks it
             found.append(cpu_matmul.set_isa(name))
     cpu_matmul.set_isa("best")
@@ -72,9 +79,19 @@ def exact(x: np.ndarray, w: np.ndarray, scale: np.ndarray | None) -> np.ndarray:
     return y if scale is None else y * scale.astype(np.float64)
 
 
-def check(x: np.ndarray, w32: np.ndarray, w: np.ndarray, scale: np.ndarray | None, y) -> None:
+def parts(rows: int, w: np.ndarray) -> int:
+    """The bf16 parts per activation of the path a product of `rows` rows takes (for the bound)."""
+    narrow = w.dtype in (np.int8, ml_dtypes.bfloat16)
+    return cpu_matmul.AMX_PARTS if narrow and cpu_matmul.takes_amx(rows) else 1
+
+
+def check(
+    x: np.ndarray, w32: np.ndarray, w: np.ndarray, scale: np.ndarray | None, y, amx: bool = False
+) -> None:
+    """`amx`: the product ran on AMX tiles whatever its rows (set_amx_rows)."""
     y = np.asarray(y, np.float64)
-    bound = cpu_matmul.max_error_bound(x, w, scale)
+    used = cpu_matmul.AMX_PARTS if amx else parts(x.shape[0], w)
+    bound = cpu_matmul.max_error_bound(x, w, scale, used)
     assert np.all(np.abs(y - exact(x, w, scale)) <= bound)
     if w.dtype == np.float32:  # not quantized: the bound above is all
         return
@@ -160,8 +177,9 @@ SIZES = {  # hidden size of every CodeGen-1 size: qkv, fc_in and fc_out shapes
 @needs_kernel
 @pytest.mark.parametrize("size", list(SIZES))
 def test_shapes_of_every_codegen_size(size: str) -> None:
-    """Full qkv, fc_in and fc_out shapes (1 and 16 rows); the float64 reference is computed
-    for 160 of the output columns, the last 32 among them (the column tail and last chunk)."""
+    """Full qkv, fc_in and fc_out shapes (1, 16 and 128 rows: a prefill, on AMX tiles where
+    the CPU has them); the float64 reference is computed for 160 of the output columns, the
+    last 32 among them (the column tail and last chunk)."""
     hidden = SIZES[size]
     rng = np.random.default_rng(6)
     for k, n in ((hidden, 3 * hidden), (hidden, 4 * hidden), (4 * hidden, hidden)):
@@ -171,14 +189,86 @@ def test_shapes_of_every_codegen_size(size: str) -> None:
         cols = np.concatenate([rng.choice(n - 32, 128, replace=False), np.arange(n - 32, n)])
         for kind, w in stored.items():
             scale = rng.uniform(1e-3, 1e-2, n).astype(np.float32) if kind == "int8" else None
-            for rows in (1, 16):
+            for rows in (1, 16, 128):
                 x = rng.standard_normal((rows, k), np.float32)
                 y = jax.jit(cpu_matmul.matmul)(
                     jnp.asarray(x), jnp.asarray(w), None if scale is None else jnp.asarray(scale)
                 )
                 picked = None if scale is None else scale[cols]
                 error = np.abs(np.asarray(y)[:, cols] - exact(x, w[:, cols], picked))
-                assert np.all(error <= cpu_matmul.max_error_bound(x, w[:, cols], picked))
+                bound = cpu_matmul.max_error_bound(x, w[:, cols], picked, parts(rows, w))
+                assert np.all(error <= bound)
+
+
+@pytest.fixture
+def amx_from_rows():
+    """Set from how many rows products take AMX tiles (1: every product); back after."""
+    before = cpu_matmul.extension()[0].set_amx_rows(cpu_matmul.MAX_ROWS + 1)
+    yield cpu_matmul.extension()[0].set_amx_rows
+    cpu_matmul.extension()[0].set_amx_rows(before)
+
+
+@needs_amx
+@pytest.mark.parametrize("kind", ["int8", "bf16"])
+@pytest.mark.parametrize("k, n", [(1, 1), (5, 17), (37, 53), (64, 1003), (130, 16), (259, 2049)])
+def test_amx_odd_shapes_and_row_counts(amx_from_rows, kind: str, k: int, n: int) -> None:
+    """Every row count from 1 on AMX tiles (forced down to 1 row), past the 32-row blocks and
+    the 32/128-column panels, K not a multiple of the tiles' 32: padding must add nothing."""
+    amx_from_rows(1)
+    w32, w, scale = random_weights(k, n, kind)
+    call = jax.jit(cpu_matmul.matmul)
+    for rows in (*range(1, 18), 31, 32, 33, 64, 100):
+        x = np.random.default_rng(rows).standard_normal((rows, k), np.float32)
+        y = call(jnp.asarray(x), jnp.asarray(w), None if scale is None else jnp.asarray(scale))
+        check(x, w32, w, scale, y, amx=True)
+
+
+@needs_amx
+@pytest.mark.parametrize("kind", ["int8", "bf16"])
+@pytest.mark.parametrize("threads", [1, 3, 8])
+def test_amx_every_cut_into_panels(planned_threads, kind: str, threads: int) -> None:
+    """The column panels split over 1, 3 or 8 workers: within the bound, the same bits on every
+    run and for every worker count (each output is summed by one task, in one order)."""
+    planned_threads(threads)
+    w32, w, scale = random_weights(1031, 2051, kind, seed=3)
+    x = np.random.default_rng(9).standard_normal((70, 1031), np.float32)
+    args = (jnp.asarray(x), jnp.asarray(w), None if scale is None else jnp.asarray(scale))
+    y = jax.jit(cpu_matmul.matmul)(*args)
+    check(x, w32, w, scale, y)
+    assert parts(70, w) == cpu_matmul.AMX_PARTS
+    np.testing.assert_array_equal(np.asarray(jax.jit(cpu_matmul.matmul)(*args)), np.asarray(y))
+    planned_threads(1)
+    np.testing.assert_array_equal(np.asarray(jax.jit(cpu_matmul.matmul)(*args)), np.asarray(y))
+
+
+@needs_amx
+def test_amx_activations_of_every_magnitude() -> None:
+    """Activations from 2^-100 to 2^100 and exact zeros: the three bf16 parts still sum to each
+    one (a part's rounding never overflows), and AMX's flush of denormals stays in the bound."""
+    w32, w, scale = random_weights(96, 80, "int8", seed=4)
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal((40, 96)) * 2.0 ** rng.integers(-100, 100, (40, 96))).astype(
+        np.float32
+    )
+    x[:, ::7] = 0
+    y = jax.jit(cpu_matmul.matmul)(jnp.asarray(x), jnp.asarray(w), jnp.asarray(scale))
+    assert np.all(np.isfinite(np.asarray(y)))
+    check(x, w32, w, scale, y)
+
+
+@needs_amx
+@pytest.mark.parametrize("kind", ["int8", "bf16"])
+def test_amx_parts_sum_to_the_activation_exactly(kind: str) -> None:
+    """One weight of 1, -1, 2 or 64 per output (a power of two: x w is exact in fp32): the sum
+    of the three parts' products must give every bit of x w (two parts would lose the last 8
+    of fp32's 24 significant bits)."""
+    x = np.random.default_rng(6).uniform(-3, 3, (40, 1)).astype(np.float32)
+    x[:, 0] += np.float32(2.0**-20)  # make sure the low bits are set
+    weights = np.array([[1, -1, 2, 64]], np.float32)
+    w = weights.astype(np.int8) if kind == "int8" else weights.astype(ml_dtypes.bfloat16)
+    scale = jnp.ones(4, jnp.float32) if kind == "int8" else None
+    y = np.asarray(jax.jit(cpu_matmul.matmul)(jnp.asarray(x), jnp.asarray(w), scale))
+    np.testing.assert_array_equal(y, x * weights)
 
 
 @needs_kernel
@@ -216,14 +306,17 @@ def test_gradients_flow_through_the_xla_path() -> None:
 # ------------------------------------------------------------------ the model
 
 
-def greedy(checkpoint, tokenizer_files, **options) -> tuple[list[list[int]], str]:
-    """Greedy tokens of a fresh decoder, and its decode step's HLO (to see which path ran)."""
+def greedy(
+    checkpoint, tokenizer_files, prompt_length: int = 11, tokens: int = 1, **options
+) -> tuple[list[list[int]], str]:
+    """Greedy tokens of a fresh decoder after a prompt, and the HLO of its model over `tokens`
+    tokens (1: a decode step; more: a prefill), to see which path ran."""
     jax.clear_caches()  # a compiled step of the other path must not be reused
     decoder = local_decoder(checkpoint, tokenizer_files, **options)
-    prompt = np.random.default_rng(5).integers(0, 1000, 11).tolist()
+    prompt = np.random.default_rng(5).integers(0, 1000, prompt_length).tolist()
     ids = decoded_ids(decoder, prompt, SampleParams(16))
     step = jax.jit(decoder.model.apply).lower(
-        {"params": decoder.params}, jnp.zeros((1, 1), jnp.int32)
+        {"params": decoder.params}, jnp.zeros((1, tokens), jnp.int32)
     )
     return ids, step.as_text()
 
@@ -237,9 +330,28 @@ def test_greedy_tokens_equal_on_both_paths(
     kernel_ids, kernel_hlo = greedy(tiny_checkpoint, tokenizer_files, **options)
     assert target in kernel_hlo
     monkeypatch.setattr(cpu_matmul, "MAX_ROWS", 0)  # every Linear on the XLA path
+    monkeypatch.setattr(cpu_matmul, "amx", lambda: False)
     xla_ids, xla_hlo = greedy(tiny_checkpoint, tokenizer_files, **options)
     assert target not in xla_hlo
     assert kernel_ids == xla_ids
+
+
+@needs_amx
+@pytest.mark.parametrize("options", [{"int8": True}, {"dtype": "bfloat16"}])
+def test_greedy_tokens_equal_after_a_prefill_on_amx(
+    tiny_checkpoint, tokenizer_files, monkeypatch, options
+) -> None:
+    """A 60-token prompt's prefill on AMX tiles, then decode steps on the vector kernel: the
+    same greedy tokens as the XLA path's prefill and steps."""
+    target = cpu_matmul.TARGETS["int8" if options.get("int8") else "bf16"]
+    amx_ids, prefill_hlo = greedy(tiny_checkpoint, tokenizer_files, 60, 60, **options)
+    assert target in prefill_hlo
+    monkeypatch.setattr(cpu_matmul, "amx", lambda: False)  # the prefill on XLA's matmul
+    xla_ids, xla_prefill_hlo = greedy(tiny_checkpoint, tokenizer_files, 60, 60, **options)
+    assert target not in xla_prefill_hlo
+    monkeypatch.setattr(cpu_matmul, "MAX_ROWS", 0)  # and the decode steps too
+    all_xla_ids, _ = greedy(tiny_checkpoint, tokenizer_files, 60, 60, **options)
+    assert amx_ids == xla_ids == all_xla_ids
 
 
 def test_without_the_extension_everything_runs_on_xla(
@@ -282,3 +394,19 @@ def test_generate_verbose_says_which_matmul_runs(chat_checkpoint, switch: str) -
     else:
         assert "note:" not in result.stderr
         assert "· CPU matmul (int8 weights): C++ kernel (" in result.stderr
+
+
+@needs_kernel
+def test_take_rows_follows_jnp_take() -> None:
+    """Rows of a bf16 table widened to fp32, by jnp.take's rules: ids of any shape, an id in
+    [-V, 0) counts from the end, one outside [-V, V) gives NaNs."""
+    table = jnp.asarray(
+        np.random.default_rng(7).standard_normal((37, 19)), jnp.bfloat16
+    )  # odd sizes
+    ids = jnp.asarray([[0, 36, -1], [-37, 5, 5]], jnp.int32)
+    rows = jax.jit(cpu_matmul.take_rows)(table, ids)
+    assert rows.shape == (2, 3, 19) and rows.dtype == jnp.float32
+    np.testing.assert_array_equal(rows, jnp.take(table, ids, axis=0).astype(jnp.float32))
+    outside = jax.jit(cpu_matmul.take_rows)(table, jnp.asarray([37, -38, 2], jnp.int32))
+    assert np.all(np.isnan(outside[:2])) and not np.any(np.isnan(outside[2]))
+    np.testing.assert_array_equal(outside[2], table[2].astype(jnp.float32))

@@ -134,3 +134,52 @@ def test_decode_step_updates_the_cache_in_place(attention: str, rows: int, head_
     shape = f"(64,{head_dim}|{head_dim},64)"
     cache_sized = re.compile(rf"= f32\[{rows},4,{shape}\]\S* (copy|transpose)\(")
     assert not [line.strip()[:160] for line in text.splitlines() if cache_sized.search(line)]
+
+
+@pytest.mark.parametrize("param_dtype", [jnp.bfloat16, jnp.float32])
+def test_a_decode_step_reads_only_the_embedding_rows_it_needs(param_dtype) -> None:
+    # With bf16 weights and fp32 compute (the CPU with the C++ kernel), XLA's CPU backend
+    # widened the whole embedding table (no bf16 gather) and hoisted that out of the decode
+    # loop: 200 MB of fp32 written per decode chunk for 350M. No buffer of the table's shape
+    # may appear in the compiled chunk but the param itself; the lookup is cpu_matmul.take_rows
+    # where the kernel takes bf16 weights.
+    config = CodeGenConfig(
+        vocab_size=520, max_positions=64, hidden_size=48, num_layers=2, num_heads=4,
+        rotary_dim=4, intermediate_size=64,
+    )  # fmt: skip
+    if param_dtype == jnp.bfloat16 and not cpu_matmul.takes(jnp.bfloat16):
+        pytest.skip("without the C++ kernel XLA widens a bf16 table for its gather")
+    model = CodeGen(config, False, jnp.float32, param_dtype)
+    params = model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
+    state = empty_state(init_cache(config, 1, 64, jnp.float32), config.vocab_size)
+    sample = SampleParams(8)
+    compiled = lower_decode(
+        model_logits_fn(model), params, state, request_knobs(sample), 4, sample.mode
+    ).compile()
+    text = compiled.as_text()
+    if param_dtype == jnp.bfloat16 and cpu_matmul.takes(jnp.bfloat16):
+        assert cpu_matmul.TARGETS["take_rows"] in text
+    table = re.compile(r"= \w+\[520,48\]\S* (fusion|convert|copy|bitcast-convert)\(")
+    assert not [line.strip()[:160] for line in text.splitlines() if table.search(line)]
+
+
+def test_the_embedding_lookup_gives_the_table_rows() -> None:
+    """Embed's lookup (the C++ take_rows for a bf16 table on the CPU) against jnp.take: the same
+    fp32 values for [batch, seq] ids, and the same gradient for the table."""
+    from codegen_repl.model.modeling import Embed
+
+    ids = jnp.asarray([[3, 0, 519], [7, 7, 1]], jnp.int32)
+    for dtype in (jnp.bfloat16, jnp.float32):
+        module = Embed(520, 48, dtype=jnp.float32, param_dtype=dtype)
+        variables = module.init(jax.random.key(1), ids)
+        table = variables["params"]["embedding"]
+        rows = module.apply(variables, ids)
+        assert rows.dtype == jnp.float32 and rows.shape == (2, 3, 48)
+        np.testing.assert_array_equal(rows, jnp.take(table, ids, axis=0).astype(jnp.float32))
+
+        def loss(params, module=module):
+            return (module.apply({"params": params}, ids) ** 2).sum()
+
+        grad = jax.grad(loss)(variables["params"])["embedding"]
+        reference = jax.grad(lambda t: (jnp.take(t, ids, axis=0).astype(jnp.float32) ** 2).sum())
+        np.testing.assert_array_equal(grad, reference(table))
