@@ -6,7 +6,7 @@
     python bench/decode.py gpu --sizes tiny --peer-sizes none   # the same code path, in seconds
     python bench/decode.py multiturn  # time to first token at turn 10 / turn 1
     python bench/decode.py coldstart  # process start to first token, warm compilation cache
-    python bench/decode.py kernels    # the int8/bf16 CPU matmul per 350M shape, and streaming
+    python bench/decode.py kernels    # the CPU matmul per 350M shape, 1-128 rows; streaming
     python bench/decode.py cachelength  # whole-context cache + CPU attention vs cut to length
 
 Every configuration runs the project and its peers in the same process on the same machine,
@@ -406,14 +406,17 @@ def kernels(args: argparse.Namespace) -> None:
     for kind in ("int8", "bf16"):
         for name, (k, n) in shapes.items():
             w, scale = narrow_weights(k, n, kind, rng)
-            for rows in (1, cpu_matmul.MAX_ROWS, 64):  # 64: a prefill, which XLA's path takes
+            # 64, 128: prefills, on AMX tiles where the CPU has them (else XLA's path takes them)
+            for rows in (1, cpu_matmul.MAX_ROWS, 64, 128):
                 x = jnp.asarray(rng.standard_normal((rows, k), np.float32))
                 ours = best_ms(lambda: kernel(x, w, scale))  # noqa: B023 (used at once)
                 theirs = best_ms(lambda: xla(x, w, scale))  # noqa: B023
+                path = "amx" if cpu_matmul.takes_amx(rows) else "vector"
                 emit({"bench": "kernels", "size": args.size, "kind": kind, "shape": name,
-                      "k": k, "n": n, "rows": rows, "kernel_ms": round(ours, 3),
-                      "kernel_gb_s": round(w.nbytes / ours / 1e6, 1), "xla_ms": round(theirs, 3),
-                      "isa": cpu_matmul.set_isa("best")})  # fmt: skip
+                      "k": k, "n": n, "rows": rows, "path": path, "kernel_ms": round(ours, 3),
+                      "kernel_gb_s": round(w.nbytes / ours / 1e6, 1),
+                      "kernel_gmac_s": round(rows * k * n / ours / 1e6, 1),
+                      "xla_ms": round(theirs, 3), "isa": cpu_matmul.set_isa("best")})  # fmt: skip
         emit({"bench": "kernels", "size": args.size, "kind": kind} | streaming(shapes, kind, rng))
 
 

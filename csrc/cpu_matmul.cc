@@ -368,17 +368,17 @@ void parallel_product(ffi::ThreadPool& pool, Product<W> product) {
 // memory speed for decode steps (AMX would first widen and repack every weight it reads).
 std::atomic<int64_t> amx_min_rows{17};
 
-// x [M, K] @ w [K, N] on AMX tiles (matmul_amx.h), in passes of rows whose bf16 parts of x
-// stay under 24 MB; the panels of a pass are tasks on the pool.
+// x [M, K] @ w [K, N] on AMX tiles (matmul_amx.h), in passes of rows (see `pass`); the
+// 128-column panels of a pass are tasks on the pool.
 template <typename W>
 void amx_product(ffi::ThreadPool& pool, const float* x, const W* w, const float* scale, float* y,
                  int64_t M, int64_t K, int64_t N) {
   const int64_t k_pad = (K + amx::kTileK - 1) / amx::kTileK * amx::kTileK;
   const int64_t part_bytes = amx::kParts * k_pad * 2;  // per row of x
-  const int64_t pass = std::max<int64_t>(amx::kRowBlock, (24 << 20) / part_bytes /
-                                                             amx::kRowBlock * amx::kRowBlock);
-  const int64_t columns = amx::panel_columns(k_pad);
-  const int64_t tasks = (N + columns - 1) / columns;
+  // At most 512 rows per pass (a task's sums: 256 KB), and parts of x under 24 MB.
+  const int64_t pass = std::clamp<int64_t>((24 << 20) / part_bytes / amx::kRowBlock *
+                                               amx::kRowBlock, amx::kRowBlock, 512);
+  const int64_t tasks = (N + amx::kColumns - 1) / amx::kColumns;
   const int64_t threads = std::min(
       {worker_count(pool, M, K, N), tasks, std::max<int64_t>(1, pool.num_threads())});
   for (int64_t m0 = 0; m0 < M; m0 += pass) {
@@ -386,7 +386,7 @@ void amx_product(ffi::ThreadPool& pool, const float* x, const W* w, const float*
     const int64_t rows_pad = (rows + amx::kRowBlock - 1) / amx::kRowBlock * amx::kRowBlock;
     auto* parts = reinterpret_cast<uint16_t*>(scratch((rows_pad * part_bytes + 3) / 4));
     amx::split(x + m0 * K, rows, K, parts, rows_pad, k_pad);
-    const amx::Product<W> product{w, scale, y + m0 * N, parts, rows, K, N, rows_pad, k_pad, columns};
+    const amx::Product<W> product{w, scale, y + m0 * N, parts, rows, K, N, rows_pad, k_pad};
     auto job = std::make_shared<Job>(tasks, 1, 1);
     auto run = [job, tasks, product] {
       amx::work(job->next, tasks, product, [&job] {

@@ -123,15 +123,15 @@ inline __m512i row_bf16(const uint16_t* w, int64_t N, int64_t k, int64_t n) {
   return _mm512_maskz_loadu_epi16(valid, w + k * N + n);
 }
 
-// Columns [n0, n0 + width) of w [K, N] (width <= columns, a multiple of 32 per task, zeros
-// past N and K) in AMX's weight-tile layout: for each step ks of 32 rows and each 32 columns
-// j, two tiles (columns 32 j.., 32 j + 16..) at panel + (ks * columns / 32 + j) * 1024, each 16
-// rows of (w[k, c], w[k + 1, c]) pairs for its 16 columns c, k = 32 ks + 2 * row. Reads each
-// pair of weight rows once, whole cache lines, prefetching 16 rows ahead (the rows are N
-// apart: other pages, which the hardware prefetchers do not cross).
+// Rows [k0, k1) x columns [n0, n0 + width) of w [K, N] (width <= columns, a multiple of 32 per
+// task; zeros past N and K) in AMX's weight-tile layout: for each step ks of 32 rows and each
+// 32 columns j, two tiles (columns 32 j.., 32 j + 16..) at panel + (ks * columns / 32 + j) *
+// 1024, each 16 rows of (w[k, c], w[k + 1, c]) pairs for its 16 columns c, k = k0 + 32 ks +
+// 2 * row. Reads each pair of weight rows once, whole cache lines, prefetching 16 rows ahead
+// (the rows are N apart: other pages, which the hardware prefetchers do not cross).
 template <typename W>
 void pack(const W* w, int64_t K, int64_t N, int64_t n0, int64_t width, int64_t columns,
-          int64_t k_pad, uint16_t* panel) {
+          int64_t k0, int64_t k1, uint16_t* panel) {
   // Interleave two rows' 32 values: first columns 0-15 (tile 0), then 16-31 (tile 1).
   alignas(64) static constexpr uint16_t kFirst[32] = {0,  32, 1,  33, 2,  34, 3,  35, 4,  36, 5,
                                                       37, 6,  38, 7,  39, 8,  40, 9,  41, 10, 42,
@@ -142,11 +142,12 @@ void pack(const W* w, int64_t K, int64_t N, int64_t n0, int64_t width, int64_t c
   const __m512i first = _mm512_load_si512(kFirst), second = _mm512_load_si512(kSecond);
   const int64_t groups = (width + kPanel - 1) / kPanel, row_bytes = width * sizeof(W);
   constexpr int64_t kAhead = 16;
-  for (int64_t k = 0; k < k_pad; k += 2) {
+  for (int64_t k = k0; k < k1; k += 2) {
     for (int64_t ahead = k + kAhead; ahead < std::min(k + kAhead + 2, K); ++ahead)
       for (int64_t byte = 0; byte < row_bytes; byte += 64)
         _mm_prefetch(reinterpret_cast<const char*>(w + ahead * N + n0) + byte, _MM_HINT_T0);
-    uint16_t* tiles = panel + (k / kTileK) * (columns / kPanel) * 1024 + (k % kTileK) / 2 * 32;
+    const int64_t step = (k - k0) / kTileK;
+    uint16_t* tiles = panel + step * (columns / kPanel) * 1024 + (k % kTileK) / 2 * 32;
     for (int64_t j = 0; j < groups; ++j, tiles += 1024) {
       const int64_t n = n0 + j * kPanel;
       const __m512i a = k < K ? row_bf16(w, N, k, n) : _mm512_setzero_si512();
@@ -157,21 +158,32 @@ void pack(const W* w, int64_t K, int64_t N, int64_t n0, int64_t width, int64_t c
   }
 }
 
-// y[m0:m0+32, n:n+32] (valid rows and columns) = (scale *) the x parts' 32-row block m0 @
-// the packed columns j of the panel.
-void block_product(const uint16_t* parts, int64_t rows_pad, int64_t k_pad, const uint16_t* panel,
-                   int64_t columns, int64_t j, const float* scale, float* y, int64_t M, int64_t N,
+// One K block of the 32 x 32 outputs at rows m0, columns 32 j of a task's panel: the x parts'
+// tiles of steps [step0, step0 + steps) times the packed block (`panel`, as `pack` lays it
+// out). The fp32 sums carry over between K blocks in `sums` ([rows_pad, columns], the task's):
+// the first block starts from zero, the last multiplies by the scale and writes y[m, n:n+32]
+// (valid rows and columns only).
+void block_product(const uint16_t* parts, int64_t rows_pad, int64_t k_pad, int64_t step0,
+                   int64_t steps, const uint16_t* panel, int64_t columns, int64_t j, bool first,
+                   bool last, float* sums, const float* scale, float* y, int64_t M, int64_t N,
                    int64_t n, int64_t m0) {
-  alignas(64) float sums[kRowBlock * kPanel];
-  const int64_t steps = k_pad / kTileK, part = rows_pad * k_pad;
-  const int64_t panel_step = (columns / kPanel) * 1024;
-  const uint16_t* a0 = parts + (m0 / 16) * steps * 512;
-  const uint16_t* a1 = a0 + steps * 512;
+  const int64_t part = rows_pad * k_pad, all_steps = k_pad / kTileK;
+  const int64_t panel_step = (columns / kPanel) * 1024, stride = columns * 4;
+  const uint16_t* a0 = parts + ((m0 / 16) * all_steps + step0) * 512;
+  const uint16_t* a1 = a0 + all_steps * 512;
   const uint16_t* b = panel + j * 1024;
-  _tile_zero(0);
-  _tile_zero(1);
-  _tile_zero(2);
-  _tile_zero(3);
+  float* c = sums + m0 * columns + j * kPanel;
+  if (first) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+  } else {
+    _tile_loadd(0, c, stride);
+    _tile_loadd(1, c + 16, stride);
+    _tile_loadd(2, c + 16 * columns, stride);
+    _tile_loadd(3, c + 16 * columns + 16, stride);
+  }
   for (int64_t ks = 0; ks < steps; ++ks, a0 += 512, a1 += 512, b += panel_step) {
     _tile_loadd(6, b, 64);
     _tile_loadd(7, b + 512, 64);
@@ -184,10 +196,11 @@ void block_product(const uint16_t* parts, int64_t rows_pad, int64_t k_pad, const
       _tile_dpbf16ps(3, 5, 7);
     }
   }
-  _tile_stored(0, sums, kPanel * 4);
-  _tile_stored(1, sums + 16, kPanel * 4);
-  _tile_stored(2, sums + 16 * kPanel, kPanel * 4);
-  _tile_stored(3, sums + 16 * kPanel + 16, kPanel * 4);
+  _tile_stored(0, c, stride);
+  _tile_stored(1, c + 16, stride);
+  _tile_stored(2, c + 16 * columns, stride);
+  _tile_stored(3, c + 16 * columns + 16, stride);
+  if (!last) return;
   const int64_t rows = std::min<int64_t>(kRowBlock, M - m0);
   const int64_t width = std::min<int64_t>(kPanel, N - n);
   const __mmask16 lo = width >= 16 ? 0xFFFF : (1u << width) - 1;
@@ -196,28 +209,34 @@ void block_product(const uint16_t* parts, int64_t rows_pad, int64_t k_pad, const
   const __m512 s1 = scale ? _mm512_maskz_loadu_ps(hi, scale + n + 16) : _mm512_set1_ps(1.0f);
   for (int64_t r = 0; r < rows; ++r) {
     float* out = y + (m0 + r) * N + n;
-    _mm512_mask_storeu_ps(out, lo, _mm512_mul_ps(_mm512_load_ps(sums + r * kPanel), s0));
-    _mm512_mask_storeu_ps(out + 16, hi, _mm512_mul_ps(_mm512_load_ps(sums + r * kPanel + 16), s1));
+    const float* sum = c + r * columns;
+    _mm512_mask_storeu_ps(out, lo, _mm512_mul_ps(_mm512_loadu_ps(sum), s0));
+    _mm512_mask_storeu_ps(out + 16, hi, _mm512_mul_ps(_mm512_loadu_ps(sum + 16), s1));
   }
 }
 
-// The per-thread buffer a task packs its panel into (`values` bf16), kept between calls.
-uint16_t* panel_buffer(int64_t values) {
-  thread_local std::unique_ptr<uint16_t[], decltype(&std::free)> buffer{nullptr, &std::free};
+// A per-thread buffer of at least `bytes` (64-byte aligned), kept between calls; `Slot` tells
+// a task's two buffers apart (its packed panel, its sums).
+template <int Slot>
+void* task_buffer(int64_t bytes) {
+  thread_local std::unique_ptr<void, decltype(&std::free)> buffer{nullptr, &std::free};
   thread_local int64_t size = 0;
-  if (values > size) {
-    buffer.reset(static_cast<uint16_t*>(std::aligned_alloc(64, values * sizeof(uint16_t))));
-    size = values;
+  if (bytes > size) {
+    bytes = (bytes + 63) / 64 * 64;  // aligned_alloc takes a multiple of the alignment
+    buffer.reset(std::aligned_alloc(64, bytes));
+    if (!buffer) throw std::bad_alloc();
+    size = bytes;
   }
   return buffer.get();
 }
 
-// Columns per task: whole cache lines of weight rows for the packing to read, and as many as
-// keep the packed panel ([k_pad, columns] bf16) within 1 MB of L2, beside a 32-row block of x's
-// parts (kParts * 32 * k_pad bf16) that every 32 columns of the panel read again.
-inline int64_t panel_columns(int64_t k_pad) {
-  return std::clamp<int64_t>((512 << 10) / (k_pad * 2) / kPanel * kPanel, kPanel, 4 * kPanel);
-}
+// Rows of w per K block: the block's packed panel (kKBlock x kColumns bf16, 256 KB) and a
+// 32-row block of x's parts for it (kParts x 32 x kKBlock bf16, 192 KB) stay in L2 (2 MB per
+// core on Sapphire Rapids) while the panel's four 32-column blocks read them; without K blocks
+// a 10240-deep product (2B's fc_out) read 1.9 MB of parts per 32 columns, from L3.
+constexpr int64_t kKBlock = 1024;
+// Columns per task: whole cache lines of weight rows for the packing to read.
+constexpr int64_t kColumns = 4 * kPanel;
 
 template <typename W>
 struct Product {
@@ -225,17 +244,21 @@ struct Product {
   const float* scale;
   float* y;
   const uint16_t* parts;
-  int64_t M, K, N, rows_pad, k_pad, columns;  // columns: per task (panel_columns)
+  int64_t M, K, N, rows_pad, k_pad;
 
-  // Task t: columns [columns * t, columns * (t + 1)).
+  // Task t: columns [128 t, 128 t + 128), K block by K block, the sums in the task's buffer.
   void run(int64_t t) const {
-    const int64_t n0 = t * columns, width = std::min(columns, N - n0);
-    uint16_t* panel = panel_buffer(k_pad * columns);
-    pack(w, K, N, n0, width, columns, k_pad, panel);
-    for (int64_t m0 = 0; m0 < rows_pad; m0 += kRowBlock)
-      for (int64_t j = 0; j * kPanel < width; ++j)
-        block_product(parts, rows_pad, k_pad, panel, columns, j, scale, y, M, N, n0 + j * kPanel,
-                      m0);
+    const int64_t n0 = t * kColumns, width = std::min(kColumns, N - n0);
+    auto* panel = static_cast<uint16_t*>(task_buffer<0>(kKBlock * kColumns * 2));
+    auto* sums = static_cast<float*>(task_buffer<1>(rows_pad * kColumns * 4));
+    for (int64_t k0 = 0; k0 < k_pad; k0 += kKBlock) {
+      const int64_t k1 = std::min(k_pad, k0 + kKBlock);
+      pack(w, K, N, n0, width, kColumns, k0, k1, panel);
+      for (int64_t m0 = 0; m0 < rows_pad; m0 += kRowBlock)
+        for (int64_t j = 0; j * kPanel < width; ++j)
+          block_product(parts, rows_pad, k_pad, k0 / kTileK, (k1 - k0) / kTileK, panel, kColumns,
+                        j, k0 == 0, k1 == k_pad, sums, scale, y, M, N, n0 + j * kPanel, m0);
+    }
   }
 };
 
