@@ -400,12 +400,13 @@ void amx_product(ffi::ThreadPool& pool, const float* x, const W* w, const float*
 }
 #endif
 
-// Whether a product of M rows takes AMX tiles with these kernels.
-bool takes_amx(const Kernels* kernels, int64_t M) {
+// Whether a product of M rows (K deep) takes AMX tiles with these kernels (K = 0: the vector
+// kernels write the zeros).
+bool takes_amx(const Kernels* kernels, int64_t M, int64_t K) {
 #ifdef CODEGEN_AMX
-  return kernels->amx && M >= amx_min_rows.load();
+  return kernels->amx && M >= amx_min_rows.load() && K > 0;
 #else
-  (void)kernels, (void)M;
+  (void)kernels, (void)M, (void)K;
   return false;
 #endif
 }
@@ -430,7 +431,7 @@ ffi::Error MatmulInt8(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   if (shapes.failure()) return shapes;
   const Kernels* kernels = active.load();
 #ifdef CODEGEN_AMX
-  if (takes_amx(kernels, x.dimensions()[0])) {
+  if (takes_amx(kernels, x.dimensions()[0], x.dimensions()[1])) {
     amx_product<int8_t>(pool, x.typed_data(), w.typed_data(), scale.typed_data(),
                         y->typed_data(), x.dimensions()[0], x.dimensions()[1], w.dimensions()[1]);
     return ffi::Error::Success();
@@ -449,7 +450,7 @@ ffi::Error MatmulBf16(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   const Kernels* kernels = active.load();
   const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.typed_data());
 #ifdef CODEGEN_AMX
-  if (takes_amx(kernels, x.dimensions()[0])) {
+  if (takes_amx(kernels, x.dimensions()[0], x.dimensions()[1])) {
     amx_product<uint16_t>(pool, x.typed_data(), wp, nullptr, y->typed_data(), x.dimensions()[0],
                           x.dimensions()[1], w.dimensions()[1]);
     return ffi::Error::Success();

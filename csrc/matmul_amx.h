@@ -5,21 +5,23 @@
 //
 // AMX multiplies bf16 by bf16 into fp32 sums (TDPBF16PS). The weights fit bf16 exactly (an int8
 // has 8 significant bits, bf16 keeps 8), and each fp32 activation is cut into three bf16 parts
-// whose sum is exactly the activation (hi = bf16(x), mid = bf16(x - hi), lo = x - hi - mid: a
-// 24-bit significand is three 8-bit ones). Every product of a part and a weight has at most 16
-// significant bits, so it is exact in fp32, and the result is a sum of exact products in fp32,
-// as in the vector kernel, only with 3K terms instead of K (the bound is in cpu_matmul.py:
-// gamma(3K + 2) (1 + 2^-7) sum_k |x_k w_kn|). AMX flushes denormals (DAZ/FTZ), which costs at
-// most 2^-126 per term, far below it.
+// whose sum is exactly the activation (`split`: a 24-bit significand is three 8-bit ones).
+// Every product of a part and a weight has at most 16 significant bits, so it is exact in fp32,
+// and the result is a sum of exact products in fp32, as in the vector kernel, only with 3K
+// terms instead of K (the bound is in cpu_matmul.py: gamma(3K + 2) (1 + 2^-6) sum_k |x_k w_kn|).
+// AMX flushes denormals (DAZ/FTZ): a part below 2^-126 (of an activation below about 2^-110)
+// counts as zero, a product or sum below 2^-126 too, at most 2^-126 (|w_kn| + 1) per term (in
+// the bound).
 //
 // A prefill reads each weight once for all its rows, so it is bound by the multiply-adds, not
 // by memory: 16x16x32 per instruction on the tiles, where AVX-512 does 16 per FMA.
 //
 // Work: the activations are cut into parts once per call (by the calling thread); the columns
-// are cut into panels of 32 (two 16-column tiles), one task each on XLA's thread pool. A task
-// widens its panel of weights to bf16 in the tile layout AMX reads (pairs of rows interleaved,
-// Intel SDM vol. 1 ch. 18) into a per-thread buffer, then runs every 32-row block of x over it:
-// four 16x16 fp32 sum tiles, two tiles of x, two of weights (the 8 tile registers).
+// are cut into panels of 128, one task each on XLA's thread pool. A task widens its panel of
+// weights to bf16 in the tile layout AMX reads (pairs of rows interleaved, Intel SDM vol. 1
+// ch. 18) into a per-thread buffer, one K block of 1024 rows at a time, then runs every 32-row
+// block of x over it: four 16x16 fp32 sum tiles, two tiles of x, two of weights (the 8 tile
+// registers); the sums carry over between K blocks in a per-thread buffer.
 //
 // Linux hands a process the AMX state only on request (arch_prctl ARCH_REQ_XCOMP_PERM,
 // Documentation/arch/x86/xstate.rst); `amx::enable` asks once, and without it the path is off.
@@ -87,23 +89,39 @@ inline __m512 bf16_to_f32(__m256i h) {
 // The bf16 parts of rows [0, rows_pad) of x [M, K] (zero past M and K) as AMX tiles, each 16
 // rows x 32 values contiguous (1 KB, so a tile load reads one run of memory): the tile of
 // part p, rows [16 mt, 16 mt + 16), columns [32 ks, 32 ks + 32) is at
-// parts + ((p * rows_pad / 16 + mt) * k_pad / 32 + ks) * 512. x = part 0 + part 1 + part 2
-// exactly (see above).
+// parts + ((p * rows_pad / 16 + mt) * k_pad / 32 + ks) * 512.
+// Each part is cut off (rounded toward zero: the top 16 bits of the fp32 value), never rounded
+// up, so no part overflows (round to nearest made bf16(3.4e38) infinite, and x - hi NaN);
+// x = hi + mid + lo exactly: x - hi has at most 16 significant bits, x - hi - mid at most 8.
+// Infinities and NaNs go whole into hi (rounded to nearest, which keeps a NaN a NaN).
 void split(const float* x, int64_t M, int64_t K, uint16_t* parts, int64_t rows_pad,
            int64_t k_pad) {
+  static_assert(kParts == 3, "three bf16 parts hold an fp32 exactly");
   const int64_t steps = k_pad / kTileK, part = rows_pad * k_pad;
+  const __m512i top = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  const __m512i exponent = _mm512_set1_epi32(0x7F800000);
   for (int64_t m = 0; m < rows_pad; ++m) {
     uint16_t* row = parts + (m / 16) * steps * 512 + (m % 16) * kTileK;
     for (int64_t k = 0; k < k_pad; k += 16) {
       const __mmask16 valid =
           m < M ? (k + 16 <= K ? 0xFFFF : (k < K ? (1u << (K - k)) - 1 : 0)) : 0;
-      __m512 rest = _mm512_maskz_loadu_ps(valid, x + m * K + k);
+      const __m512 value = _mm512_maskz_loadu_ps(valid, x + m * K + k);
+      const __m512i bits = _mm512_castps_si512(value);
+      const __mmask16 finite =
+          _mm512_cmpneq_epi32_mask(_mm512_and_si512(bits, exponent), exponent);
+      const __m512i hi = _mm512_and_si512(bits, top);
+      const __m512 rest = _mm512_sub_ps(value, _mm512_castsi512_ps(hi));  // exact
+      const __m512i mid = _mm512_and_si512(_mm512_castps_si512(rest), top);
+      const __m512 lo = _mm512_sub_ps(rest, _mm512_castsi512_ps(mid));  // exact, 8 bits
+      const __m256i whole = (__m256i)_mm512_cvtneps_pbh(value);
+      const __m256i parts3[3] = {
+          _mm256_mask_mov_epi16(whole, finite, _mm512_cvtepi32_epi16(_mm512_srli_epi32(hi, 16))),
+          _mm512_maskz_cvtepi32_epi16(finite, _mm512_srli_epi32(mid, 16)),
+          _mm512_maskz_cvtepi32_epi16(finite,
+                                      _mm512_srli_epi32(_mm512_castps_si512(lo), 16))};
       uint16_t* out = row + (k / kTileK) * 512 + k % kTileK;
-      for (int64_t p = 0; p < kParts; ++p) {
-        const __m256i h = (__m256i)_mm512_cvtneps_pbh(rest);
-        _mm256_storeu_si256((__m256i*)(out + p * part), h);
-        rest = _mm512_sub_ps(rest, bf16_to_f32(h));
-      }
+      for (int64_t p = 0; p < kParts; ++p)
+        _mm256_storeu_si256((__m256i*)(out + p * part), parts3[p]);
     }
   }
 }

@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from codegen_repl.errors import ConfigError
+
 # Above this many rows (a prefill) XLA's blocked fp32 matmul of the widened weights beats the
 # vector kernel, which keeps no more than 4 rows in registers (bench/decode.py `kernels`); on a
 # CPU with AMX, int8/bf16 products of more rows take the kernel's AMX tiles instead (`amx`).
@@ -52,19 +54,26 @@ INSTALL_HINT = (
 def extension() -> tuple[ModuleType | None, str]:
     """The loaded extension with its FFI targets (matmuls and cpu_attention.py's) registered,
     or None and why not. CODEGEN_CPU_MATMUL_ISA names the instruction set to use (see
-    `set_isa`; default 'best'). Raises ValueError when the CPU lacks the one it names."""
-    if os.environ.get("CODEGEN_CPU_MATMUL", "1") == "0":
-        return None, "turned off by CODEGEN_CPU_MATMUL=0"
+    `set_isa`; default 'best'). Raises ConfigError (a ValueError) when the CPU lacks the one
+    it names."""
+    switch = os.environ.get("CODEGEN_CPU_MATMUL", "1")
+    if switch.strip().lower() in ("0", "off", "false", "no"):
+        return None, f"turned off by CODEGEN_CPU_MATMUL={switch}"
     try:
         from codegen_repl.model import _cpu_matmul  # type: ignore[attr-defined]
     except ImportError as missing:
         return None, f"the C++ extension is not built ({missing}); {INSTALL_HINT}"
     wanted = os.environ.get("CODEGEN_CPU_MATMUL_ISA", "best")
+    if wanted.strip().lower() not in ISA_NAMES:
+        raise ConfigError(
+            f"CODEGEN_CPU_MATMUL_ISA={wanted}: not an instruction set; use one of "
+            f"{', '.join(ISA_NAMES)} (or leave it unset: the best this CPU has)"
+        )
     try:
-        _cpu_matmul.set_isa(wanted)
+        _cpu_matmul.set_isa(wanted.strip().lower())
     except ValueError as error:
-        raise ValueError(f"CODEGEN_CPU_MATMUL_ISA={wanted}: {error}") from None
-    _cpu_matmul.set_amx_rows(MAX_ROWS + 1)  # the C++ side picks AMX by rows: the same rule
+        raise ConfigError(f"CODEGEN_CPU_MATMUL_ISA={wanted}: {error}") from None
+    _cpu_matmul.set_amx_rows(max(1, MAX_ROWS + 1))  # the C++ side picks AMX by rows likewise
     if not _registered:  # once per process, even if the cache above is cleared
         for kind, capsule in _cpu_matmul.handlers().items():
             jax.ffi.register_ffi_target(TARGETS[kind], capsule, platform="cpu")
@@ -73,6 +82,7 @@ def extension() -> tuple[ModuleType | None, str]:
 
 
 _registered: list[bool] = []
+ISA_NAMES = ("best", "amx", "avx512", "avx2", "generic")  # what set_isa takes
 
 
 def available() -> bool:
@@ -89,7 +99,11 @@ def status(weights: str = "") -> str:
         return f"{what}: XLA (the C++ kernel takes int8, bfloat16 or float32 weights)"
     if module is None:
         return f"{what}: XLA ({why_not})"
-    return f"{what}: C++ kernel ({module.isa()}, XLA's thread pool)"
+    isa = module.isa()
+    if isa == "amx":  # AVX-512 decode steps; AMX only for int8/bf16 prefills
+        narrow = not weights or jnp.dtype(weights) in (jnp.int8, jnp.bfloat16)
+        isa = "avx512, prefills on AMX tiles" if narrow else "avx512"
+    return f"{what}: C++ kernel ({isa}, XLA's thread pool)"
 
 
 def set_isa(name: str) -> str:
@@ -221,18 +235,21 @@ def max_error_bound(
     (* |scale_n|), computed in float64.
 
     `parts` = AMX_PARTS: the AMX path's bound (int8/bf16 weights, more than MAX_ROWS rows, see
-    `takes_amx`). Each activation is cut into 3 bf16 parts that sum to it exactly, with
-    |hi| + |mid| + |lo| <= (1 + 2^-7) |x|; every part times a weight (8 significant bits
-    each) is exact in fp32, so the result is an fp32 sum of 3K exact products:
-    gamma(3K + 2) (1 + 2^-7) sum_k |x_k w_kn| (* |scale_n|), plus 2^-126 per product for AMX's
-    flush of denormals to zero (Intel SDM, TDPBF16PS)."""
+    `takes_amx`). Each activation is cut into 3 bf16 parts (its top 8 significant bits, the next
+    8, the last 8) that sum to it exactly, with |hi| + |mid| + |lo| <= (1 + 2^-6) |x|; every
+    part times a weight (8 significant bits each) is exact in fp32, so the result is an fp32
+    sum of 3K exact products: gamma(3K + 2) (1 + 2^-6) sum_k |x_k w_kn| (* |scale_n|). AMX
+    flushes denormals to zero (Intel SDM, TDPBF16PS): a part below 2^-126 counts as zero (the
+    parts of an activation below about 2^-110), and so does a product or sum below 2^-126,
+    which adds at most 2^-126 * 3 * (sum_k |w_kn| + K)."""
     k = x.shape[1]
     unit = 2.0**-24
     terms = parts * k + 2
     gamma = terms * unit / (1 - terms * unit)
     bound = np.abs(x.astype(np.float64)) @ np.abs(w.astype(np.float64))
     if parts > 1:
-        bound = bound * (1 + 2.0**-7) * gamma + parts * k * 2.0**-126
+        flushed = 2.0**-126 * parts * (np.abs(w.astype(np.float64)).sum(0) + k)
+        bound = bound * (1 + 2.0**-6) * gamma + flushed
     else:
         bound = bound * gamma
     return bound if scale is None else bound * np.abs(scale.astype(np.float64))
@@ -240,13 +257,22 @@ def max_error_bound(
 
 def take_rows(table: jax.Array, ids: jax.Array) -> jax.Array:
     """fp32 rows of a bf16 table: table [V, H] bf16, ids [...] int -> [..., H] fp32, by
-    jnp.take's rules (an id in [-V, 0) counts from the end; outside [-V, V): NaNs). XLA's CPU
+    jnp.take's rules (an id in [-V, 0) counts from the end; outside [-V, V): NaNs). Raises
+    TypeError for ids that are not integers (as nn.Embed does). XLA's CPU
     backend has no bf16 gather and widens the whole table for one (in a decode loop, once per
     program run: 200 MB written for 350M's embedding); the C++ kernel reads only the rows.
     Callers check `takes(jnp.bfloat16)` first. Raises RuntimeError without the extension."""
     module, why_not = extension()  # registers the FFI targets before the first call
     if module is None:
         raise RuntimeError(why_not)
+    if not jnp.issubdtype(ids.dtype, jnp.integer):
+        raise TypeError(f"take_rows takes integer ids, got {ids.dtype}")
+    if ids.dtype != jnp.int32:  # wider or unsigned: out-of-range ids must stay out of range
+        vocab = table.shape[0]
+        outside = ids >= vocab
+        if jnp.issubdtype(ids.dtype, jnp.signedinteger):
+            outside |= ids < -vocab
+        ids = jnp.where(outside, vocab, ids).astype(jnp.int32)
     return _take_rows(table, ids)
 
 

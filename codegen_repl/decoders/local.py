@@ -409,7 +409,8 @@ class LocalDecoder:
         state's memory stays for that request when it has the same shape (see _fits): its
         cache is written over, not allocated and zeroed afresh (40-85 ms for 350M's 335 MB fp32
         cache on the 2-core CPU, mostly page faults)."""
-        self._spare = self._kept if self._kept is not None else self._spare
+        if self.whole_context_cache:  # elsewhere it never fits (see _fits): let it go
+            self._spare = self._kept if self._kept is not None else self._spare
         self._tokens, self._kept = [], None
 
     @functools.cached_property
@@ -690,7 +691,8 @@ class LocalDecoder:
             state = self._kept
         elif start[0] == "fresh":
             state = self._spare if self._fits(self._spare, rows, length) else None
-            if state is None:
+            if state is None:  # (the spare goes first: never both in memory at once)
+                self._spare = None
                 state = fresh_state(self.config, rows, length, self.dtype)
         else:
             state = resize_state(self._kept, rows, length)

@@ -70,8 +70,9 @@ class ChatOptions:
         )  # fmt: skip
 
     def resume_options(self) -> str:
-        """`--model M` and/or `--server URL`: what the resume command needs to find the model."""
-        named = [("--server", self.server), ("--model", self.model)]
+        """`--model M` and/or `--server URL`, and `--dtype D` when one was given: what the
+        resume command needs to load the same model the same way."""
+        named = [("--server", self.server), ("--model", self.model), ("--dtype", self.dtype)]
         return " ".join(f"{flag} {shlex.quote(value)}" for flag, value in named if value)
 
     def apply(self, settings: SessionSettings) -> SessionSettings:

@@ -291,7 +291,7 @@ def command_name() -> str:
     install does not put `.venv/bin` on PATH, so `codegen-repl` alone was "command not found"),
     or `python -m codegen_repl`."""
     started = Path(sys.argv[0])
-    if started.name == "__main__.py":
+    if started.name == "__main__.py" and started.parent.name == "codegen_repl":
         return f"{shlex.quote(sys.executable)} -m codegen_repl"
     if started.name != "codegen-repl":
         return "codegen-repl"  # not run as the command (a Repl driven in another program)

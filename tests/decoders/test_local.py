@@ -228,6 +228,11 @@ def test_a_forgotten_cache_is_written_over_not_allocated_again(
     ids = decoded_ids(reused, PROMPT[:9], SampleParams(8, n=1))
     assert all(leaf.is_deleted() for leaf in jax.tree_util.tree_leaves(old.cache))
     assert ids == decoded_ids(fresh, PROMPT[:9], SampleParams(8))
-    reused.forget()  # n=3: another shape, a fresh state
+    reused.forget()  # n=3: another shape, a fresh state, and the spare let go first
+    kept = reused._kept
     many = decoded_ids(reused, PROMPT[:9], SampleParams(8, n=3, temperature=0.8, seed=1))
     assert many == decoded_ids(fresh, PROMPT[:9], SampleParams(8, n=3, temperature=0.8, seed=1))
+    assert reused._spare is None and kept is None
+    reused.whole_context_cache = False  # where a spare never fits, forget() keeps none
+    reused.forget()
+    assert reused._spare is None and reused._kept is None

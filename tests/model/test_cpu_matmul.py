@@ -257,6 +257,41 @@ def test_amx_activations_of_every_magnitude() -> None:
 
 
 @needs_amx
+def test_amx_infinities_huge_and_tiny_activations() -> None:
+    """The breaker's inputs: an infinite activation gave NaN on AMX (x - bf16(x) = inf - inf),
+    3.4e38 too (rounded to bf16 it overflowed); both must match XLA's path. Activations near
+    2^-120 times weights near 2^100 (parts below 2^-126, flushed by AMX) stay in the bound."""
+    rows = 20
+    x = np.ones((rows, 3), np.float32)
+    x[0, 0], x[1, 1], x[2, 2] = np.inf, -np.inf, np.nan
+    x[3, 0], x[4, 1] = np.float32(3.4e38), np.float32(-3.39e38)
+    w = np.asarray([[1, 0.5, -2], [0.25, 1, 1], [1, 1, 0.125]], np.float32)
+    for stored in (w.astype(ml_dtypes.bfloat16), (w * 8).astype(np.int8)):
+        scale = None if stored.dtype != np.int8 else jnp.full(3, 0.125, jnp.float32)
+        args = (jnp.asarray(x), jnp.asarray(stored), scale)
+        ours = np.asarray(jax.jit(cpu_matmul.matmul)(*args))
+        xla = np.asarray(jax.jit(cpu_matmul.reference)(*args))
+        np.testing.assert_array_equal(ours, xla)  # every value here is exact: the same bits
+    rng = np.random.default_rng(8)
+    tiny = (rng.uniform(1, 2, (rows, 64)) * 2.0**-120).astype(np.float32)
+    big = (rng.uniform(1, 2, (64, 16)) * 2.0**100).astype(ml_dtypes.bfloat16)
+    y = jax.jit(cpu_matmul.matmul)(jnp.asarray(tiny), jnp.asarray(big))
+    check(tiny, big.astype(np.float32), big, None, y)
+
+
+@needs_kernel
+def test_a_product_with_no_inner_dimension_is_zeros(amx_from_rows) -> None:
+    """x [rows, 0] @ w [0, N]: zeros (on AMX a division by the empty rows' size killed the
+    process, SIGFPE)."""
+    amx_from_rows(1)
+    for rows in (5, 20):
+        y = jax.jit(cpu_matmul.matmul)(
+            jnp.zeros((rows, 0), jnp.float32), jnp.zeros((0, 5), jnp.int8), jnp.ones(5)
+        )
+        np.testing.assert_array_equal(np.asarray(y), np.zeros((rows, 5), np.float32))
+
+
+@needs_amx
 @pytest.mark.parametrize("kind", ["int8", "bf16"])
 def test_amx_parts_sum_to_the_activation_exactly(kind: str) -> None:
     """One weight of 1, -1, 2 or 64 per output (a power of two: x w is exact in fp32): the sum
@@ -375,20 +410,25 @@ def test_without_the_extension_everything_runs_on_xla(
         jax.clear_caches()
 
 
-@pytest.mark.parametrize("switch", ["1", "0"])
-def test_generate_verbose_says_which_matmul_runs(chat_checkpoint, switch: str) -> None:
-    """`generate --int8 --verbose` names the path; on the XLA path a note says it is slower."""
+def generate_int8_verbose(checkpoint: Path, **env: str) -> subprocess.CompletedProcess:
+    """`codegen-repl generate --int8 --verbose` (3 tokens) with these environment variables."""
     script = Path(sys.executable).with_name("codegen-repl")
-    options = ["--model", str(chat_checkpoint), "--int8", "--verbose", "--max-new-tokens", "3"]
-    result = subprocess.run(
+    options = ["--model", str(checkpoint), "--int8", "--verbose", "--max-new-tokens", "3"]
+    return subprocess.run(
         [str(script), "generate", *options, "def f():"],
         capture_output=True,
         text=True,
         timeout=300,
-        env={**os.environ, "JAX_PLATFORMS": "cpu", "CODEGEN_CPU_MATMUL": switch},
+        env={**os.environ, "JAX_PLATFORMS": "cpu", **env},
     )
+
+
+@pytest.mark.parametrize("switch", ["1", "0", "off"])
+def test_generate_verbose_says_which_matmul_runs(chat_checkpoint, switch: str) -> None:
+    """`generate --int8 --verbose` names the path; on the XLA path a note says it is slower."""
+    result = generate_int8_verbose(chat_checkpoint, CODEGEN_CPU_MATMUL=switch)
     assert result.returncode == 0, result.stderr
-    if switch == "0" or not cpu_matmul.available():
+    if switch != "1" or not cpu_matmul.available():
         assert "note: int8/bf16 weights on CPU save memory but decode slower" in result.stderr
         assert "· CPU matmul (int8 weights): XLA (" in result.stderr
     else:
@@ -410,3 +450,41 @@ def test_take_rows_follows_jnp_take() -> None:
     outside = jax.jit(cpu_matmul.take_rows)(table, jnp.asarray([37, -38, 2], jnp.int32))
     assert np.all(np.isnan(outside[:2])) and not np.any(np.isnan(outside[2]))
     np.testing.assert_array_equal(outside[2], table[2].astype(jnp.float32))
+    # unsigned ids past int32's range must stay out of range, not wrap onto a row
+    wide = jax.jit(cpu_matmul.take_rows)(table, jnp.asarray([2**31 + 2, 3], jnp.uint32))
+    assert np.all(np.isnan(wide[0])) and not np.any(np.isnan(wide[1]))
+    with pytest.raises(TypeError, match="integer ids"):
+        cpu_matmul.take_rows(table, jnp.asarray([1.0, 2.0]))
+
+
+@needs_kernel
+@pytest.mark.parametrize("isa", ["avx512", "AVX512", "bogus", "amx", "default"])
+def test_the_instruction_set_is_picked_by_the_environment(chat_checkpoint, isa: str) -> None:
+    """CODEGEN_CPU_MATMUL_ISA: a lower set turns AMX off (the verbose line names the set in
+    use, in any case); an unknown name, or one the CPU lacks, is a one-line error listing the
+    choices, not a traceback. By default int8 prefills take AMX where the CPU has it."""
+    if isa.lower() == "avx512" and "avx512" not in instruction_sets():
+        pytest.skip("this CPU has no AVX-512")
+    has_amx = "amx" in instruction_sets()
+    chosen = {} if isa == "default" else {"CODEGEN_CPU_MATMUL_ISA": isa}
+    result = generate_int8_verbose(chat_checkpoint, **chosen)
+    line = "· CPU matmul (int8 weights): C++ kernel ("
+    if isa == "bogus":
+        assert result.returncode != 0
+        assert "CODEGEN_CPU_MATMUL_ISA=bogus: not an instruction set; use one of best, amx" in (
+            result.stderr
+        )
+        assert "Traceback" not in result.stderr
+    elif isa == "amx" and not has_amx:
+        assert result.returncode != 0
+        assert "instruction set 'amx' is not available on this CPU" in result.stderr
+        assert "Traceback" not in result.stderr
+    elif isa in ("amx", "default") and has_amx:
+        assert result.returncode == 0, result.stderr
+        assert f"{line}avx512, prefills on AMX tiles, XLA's thread pool)" in result.stderr
+    elif isa == "default":  # the best set this CPU has
+        assert result.returncode == 0, result.stderr
+        assert f"{line}{instruction_sets()[0]}, XLA's thread pool)" in result.stderr
+    else:
+        assert result.returncode == 0, result.stderr
+        assert f"{line}avx512, XLA's thread pool)" in result.stderr

@@ -532,6 +532,9 @@ def test_the_resume_command_names_the_model_or_server() -> None:
     assert local.resume_options() == "--model '/models/my model'"
     remote = ChatOptions(model="", server="http://127.0.0.1:8000")
     assert remote.resume_options() == "--server http://127.0.0.1:8000"
+    # a new user's finding: resumed without it, a bf16 session came back in fp32
+    narrow = ChatOptions(model="/models/m", dtype="bfloat16")
+    assert narrow.resume_options() == "--model /models/m --dtype bfloat16"
 
 
 def test_save_chooses_by_suffix_and_refuses_others(tmp_path, executor) -> None:
