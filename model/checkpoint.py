@@ -61,18 +61,19 @@ def load_model(
     revision: str | None = None,
     cache_dir: Path | None = None,
     on_config: Callable[[Path, CodeGenConfig], None] | None = None,
+    transform: Transform | None = None,
 ) -> LoadedModel:
     """Load a CodeGen checkpoint from a local folder or a hub id such as
     `Salesforce/codegen-350M-mono`. `on_config(folder, config)` is called once config.json is
     read, before the weights are (a decoder compiles its programs meanwhile, see
-    `params_shapes`)."""
+    `params_shapes`). `transform`: see load_params (int8 quantizes tensor by tensor)."""
     if dtype not in DTYPES:
         raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     path = resolve_checkpoint(model, revision=revision, cache_dir=cache_dir)
     config = read_config(path)
     if on_config is not None:
         on_config(path, config)
-    params = load_params(path, config, DTYPES[dtype])
+    params = load_params(path, config, DTYPES[dtype], transform)
     return LoadedModel(config=config, params=params, path=path, dtype=dtype)
 
 
@@ -279,9 +280,22 @@ def _to_device(to_flax: Callable[[Any], Any], array: jax.Array, dtype: jnp.dtype
     return to_flax(array.astype(dtype))
 
 
-def load_params(path: Path, config: CodeGenConfig, dtype: jnp.dtype = jnp.float32) -> Params:
+# (params path, tensor) -> the leaves that stand for it under its parent, e.g. an int8 kernel
+# and its scale (modeling.quantize_leaf).
+Transform = Callable[[tuple[str, ...], jax.Array], dict[str, jax.Array]]
+
+
+def load_params(
+    path: Path,
+    config: CodeGenConfig,
+    dtype: jnp.dtype = jnp.float32,
+    transform: Transform | None = None,
+) -> Params:
     """Every tensor of the checkpoint in `path`, checked, reshaped and cast to `dtype`.
 
+    `transform` turns each tensor into the leaves kept for it as soon as it is read, so the
+    tensors before it never all exist at once: int8 quantized at load held the whole fp32 model
+    and its int8 copy (2B: 14.1 GB peak RSS, against 5.4 GB for CTranslate2's int8 model).
     Raises CheckpointError (and returns nothing) if any tensor is missing, unexpected, of the
     wrong shape, or unreadable.
     """
@@ -300,7 +314,14 @@ def load_params(path: Path, config: CodeGenConfig, dtype: jnp.dtype = jnp.float3
                 f"tensor {name!r} has shape {tuple(array.shape)}, expected {spec.hf_shape} "
                 f"from config.json; the weights and config.json in {path} do not match"
             )
-        _set(params, spec.path, _to_device(spec.to_flax, np.asarray(array), jnp.dtype(dtype)))
+        tensor = _to_device(spec.to_flax, np.asarray(array), jnp.dtype(dtype))
+        if transform is None:
+            _set(params, spec.path, tensor)
+            continue
+        leaves = jax.block_until_ready(transform(spec.path, tensor))  # one at a time
+        del tensor
+        for leaf, value in leaves.items():
+            _set(params, (*spec.path[:-1], leaf), value)
     # The conversions read views of the mapped files (JAX takes them without a copy on a CPU)
     # and run after dispatch: the load ends when they have, so that a file changed or cut
     # after it neither changes the weights nor crashes the process (SIGBUS).

@@ -373,28 +373,50 @@ class Linear(nn.Module):
         return y
 
 
+def quantize_kernel(weight: jax.Array, in_axes: int) -> tuple[jax.Array, jax.Array]:
+    """A Linear kernel [*in (in_axes axes), *out] as int8 of the same shape and one fp32 scale
+    per output channel [*out]: scale = max |w| / 127 over the inputs (1 where all are 0), and
+    the kernel round(w / scale), so |w - scale * int8| <= scale / 2."""
+    weight = weight.astype(jnp.float32)
+    scale = jnp.max(jnp.abs(weight), axis=tuple(range(in_axes))) / 127.0
+    scale = jnp.where(scale == 0, 1.0, scale)
+    return jnp.round(weight / scale).astype(jnp.int8), scale
+
+
+def kernel_in_axes(path: tuple[str, ...]) -> int:
+    """The input axes of the Linear kernel at params `path`: 2 for attention's `out`
+    ([heads, head_dim, hidden]), else 1."""
+    return 2 if len(path) >= 2 and path[-2] == "out" else 1
+
+
+def quantize_leaf(path: tuple[str, ...], value: jax.Array) -> dict[str, jax.Array]:
+    """The int8 params for one loaded tensor (checkpoint.load_params' `transform`): a Linear
+    kernel becomes {"kernel": int8, "scale": fp32}; anything else stays as it is."""
+    if path[-1] != "kernel":
+        return {path[-1]: value}
+    kernel, scale = quantize_kernel(value, kernel_in_axes(path))
+    return {"kernel": kernel, "scale": scale}
+
+
 def quantize_int8(params: dict) -> dict:
-    """Weight-only int8, one fp32 scale per output channel, for every Linear kernel.
+    """Weight-only int8, one fp32 scale per output channel, for every Linear kernel
+    (`quantize_kernel`); kernels already int8 (quantized at load, `quantize_leaf`) stay.
 
     Returns the params of `CodeGen(..., int8=True)`; embeddings and norms stay as they are.
     """
 
-    def visit(tree: dict, in_axes: int) -> dict:
+    def visit(tree: dict, path: tuple[str, ...]) -> dict:
         out: dict[str, Any] = {}
         for name, value in tree.items():
             if isinstance(value, dict):
-                out[name] = visit(value, 2 if name == "out" else 1)  # out: [heads, hd, d]
-            elif name == "kernel":
-                weight = value.astype(jnp.float32)
-                scale = jnp.max(jnp.abs(weight), axis=tuple(range(in_axes))) / 127.0
-                scale = jnp.where(scale == 0, 1.0, scale)
-                out["kernel"] = jnp.round(weight / scale).astype(jnp.int8)
-                out["scale"] = scale
+                out[name] = visit(value, (*path, name))
+            elif name == "kernel" and value.dtype != jnp.int8:
+                out.update(quantize_leaf((*path, name), value))
             else:
                 out[name] = value
         return out
 
-    return visit(params, 1)
+    return visit(params, ())
 
 
 class Layer(nn.Module):

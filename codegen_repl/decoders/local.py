@@ -54,7 +54,7 @@ from codegen_repl.errors import ConfigError
 from codegen_repl.model import cpu_attention, cpu_matmul
 from codegen_repl.model.checkpoint import DTYPES, Params, load_model, params_shapes
 from codegen_repl.model.config import CodeGenConfig
-from codegen_repl.model.modeling import CodeGen, DecodeAttention, quantize_int8
+from codegen_repl.model.modeling import CodeGen, DecodeAttention, quantize_int8, quantize_leaf
 from codegen_repl.model.sample_params import SampleParams
 from codegen_repl.model.sampling import (
     DecodeState,
@@ -162,7 +162,11 @@ def load_for_decoding(
         if on_shapes is not None:
             on_shapes(shaped[0])
 
-    loaded = load_model(model, dtype, revision, cache_dir, on_config=config_read)
+    # int8 quantizes each tensor as it is read: the fp32 model never exists whole
+    transform = quantize_leaf if int8 else None
+    loaded = load_model(
+        model, dtype, revision, cache_dir, on_config=config_read, transform=transform
+    )
     ready = shaped[0].with_params(loaded.params)
     if not shard:
         return ready

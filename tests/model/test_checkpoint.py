@@ -401,3 +401,35 @@ def test_index_names_only_files_beside_it(tmp_path: Path, tiny_hf, shard: object
 def test_bad_dtype(tiny_checkpoint) -> None:
     with pytest.raises(ValueError, match=r"dtype must be one of float32, bfloat16, float16"):
         load_model(tiny_checkpoint, dtype="int4")
+
+
+@pytest.mark.parametrize("layout", ["safetensors", "bin"])
+def test_int8_quantized_while_loading_equals_quantized_after(tmp_path, layout: str) -> None:
+    """int8 quantizes each tensor as it is read (the fp32 model never exists whole: 2B's peak
+    RSS was the fp32 model plus its int8 copy): the same params, bit for bit, as quantizing
+    the loaded fp32 model, and quantize_int8 leaves them as they are."""
+    import jax
+
+    from codegen_repl.model.checkpoint import load_params, read_config
+    from codegen_repl.model.modeling import quantize_int8, quantize_leaf
+
+    model = hf_codegen(seed=3)
+    if layout == "safetensors":
+        model.save_pretrained(tmp_path)
+    else:
+        save_bin(model, tmp_path)
+    config = read_config(tmp_path)
+    after = quantize_int8(load_params(tmp_path, config))
+    during = load_params(tmp_path, config, transform=quantize_leaf)
+    flat_after = jax.tree_util.tree_leaves_with_path(after)
+    flat_during = jax.tree_util.tree_leaves_with_path(during)
+    assert [p for p, _ in flat_after] == [p for p, _ in flat_during]
+    assert any(leaf.dtype == np.int8 for _, leaf in flat_during)
+    for (_, a), (_, b) in zip(flat_after, flat_during, strict=True):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    again = quantize_int8(during)
+    for a, b in zip(
+        jax.tree_util.tree_leaves(again), jax.tree_util.tree_leaves(during), strict=True
+    ):
+        assert a is b
