@@ -257,11 +257,11 @@ def max_error_bound(
 
 def take_rows(table: jax.Array, ids: jax.Array) -> jax.Array:
     """fp32 rows of a bf16 table: table [V, H] bf16, ids [...] int -> [..., H] fp32, by
-    jnp.take's rules (an id in [-V, 0) counts from the end; outside [-V, V): NaNs). Raises
-    TypeError for ids that are not integers (as nn.Embed does). XLA's CPU
+    jnp.take's rules (an id in [-V, 0) counts from the end; outside [-V, V): NaNs). XLA's CPU
     backend has no bf16 gather and widens the whole table for one (in a decode loop, once per
     program run: 200 MB written for 350M's embedding); the C++ kernel reads only the rows.
-    Callers check `takes(jnp.bfloat16)` first. Raises RuntimeError without the extension."""
+    Callers check `takes(jnp.bfloat16)` first. Raises RuntimeError without the extension,
+    TypeError for ids that are not integers (as nn.Embed does)."""
     module, why_not = extension()  # registers the FFI targets before the first call
     if module is None:
         raise RuntimeError(why_not)

@@ -373,6 +373,7 @@ class Linear(nn.Module):
         return y
 
 
+@functools.partial(jax.jit, static_argnums=1)  # one program per shape: not 5 eager ops
 def quantize_kernel(weight: jax.Array, in_axes: int) -> tuple[jax.Array, jax.Array]:
     """A Linear kernel [*in (in_axes axes), *out] as int8 of the same shape and one fp32 scale
     per output channel [*out]: scale = max |w| / 127 over the inputs (1 where all are 0), and
