@@ -524,10 +524,14 @@ class LocalDecoder:
         start: Job = ("fresh", rows, length) if cold else ("resize", 1, kept, rows, length)
         if not cold and (rows, length) == (1, kept):
             start = ()
-        decode: Job = ("decode", length, rows, self.chunk_size, sample.mode)
-        if self._in_pieces(rows) and not wide:  # turn 1 decodes in one-step chunks: see below
+        # The pieces path's decode is the one-step chunk (turn 1's only one, see _later_steps);
+        # its chunk_size decode compiles later, with the `wide` rest.
+        chunk: Job = ("decode", length, rows, self.chunk_size, sample.mode)
+        decode, later_decode = chunk, ()
+        if self._in_pieces(rows):
             decode = ("decode", length, rows, FIRST_STEPS, sample.mode)
-        if self._in_pieces(rows):  # the typed pieces likeliest, then longer text's
+            later_decode = chunk if wide and chunk != decode else ()
+            # The typed pieces likeliest, then longer text's.
             # Not `wide` (turn 1, its programs compiled as the weights load and its step
             # prefilled as it is typed): the step goes in narrow pieces (see _start), and the
             # wide program compiles after the first request, as the next step is typed, rather
@@ -539,12 +543,8 @@ class LocalDecoder:
             widths = COLD_WIDTHS if cold else (STEP_TOKENS, TYPED_TOKENS)
             prefills = [("prefill", length, rows, width, cold) for width in widths]
         keep: Job = ("resize", rows, length, 1, self.cache_length(length)) if rows > 1 else ()
-        short: Job = ()
-        if self._in_pieces(rows) and wide and self.chunk_size != FIRST_STEPS:
-            short = ("decode", length, rows, FIRST_STEPS, sample.mode)  # as the wide prefill
-            decode, short = short, decode  # the one-step chunk is turn 1's: compiled already
         first = [job for job in (start, prefills[0], decode) if job]
-        return first, [job for job in (short, *prefills[1:], keep) if job]
+        return first, [job for job in (later_decode, *prefills[1:], keep) if job]
 
     def _request_length(self, tokens: int, steps: int, rows: int = 1) -> int:
         """The cache length of a request of `rows` rows on `tokens` tokens that decodes
@@ -700,8 +700,12 @@ class LocalDecoder:
                 state = fresh_state(self.config, rows, length, self.dtype)
         else:
             state = resize_state(self._kept, rows, length)
-        self._tokens, self._kept, self._spare = [], None, None
+        self._drop()
         return state, reuse
+
+    def _drop(self) -> None:
+        """Forget the kept state and the spare (donated or failed: neither may be used)."""
+        self._tokens, self._kept, self._spare = [], None, None
 
     def _fits(self, state: DecodeState | None, rows: int, length: int) -> bool:
         """Whether `state` (a forgotten one, see forget) can start a request of this shape.
@@ -870,7 +874,7 @@ class LocalDecoder:
         with self._lock:
             self._streaming, self._served = False, True
             if state is None:
-                self._tokens, self._kept, self._spare = [], None, None
+                self._drop()
                 return
             if any(leaf.is_deleted() for leaf in jax.tree_util.tree_leaves(state)):
                 return
